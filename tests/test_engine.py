@@ -1,0 +1,353 @@
+"""ThawEngine against the model's own generate and forward: greedy tokens, logprobs, fork, prefix cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from thaw_rl import KVCacheExhaustedError, SamplingParams, ThawEngine
+from thaw_rl.testing import tiny_model_and_tokenizer
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+
+
+def hf_greedy(model, prompt: list[int], n: int, eos: int | None = None) -> list[int]:
+    """Reference continuation from model.generate, one prompt at a time (no padding involved)."""
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, eos_token_id=eos,
+                         pad_token_id=0, attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
+    return out[0, len(prompt):].tolist()
+
+
+def forward_logprobs(model, tokens: list[int], start: int, temperature: float = 1.0) -> torch.Tensor:
+    """log_softmax(logits / T) of tokens[start:] from one plain forward of the whole sequence."""
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        logits = model(torch.tensor([tokens], device=device)).logits[0].float().cpu()  # (L, V)
+    lp = torch.log_softmax(logits / temperature, dim=-1)[start - 1:-1]
+    return lp.gather(-1, torch.tensor(tokens[start:])[:, None])[:, 0]
+
+
+def random_prompts(lengths, vocab, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+@pytest.fixture(params=["llama", "qwen2", "qwen3"])
+def tiny(request):
+    model, tok = tiny_model_and_tokenizer(request.param)
+    return model, tok
+
+
+def test_greedy_matches_generate_on_tiny_families(tiny):
+    model, tok = tiny
+    engine = ThawEngine(model, tok, block_size=16, kv_cache_memory=8 << 20)
+    prompts = random_prompts([3, 16, 17, 40], model.config.vocab_size)
+    outs = engine.generate(engine.prefill_many(prompts), GREEDY)
+    for p, o in zip(prompts, outs):
+        assert o.token_ids == hf_greedy(model, p, GREEDY.max_tokens)
+        assert o.finish_reason == "length"
+
+
+def test_smollm2_greedy_matches_generate_on_chat_prompts(smollm2):
+    """4 chat prompts of different lengths, 48 new tokens, generated together in one batch."""
+    model, tok = smollm2
+    questions = ["What is 2+2?", "Write a haiku about the sea.", "Hi",
+                 "Explain step by step how a language model predicts the next token and why attention helps."]
+    prompts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True)
+               for q in questions]
+    prompts = [p["input_ids"] if not isinstance(p, list) else p for p in prompts]
+    assert len({len(p) for p in prompts}) == 4
+    engine = ThawEngine(model, tok, kv_cache_memory=32 << 20)
+    params = SamplingParams(temperature=0.0, max_tokens=48)
+    outs = engine.generate(engine.prefill_many(prompts), params)
+    for p, o in zip(prompts, outs):
+        ref = hf_greedy(model, p, 48, eos=tok.eos_token_id)
+        assert o.token_ids == ref[: len(o.token_ids)] and len(o.token_ids) == len(ref)
+        assert o.finish_reason == ("stop" if ref[-1] == tok.eos_token_id else "length")
+    assert any(o.finish_reason == "stop" for o in outs)  # eos handling was exercised
+
+
+def test_sampled_logprobs_equal_plain_forward(tiny):
+    model, tok = tiny
+    engine = ThawEngine(model, tok, kv_cache_memory=8 << 20)
+    prompts = random_prompts([5, 21], model.config.vocab_size, seed=1)
+    params = SamplingParams(temperature=0.7, top_k=20, top_p=0.9, max_tokens=20, ignore_eos=True, seed=3)
+    outs = engine.generate(engine.prefill_many(prompts), params)
+    for p, o in zip(prompts, outs):
+        ref = forward_logprobs(model, p + o.token_ids, len(p), temperature=0.7)
+        torch.testing.assert_close(torch.tensor(o.logprobs), ref, atol=1e-4, rtol=0)
+
+
+def test_greedy_logprobs_equal_plain_forward_on_smollm2(smollm2):
+    model, tok = smollm2
+    engine = ThawEngine(model, tok, kv_cache_memory=16 << 20)
+    prompt = tok("The capital of France is", add_special_tokens=False)["input_ids"]
+    (o,) = engine.generate([engine.prefill(prompt)], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
+    ref = forward_logprobs(model, prompt + o.token_ids, len(prompt))
+    torch.testing.assert_close(torch.tensor(o.logprobs), ref, atol=1e-4, rtol=0)
+
+
+def test_fork_children_continue_exactly_as_parent_alone(tiny):
+    model, tok = tiny
+    prompt = random_prompts([37], model.config.vocab_size, seed=2)[0]  # 2 full blocks + 5 tokens
+    alone = ThawEngine(model, tok, kv_cache_memory=8 << 20)
+    (ref,) = alone.generate([alone.prefill(prompt)], GREEDY)
+
+    engine = ThawEngine(model, tok, kv_cache_memory=8 << 20)
+    parent = engine.prefill(prompt)
+    kids = engine.fork(parent, 3)
+    for o in engine.generate(kids, GREEDY):
+        assert o.token_ids == ref.token_ids
+        assert o.logprobs == pytest.approx(ref.logprobs, abs=1e-5)
+
+
+def test_fork_mid_generation_continues_the_parent(tiny):
+    """A child forked after a segment of decoding continues as the unforked parent would."""
+    model, tok = tiny
+    prompt = random_prompts([20], model.config.vocab_size, seed=4)[0]
+    engine = ThawEngine(model, tok, kv_cache_memory=8 << 20)
+    seg = SamplingParams(temperature=0, max_tokens=9, ignore_eos=True)
+    parent = engine.prefill(prompt)
+    (first,) = engine.generate([parent], seg)
+    kids = engine.fork(parent, 2)
+    second = engine.generate(kids, seg)
+    whole = hf_greedy(model, prompt, 18)
+    for o in second:
+        assert first.token_ids + o.token_ids == whole
+
+
+def test_sampling_seeds_children_differ_and_reproduce(tiny):
+    model, tok = tiny
+    engine = ThawEngine(model, tok, kv_cache_memory=8 << 20)
+    parent = engine.prefill(random_prompts([12], model.config.vocab_size, seed=5)[0])
+    params = SamplingParams(temperature=1.0, max_tokens=16, ignore_eos=True, seed=1234)
+    a = [o.token_ids for o in engine.generate(engine.fork(parent, 4), params)]
+    b = [o.token_ids for o in engine.generate(engine.fork(parent, 4), params)]
+    assert a == b  # same seed, same tokens
+    assert len({tuple(x) for x in a}) == 4  # children differ (collision odds ~ V^-16, vocab ~60)
+    c = [o.token_ids for o in engine.generate(engine.fork(parent, 4), SamplingParams(
+        temperature=1.0, max_tokens=16, ignore_eos=True, seed=99))]
+    assert c != a
+
+
+def test_refcounts_and_free_blocks_are_exact_through_fork_generate_free(tiny):
+    model, tok = tiny
+    engine = ThawEngine(model, tok, block_size=16, kv_cache_memory=8 << 20)
+    total = engine.stats.num_blocks
+    parent = engine.prefill(random_prompts([37], model.config.vocab_size, seed=6)[0])  # 2 full + 1 partial
+    full, partial = parent.block_table[:2], parent.block_table[2]
+    assert engine.stats.num_used_blocks == 3
+    kids = engine.fork(parent, 4)
+    assert [engine.pool.ref_count(b) for b in full] == [5, 5]
+    assert engine.pool.ref_count(partial) == 1
+    assert all(k.block_table[:2] == full and k.block_table[2] != partial for k in kids)
+    assert engine.stats.num_used_blocks == 3 + 4  # one copied partial block per child
+    # 37 prompt tokens + 11 generated, of which 10 computed: 47 tokens -> 3 blocks per child
+    engine.generate(kids, SamplingParams(temperature=0, max_tokens=11, ignore_eos=True))
+    assert all(len(k.block_table) == 3 for k in kids)
+    assert engine.stats.num_used_blocks == 7
+    for k in kids:
+        engine.free(k)
+    assert [engine.pool.ref_count(b) for b in full] == [1, 1]
+    assert engine.stats.num_used_blocks == 3
+    engine.free(parent)
+    assert engine.stats.num_used_blocks == 0 and engine.stats.num_free_blocks == total
+
+
+def test_same_prompt_twice_is_computed_once(tiny):
+    model, tok = tiny
+    engine = ThawEngine(model, tok, block_size=16, kv_cache_memory=8 << 20)
+    prompt = random_prompts([40], model.config.vocab_size, seed=7)[0]
+    a = engine.prefill(prompt)
+    assert engine.stats.prompt_tokens_computed == 40 and engine.stats.prompt_tokens_reused == 0
+    b = engine.prefill(prompt)  # its 2 full blocks come from the prefix cache; the 8-token tail is computed
+    assert engine.stats.prompt_tokens_reused == 32
+    assert engine.stats.prompt_tokens_computed == 40 + 8
+    assert b.block_table[:2] == a.block_table[:2]
+    (oa,), (ob,) = engine.generate([a], GREEDY), engine.generate([b], GREEDY)
+    assert oa.token_ids == ob.token_ids
+    # freed blocks stay findable until evicted
+    engine.free(a)
+    engine.free(b)
+    engine.prefill(prompt)
+    assert engine.stats.prompt_tokens_reused == 64
+
+
+def test_chunked_prefill_and_mixed_steps_match_generate(tiny):
+    """A tiny token budget forces prompts into chunks that share steps with other sessions' decodes."""
+    model, tok = tiny
+    engine = ThawEngine(model, tok, kv_cache_memory=8 << 20, max_num_batched_tokens=12)
+    prompts = random_prompts([30, 7, 45], model.config.vocab_size, seed=8)
+    outs = engine.generate(engine.prefill_many(prompts), GREEDY)
+    for p, o in zip(prompts, outs):
+        assert o.token_ids == hf_greedy(model, p, GREEDY.max_tokens)
+
+
+def test_full_pool_preempts_and_recomputes_without_changing_outputs(tiny):
+    model, tok = tiny
+    prompts = random_prompts([30, 31, 29, 33], model.config.vocab_size, seed=9)
+    params = SamplingParams(temperature=0.9, max_tokens=40, ignore_eos=True, seed=11)
+    roomy = ThawEngine(model, tok, kv_cache_memory=8 << 20)
+    expected = [o.token_ids for o in roomy.generate(roomy.prefill_many(prompts), params)]
+    spec = roomy.spec
+    tight = ThawEngine(model, tok, kv_cache_memory=13 * spec.bytes_per_block)  # 12 usable blocks < 4 x 5 needed
+    outs = tight.generate(tight.prefill_many(prompts), params)
+    assert [o.token_ids for o in outs] == expected
+    assert tight.stats.num_preemptions > 0
+
+
+def test_prompts_that_cannot_fit_together_raise_instead_of_looping(tiny):
+    model, tok = tiny
+    spec = ThawEngine(model, tok, kv_cache_memory=1 << 20).spec
+    engine = ThawEngine(model, tok, kv_cache_memory=9 * spec.bytes_per_block)  # 8 usable, prompts need 9
+    with pytest.raises(KVCacheExhaustedError, match="KV pool exhausted"):
+        engine.prefill_many(random_prompts([30, 31, 29, 33], model.config.vocab_size))
+
+
+def test_session_too_large_for_pool_raises_clear_error(tiny):
+    model, tok = tiny
+    spec = ThawEngine(model, tok, kv_cache_memory=1 << 20).spec
+    engine = ThawEngine(model, tok, kv_cache_memory=3 * spec.bytes_per_block)  # 2 usable blocks = 32 tokens
+    with pytest.raises(KVCacheExhaustedError, match="raise kv_cache_memory"):
+        engine.prefill(random_prompts([40], model.config.vocab_size)[0])
+
+
+def test_sampling_filters_agree_with_greedy_when_they_leave_one_token(tiny):
+    model, tok = tiny
+    engine = ThawEngine(model, tok, kv_cache_memory=8 << 20)
+    prompt = random_prompts([9], model.config.vocab_size, seed=10)[0]
+    ref = hf_greedy(model, prompt, 12)
+    for params in (SamplingParams(temperature=1.5, top_k=1, max_tokens=12, ignore_eos=True, seed=1),
+                   SamplingParams(temperature=1.0, top_p=1e-6, max_tokens=12, ignore_eos=True, seed=2),
+                   SamplingParams(temperature=1.0, min_p=0.999999, max_tokens=12, ignore_eos=True, seed=3)):
+        (o,) = engine.generate([engine.prefill(prompt)], params)
+        assert o.token_ids == ref
+
+
+def test_repetition_penalty_matches_hf(tiny):
+    model, tok = tiny
+    engine = ThawEngine(model, tok, kv_cache_memory=8 << 20)
+    prompt = random_prompts([9], model.config.vocab_size, seed=12)[0]
+    (o,) = engine.generate([engine.prefill(prompt)],
+                           SamplingParams(temperature=0, repetition_penalty=1.8, max_tokens=16, ignore_eos=True))
+    ref = model.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False, repetition_penalty=1.8,
+                         eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+    assert o.token_ids == ref
+
+
+def test_stop_token_ids_end_generation_with_stop(tiny):
+    model, tok = tiny
+    engine = ThawEngine(model, tok, kv_cache_memory=8 << 20)
+    prompt = random_prompts([9], model.config.vocab_size, seed=13)[0]
+    ref = hf_greedy(model, prompt, 12)
+    stop = ref[4]
+    (o,) = engine.generate([engine.prefill(prompt)],
+                           SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, stop_token_ids=[stop]))
+    assert o.finish_reason == "stop" and o.token_ids == ref[: ref.index(stop) + 1]
+
+
+def test_model_keeps_its_own_attention_outside_the_engine(tiny):
+    model, tok = tiny
+    before = model.config._attn_implementation
+    engine = ThawEngine(model, tok, kv_cache_memory=8 << 20)
+    engine.generate([engine.prefill([5, 6, 7])], GREEDY)
+    assert model.config._attn_implementation == before
+    x = torch.tensor([[5, 6, 7, 8]])
+    model.train()
+    loss = model(x, labels=x).loss
+    loss.backward()  # trains through its normal attention
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+# -- bad input ------------------------------------------------------------------------------------------
+def test_bad_inputs_raise_value_errors_that_name_the_fix(tiny):
+    model, tok = tiny
+    engine = ThawEngine(model, tok, kv_cache_memory=8 << 20)
+    with pytest.raises(ValueError, match="empty prompt"):
+        engine.prefill([])
+    ctx = model.config.max_position_embeddings
+    with pytest.raises(ValueError, match="does not fit the model's context"):
+        engine.prefill([5] * ctx)
+    s = engine.prefill([5] * (ctx - 10))
+    with pytest.raises(ValueError, match="Lower max_tokens to 10"):
+        engine.generate([s], SamplingParams(max_tokens=11))
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        engine.prefill([model.config.vocab_size + 5])
+    engine.free(s)
+    with pytest.raises(ValueError, match="was freed"):
+        engine.generate([s], GREEDY)
+    with pytest.raises(ValueError, match="was freed"):
+        engine.fork(s, 2)
+    other = ThawEngine(model, tok, kv_cache_memory=8 << 20)
+    with pytest.raises(ValueError, match="belongs to another engine"):
+        other.generate([engine.prefill([5, 6])], GREEDY)
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams(temperature=-1)
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0)
+
+
+def test_unsupported_model_family_names_the_supported_ones():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
+    with pytest.raises(ValueError, match="llama, qwen2, qwen3"):
+        ThawEngine(model, kv_cache_memory=1 << 20)
+
+
+def test_fork_at_an_earlier_position_branches_there(tiny):
+    """fork(at=p) keeps token_ids[:p]; a greedy child then re-derives the parent's own continuation."""
+    model, tok = tiny
+    prompt = random_prompts([13], model.config.vocab_size, seed=14)[0]
+    engine = ThawEngine(model, tok, kv_cache_memory=8 << 20)
+    parent = engine.prefill(prompt)
+    (full,) = engine.generate([parent], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))
+    used = engine.stats.num_used_blocks
+    for at in (13 + 3, 32, 33, 13 + 19):  # inside a block, at a block boundary, just past one
+        (child,) = engine.fork(parent, 1, at=at)
+        assert child.token_ids == parent.token_ids[:at]
+        (o,) = engine.generate([child], SamplingParams(temperature=0, max_tokens=13 + 30 - at, ignore_eos=True))
+        assert child.token_ids == parent.token_ids  # greedy: same path as the parent
+        engine.free(child)
+    assert engine.stats.num_used_blocks == used  # children returned every block they took
+    with pytest.raises(ValueError, match="fork\\(at=0\\)"):
+        engine.fork(parent, 1, at=0)
+
+
+def test_preempted_finished_sessions_keep_tokens_and_continue(tiny):
+    model, tok = tiny
+    prompts = random_prompts([30, 31, 29, 33], model.config.vocab_size, seed=15)
+    greedy = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    spec = ThawEngine(model, tok, kv_cache_memory=1 << 20).spec
+    tight = ThawEngine(model, tok, kv_cache_memory=10 * spec.bytes_per_block)  # 9 usable < 4 x 4 needed
+    sessions = tight.prefill_many(prompts)
+    tight.generate(sessions, greedy)
+    assert tight.stats.num_preemptions > 0
+    assert any(s.num_computed == 0 for s in sessions)  # some finished sessions lost their KV...
+    more = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    tight.generate(sessions, more)  # ...and still continue exactly (recomputed on demand)
+    for s, p in zip(sessions, prompts):
+        assert s.token_ids[len(p):] == hf_greedy(model, p, 35)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_cuda_graphs_and_triton_attention_match_generate(family):
+    """On CUDA: Triton paged attention + CUDA-graph decode (3 sessions padded to 4) equal HF greedy."""
+    model, tok = tiny_model_and_tokenizer(family)
+    model = model.cuda()
+    engine = ThawEngine(model, tok, kv_cache_memory=64 << 20)
+    assert engine.runner.graphs is not None
+    prompts = random_prompts([5, 17, 40], model.config.vocab_size, seed=21)
+    trunk = engine.prefill(prompts[2])
+    kids = engine.fork(trunk, 2)
+    outs = engine.generate(engine.prefill_many(prompts[:2]) + kids, GREEDY)
+    for p, o in zip(prompts[:2] + [prompts[2]] * 2, outs):
+        ids = torch.tensor([p], device="cuda")
+        ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=GREEDY.max_tokens,
+                             do_sample=False, eos_token_id=None, pad_token_id=0)[0, len(p):].tolist()
+        assert o.token_ids == ref
+        lp = forward_logprobs(model, p + o.token_ids, len(p))
+        torch.testing.assert_close(torch.tensor(o.logprobs), lp, atol=1e-4, rtol=0)
+    assert len(engine.runner.graphs.graphs) >= 1  # decode steps really replayed a graph

@@ -1,0 +1,84 @@
+"""The transformers attention hook that runs an unmodified HF model over the paged KV cache.
+
+We register ``thaw_paged`` with transformers' ``AttentionInterface``. The engine switches the model's
+``config._attn_implementation`` to it only for the duration of its own forward passes (see
+``paged_attention_mode``), and passes the per-step metadata as the ``thaw_attention`` kwarg, which HF
+forwards unchanged from ``model(...)`` down to every attention call. Because ``thaw_paged`` is not a
+registered *mask* function, HF's masking utilities return early and no O(T^2) mask is built. Outside the
+engine the model keeps its own attention implementation, so the same object trains as usual; if our hook
+is ever called without metadata (a user set it by hand), it falls back to SDPA.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from transformers import AttentionInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from thaw_rl.engine.kv_cache import PagedKVCache
+from thaw_rl_kernels.paged_attention import paged_attention
+
+ATTENTION_NAME = "thaw_paged"
+METADATA_KWARG = "thaw_attention"
+
+
+@dataclass
+class AttentionMetadata:
+    """Everything one packed forward needs to read and write the paged cache (one per engine step)."""
+
+    kv_cache: PagedKVCache
+    slot_blocks: torch.Tensor  # (T,) int64: block of each new token
+    slot_offsets: torch.Tensor  # (T,) int64: offset inside that block
+    block_tables: torch.Tensor  # (S, max_blocks) int32
+    seq_lens: torch.Tensor  # (S,) int32: context incl. new tokens
+    cu_seqlens_q: torch.Tensor  # (S+1,) int32
+    max_seqlen_q: int
+
+
+def thaw_paged_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,  # (1, H, T, D), RoPE applied
+    key: torch.Tensor,  # (1, KVH, T, D)
+    value: torch.Tensor,  # (1, KVH, T, D)
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    meta: AttentionMetadata | None = kwargs.get(METADATA_KWARG)
+    if meta is None:
+        return ALL_ATTENTION_FUNCTIONS["sdpa"](
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
+    if query.shape[0] != 1:
+        raise RuntimeError(f"thaw_paged expects one packed row, got batch {query.shape[0]}")
+    layer = module.layer_idx
+    k_cache = meta.kv_cache.key_cache(layer)  # (NB, BS, KVH, D)
+    v_cache = meta.kv_cache.value_cache(layer)
+    k_cache[meta.slot_blocks, meta.slot_offsets] = key[0].transpose(0, 1).to(k_cache.dtype)  # (T, KVH, D)
+    v_cache[meta.slot_blocks, meta.slot_offsets] = value[0].transpose(0, 1).to(v_cache.dtype)
+    q = query[0].transpose(0, 1)  # (T, H, D)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    out = paged_attention(
+        q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.cu_seqlens_q, meta.max_seqlen_q, scale
+    )  # (T, H, D)
+    return out[None], None  # (1, T, H, D)
+
+
+AttentionInterface.register(ATTENTION_NAME, thaw_paged_attention)
+
+
+@contextlib.contextmanager
+def paged_attention_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Route the model's attention through ``thaw_paged`` inside the block, then restore it."""
+    config = model.config
+    previous = config._attn_implementation
+    config._attn_implementation = ATTENTION_NAME
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous

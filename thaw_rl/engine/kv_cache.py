@@ -1,0 +1,88 @@
+"""Paged KV storage for every layer of a model, in one tensor.
+
+The engine, the kernels in ``thaw_rl_kernels`` and the vLLM backend all speak one shape: a 6-D view
+``kv[num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]`` where ``kv[l, 0]`` is layer l's
+keys and ``kv[l, 1]`` its values, each the vLLM-style per-layer view
+``[num_blocks, block_size, num_kv_heads, head_dim]``. Inside one block the last three dimensions are
+contiguous; the block, layer and K/V strides depend on the physical layout:
+
+- ``block_major`` (default): storage ``[num_blocks, num_layers, 2, block_size, kv_heads, head_dim]``,
+  so one block of all layers is one contiguous piece. A snapshot of n blocks is n large copies.
+- ``layer_major``: storage ``[num_layers, 2, num_blocks, ...]``, so each layer's cache is contiguous.
+
+Attention reads one block's ``[block_size, kv_heads, head_dim]`` tile at a time, which is contiguous in
+both layouts, so the choice is about transfers (see benchmarks/results).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+LAYOUTS = ("block_major", "layer_major")
+
+
+@dataclass(frozen=True)
+class KVCacheSpec:
+    """What a cache holds; two caches can exchange blocks only when their specs are equal."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    block_size: int
+    dtype: torch.dtype
+
+    @property
+    def bytes_per_block(self) -> int:
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        return self.num_layers * 2 * self.block_size * self.num_kv_heads * self.head_dim * elem
+
+    @property
+    def bytes_per_token(self) -> int:
+        return self.bytes_per_block // self.block_size
+
+
+class PagedKVCache:
+    """Owns the KV storage; hands out the 6-D view and per-layer key/value views."""
+
+    def __init__(
+        self,
+        spec: KVCacheSpec,
+        num_blocks: int,
+        device: torch.device | str,
+        layout: str = "block_major",
+    ) -> None:
+        if layout not in LAYOUTS:
+            raise ValueError(f"Unknown KV layout {layout!r}; choose one of {LAYOUTS}.")
+        if num_blocks < 2:
+            raise ValueError(f"num_blocks={num_blocks} is too small: the cache needs at least 2 blocks.")
+        self.spec = spec
+        self.num_blocks = num_blocks
+        self.layout = layout
+        s = spec
+        if layout == "block_major":
+            storage = torch.zeros(  # (NB, L, 2, BS, KVH, D)
+                num_blocks, s.num_layers, 2, s.block_size, s.num_kv_heads, s.head_dim, dtype=s.dtype, device=device
+            )
+            self.kv = storage.permute(1, 2, 0, 3, 4, 5)  # (L, 2, NB, BS, KVH, D)
+        else:
+            storage = torch.zeros(  # (L, 2, NB, BS, KVH, D)
+                s.num_layers, 2, num_blocks, s.block_size, s.num_kv_heads, s.head_dim, dtype=s.dtype, device=device
+            )
+            self.kv = storage
+        self.storage = storage
+
+    @property
+    def device(self) -> torch.device:
+        return self.storage.device
+
+    def key_cache(self, layer: int) -> torch.Tensor:
+        return self.kv[layer, 0]  # (NB, BS, KVH, D)
+
+    def value_cache(self, layer: int) -> torch.Tensor:
+        return self.kv[layer, 1]  # (NB, BS, KVH, D)
+
+    @property
+    def nbytes(self) -> int:
+        return self.storage.numel() * self.storage.element_size()

@@ -1,0 +1,140 @@
+"""Runs the HF model's own forward over one packed varlen batch of many sessions' new tokens.
+
+Each scheduled chunk is ``(session, num_new)``: the tokens ``token_ids[num_computed : num_computed +
+num_new]`` of that session go through the model in one flat row, each with its own position, and the
+model returns logits only at each chunk's last token (``logits_to_keep`` as an index tensor). The
+session's block table must already cover the new tokens (the engine allocates before it calls).
+
+On CUDA, pure-decode steps (every chunk one token) replay a CUDA graph captured per padded batch size
+(see ``cuda_graphs.py``); everything else runs eagerly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from thaw_rl.engine.attention import METADATA_KWARG, AttentionMetadata, paged_attention_mode
+from thaw_rl.engine.kv_cache import PagedKVCache
+from thaw_rl.engine.session import Session
+
+
+@dataclass
+class Chunk:
+    session: Session
+    num_new: int
+
+    @property
+    def start(self) -> int:
+        return self.session.num_computed
+
+    @property
+    def end(self) -> int:
+        return self.session.num_computed + self.num_new
+
+
+@dataclass
+class PackedBatch:
+    """Host-built tensors of one step, before they move to the device."""
+
+    input_ids: torch.Tensor  # (T,) int64
+    positions: torch.Tensor  # (T,) int64
+    slot_blocks: torch.Tensor  # (T,) int64
+    slot_offsets: torch.Tensor  # (T,) int64
+    block_tables: torch.Tensor  # (S, max_blocks) int32
+    seq_lens: torch.Tensor  # (S,) int32
+    cu_seqlens_q: torch.Tensor  # (S+1,) int32
+    max_seqlen_q: int
+
+    @property
+    def num_seqs(self) -> int:
+        return self.seq_lens.shape[0]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.input_ids.shape[0]
+
+
+def pack(chunks: list[Chunk], block_size: int, table_width: int | None = None) -> PackedBatch:
+    ids: list[int] = []
+    positions: list[int] = []
+    slot_blocks: list[int] = []
+    slot_offsets: list[int] = []
+    cu = [0]
+    width = table_width or max(-(-c.end // block_size) for c in chunks)
+    tables = torch.zeros(len(chunks), width, dtype=torch.int32)  # (S, W); padding points at the null block
+    for i, c in enumerate(chunks):
+        s = c.session
+        assert len(s.block_table) * block_size >= c.end, f"{s} has no blocks for tokens up to {c.end}"
+        ids.extend(s.token_ids[c.start : c.end])
+        for p in range(c.start, c.end):
+            positions.append(p)
+            slot_blocks.append(s.block_table[p // block_size])
+            slot_offsets.append(p % block_size)
+        cu.append(cu[-1] + c.num_new)
+        tables[i, : len(s.block_table)] = torch.tensor(s.block_table, dtype=torch.int32)
+    return PackedBatch(
+        input_ids=torch.tensor(ids, dtype=torch.int64),
+        positions=torch.tensor(positions, dtype=torch.int64),
+        slot_blocks=torch.tensor(slot_blocks, dtype=torch.int64),
+        slot_offsets=torch.tensor(slot_offsets, dtype=torch.int64),
+        block_tables=tables,
+        seq_lens=torch.tensor([c.end for c in chunks], dtype=torch.int32),
+        cu_seqlens_q=torch.tensor(cu, dtype=torch.int32),
+        max_seqlen_q=max(c.num_new for c in chunks),
+    )
+
+
+class ModelRunner:
+    """Owns the forward pass: packing, device transfer, the attention-mode switch, CUDA graphs."""
+
+    def __init__(self, model: torch.nn.Module, kv_cache: PagedKVCache, use_cuda_graphs: bool, max_num_seqs: int,
+                 max_blocks_per_seq: int) -> None:
+        self.model = model
+        self.kv_cache = kv_cache
+        self.block_size = kv_cache.spec.block_size
+        self.device = kv_cache.device
+        self.max_blocks_per_seq = max_blocks_per_seq
+        self.graphs = None
+        if use_cuda_graphs:
+            from thaw_rl.engine.cuda_graphs import DecodeGraphs
+
+            self.graphs = DecodeGraphs(self, max_num_seqs=max_num_seqs)
+
+    def metadata(self, batch: PackedBatch) -> AttentionMetadata:
+        dev = self.device
+        return AttentionMetadata(
+            kv_cache=self.kv_cache,
+            slot_blocks=batch.slot_blocks.to(dev, non_blocking=True),
+            slot_offsets=batch.slot_offsets.to(dev, non_blocking=True),
+            block_tables=batch.block_tables.to(dev, non_blocking=True),
+            seq_lens=batch.seq_lens.to(dev, non_blocking=True),
+            cu_seqlens_q=batch.cu_seqlens_q.to(dev, non_blocking=True),
+            max_seqlen_q=batch.max_seqlen_q,
+        )
+
+    def run_model(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                  logits_index: torch.Tensor | int) -> torch.Tensor:
+        """The HF forward over one packed row; returns (S, V) logits in the model's dtype."""
+        with paged_attention_mode(self.model):
+            out = self.model(
+                input_ids=input_ids[None],
+                position_ids=positions[None],
+                use_cache=False,
+                logits_to_keep=logits_index,
+                **{METADATA_KWARG: meta},
+            )
+        return out.logits[0]
+
+    @torch.inference_mode()
+    def forward(self, chunks: list[Chunk]) -> torch.Tensor:
+        """Logits (S, V) float32 at the last new token of each chunk."""
+        if self.graphs is not None and all(c.num_new == 1 for c in chunks) and self.graphs.fits(len(chunks)):
+            return self.graphs.forward(chunks)
+        batch = pack(chunks, self.block_size)
+        meta = self.metadata(batch)
+        last = (batch.cu_seqlens_q[1:] - 1).to(self.device)  # (S,)
+        ids = batch.input_ids.to(self.device, non_blocking=True)
+        pos = batch.positions.to(self.device, non_blocking=True)
+        return self.run_model(ids, pos, meta, last).float()

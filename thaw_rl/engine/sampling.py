@@ -1,0 +1,182 @@
+"""Sampling parameters and the batched sampler.
+
+Every sampled token comes with its logprob under ``softmax(logits / temperature)`` of the model's raw
+logits (temperature 1 for greedy): that is the quantity TRL recomputes in training, so the two can be
+compared for importance-sampling correction. Top-k, top-p, min-p and the repetition penalty shape only
+the distribution tokens are drawn from, not the reported logprob.
+
+Randomness is counter-based: the noise for the token at position ``p`` of a request with seed ``s`` is a
+hash of ``(s, p, token id)``. So a request's tokens do not depend on which other requests share its
+batch, the same seed reproduces the same tokens on any device, the whole batch draws its noise in a
+few vectorised ops (no per-row generator loop), and it is safe under CUDA-graph replay.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+_M32 = 0xFFFFFFFF
+
+
+@dataclass
+class SamplingParams:
+    """How to sample one request (vLLM's names and meanings)."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1: off
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    max_tokens: int = 16
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    seed: int | None = None  # per request; None draws one from the engine's generator
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"temperature={self.temperature} must be >= 0 (0 means greedy).")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p={self.top_p} must be in (0, 1]; use 1.0 to turn it off.")
+        if self.top_k < -1:
+            raise ValueError(f"top_k={self.top_k} must be >= 1, or 0/-1 to turn it off.")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p={self.min_p} must be in [0, 1]; use 0 to turn it off.")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty={self.repetition_penalty} must be > 0 (1.0 is off).")
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens={self.max_tokens} must be >= 1.")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def derive_seed(seed: int, index: int) -> int:
+    """Seed of the index-th request of a call that was given one seed (children must differ)."""
+    return _mix32_int((_mix32_int(seed & _M32) ^ (index * 0x9E3779B1)) & _M32) | ((seed >> 32) << 32)
+
+
+def _mix32_int(x: int) -> int:
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & _M32
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & _M32
+    x ^= x >> 16
+    return x
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """lowbias32 integer hash on int64 tensors holding 32-bit values (wrapping products masked)."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _M32
+    return x ^ (x >> 16)
+
+
+def gumbel_noise(seeds: torch.Tensor, positions: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Standard Gumbel noise (S, V), a pure function of (seed, position, token id)."""
+    base = _mix32(_mix32(seeds & _M32) ^ ((seeds >> 32) & _M32) ^ (_mix32(positions & _M32) * 3 & _M32))  # (S,)
+    vocab = torch.arange(vocab_size, device=seeds.device, dtype=torch.int64)  # (V,)
+    bits = _mix32((base[:, None] + vocab[None, :] * 0x9E3779B1) & _M32)  # (S, V)
+    u = ((bits >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))  # (S, V) in (0, 1)
+    return -torch.log(-torch.log(u))
+
+
+@dataclass
+class SamplingBatch:
+    """Per-row sampling parameters as tensors on the logits' device."""
+
+    temperature: torch.Tensor  # (S,) float32, 0 = greedy
+    top_p: torch.Tensor  # (S,)
+    top_k: torch.Tensor  # (S,) int64, V = off
+    min_p: torch.Tensor  # (S,)
+    seeds: torch.Tensor  # (S,) int64
+    positions: torch.Tensor  # (S,) int64: index of the token being sampled
+    repetition_penalty: list[float]
+    seen_token_ids: list[list[int]]  # for the repetition penalty
+    any_filter: bool
+    all_greedy: bool
+
+    @classmethod
+    def build(
+        cls,
+        params: list[SamplingParams],
+        seeds: list[int],
+        positions: list[int],
+        seen_token_ids: list[list[int]],
+        vocab_size: int,
+        device: torch.device,
+    ) -> "SamplingBatch":
+        f32 = dict(dtype=torch.float32, device=device)
+        top_k = [p.top_k if p.top_k > 0 else vocab_size for p in params]
+        return cls(
+            temperature=torch.tensor([p.temperature for p in params], **f32),
+            top_p=torch.tensor([p.top_p for p in params], **f32),
+            top_k=torch.tensor(top_k, dtype=torch.int64, device=device),
+            min_p=torch.tensor([p.min_p for p in params], **f32),
+            seeds=torch.tensor([s & 0x7FFFFFFFFFFFFFFF for s in seeds], dtype=torch.int64, device=device),
+            positions=torch.tensor(positions, dtype=torch.int64, device=device),
+            repetition_penalty=[p.repetition_penalty for p in params],
+            seen_token_ids=seen_token_ids,
+            any_filter=any(p.top_p < 1.0 or 0 < p.top_k < vocab_size or p.min_p > 0 for p in params if not p.greedy),
+            all_greedy=all(p.greedy for p in params),
+        )
+
+
+def _apply_repetition_penalty(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """HF's rule: a seen token's logit is divided by the penalty if positive, multiplied if negative."""
+    rows = [i for i, p in enumerate(batch.repetition_penalty) if p != 1.0]
+    if not rows:
+        return logits
+    logits = logits.clone()
+    for i in rows:
+        ids = torch.tensor(sorted(set(batch.seen_token_ids[i])), dtype=torch.long, device=logits.device)
+        if ids.numel() == 0:
+            continue
+        p = batch.repetition_penalty[i]
+        vals = logits[i, ids]
+        logits[i, ids] = torch.where(vals > 0, vals / p, vals * p)
+    return logits
+
+
+def _filter(scaled: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """Mask (to -inf) what top-k, top-p and min-p remove; the most likely token always stays."""
+    sorted_logits, order = scaled.sort(dim=-1, descending=True)  # (S, V)
+    probs = sorted_logits.softmax(dim=-1)
+    rank = torch.arange(scaled.shape[-1], device=scaled.device)[None, :]
+    remove = rank >= batch.top_k[:, None]
+    remove |= (probs.cumsum(dim=-1) - probs) > batch.top_p[:, None]
+    remove |= probs < batch.min_p[:, None] * probs[:, :1]
+    remove[:, 0] = False
+    sorted_logits = sorted_logits.masked_fill(remove, -math.inf)
+    return torch.empty_like(scaled).scatter_(-1, order, sorted_logits)
+
+
+def sample(logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Draw one token per row: logits (S, V) -> token ids (S,), their logprobs (S,), entropies (S,).
+
+    Logprob and entropy are of softmax(logits / T) (T = 1 for greedy rows).
+    """
+    logits = logits.float()
+    temperature = batch.temperature.clamp(min=1e-6)
+    greedy = batch.temperature == 0
+    report_t = torch.where(greedy, torch.ones_like(temperature), temperature)
+    logprobs_all = torch.log_softmax(logits / report_t[:, None], dim=-1)  # (S, V)
+
+    shaped = _apply_repetition_penalty(logits, batch)
+    if batch.all_greedy:
+        tokens = shaped.argmax(dim=-1)
+    else:
+        scaled = shaped / temperature[:, None]
+        if batch.any_filter:
+            scaled = _filter(scaled, batch)
+        noise = gumbel_noise(batch.seeds, batch.positions, logits.shape[-1])
+        drawn = (scaled + noise).argmax(dim=-1)
+        tokens = torch.where(greedy, shaped.argmax(dim=-1), drawn)
+    logprobs = logprobs_all.gather(-1, tokens[:, None])[:, 0]
+    entropies = -(logprobs_all.exp() * logprobs_all).sum(dim=-1)
+    return tokens, logprobs, entropies
