@@ -1,0 +1,324 @@
+"""KVSnapshot: snapshot a trunk, restore it into another engine, save and load it, and refuse bad inputs."""
+
+from __future__ import annotations
+
+import gc
+import pickle
+
+import pytest
+import torch
+
+from thaw_rl import KVCacheExhaustedError, KVSnapshot, SamplingParams, ThawEngine
+from thaw_rl.snapshot import (
+    NotASnapshotFileError,
+    SnapshotCorruptedError,
+    SnapshotMismatchError,
+    SnapshotTruncatedError,
+    restore_session,
+)
+
+BS = 16
+GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+SEGMENT = SamplingParams(temperature=0.0, max_tokens=7, ignore_eos=True)
+
+
+def random_prompt(n: int, vocab: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(4, vocab, (n,), generator=g).tolist()
+
+
+def busy_engine(model, tok, num_blocks: int = 64, block_size: int = BS) -> ThawEngine:
+    """An engine of num_blocks blocks whose first 4 are taken by two other sessions, so restored block ids differ."""
+    bytes_per_block = ThawEngine(model, tok, block_size=block_size, kv_cache_memory=1 << 20).spec.bytes_per_block
+    engine = ThawEngine(model, tok, block_size=block_size, kv_cache_memory=(num_blocks + 1) * bytes_per_block)
+    vocab = model.config.vocab_size
+    engine.prefill_many([random_prompt(40, vocab, 100), random_prompt(9, vocab, 101)])
+    return engine
+
+
+@pytest.fixture(scope="module")
+def qwen3(make_tiny_model, tiny_tokenizer):
+    return make_tiny_model("qwen3"), tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def trunk(qwen3):
+    """A 37-token prompt (2 full blocks + 5 tokens) prefilled in a source engine, and its snapshot."""
+    model, tok = qwen3
+    prompt = random_prompt(37, model.config.vocab_size, 1)
+    source = ThawEngine(model, tok, block_size=BS, kv_cache_memory=8 << 20)
+    session = source.prefill(prompt)
+    return prompt, source, session, source.snapshot(session)
+
+
+def pool_state(engine: ThawEngine) -> tuple[int, int, int]:
+    return engine.pool.num_used_blocks, engine.pool.num_free_blocks, engine.pool.num_cached_blocks
+
+
+def assert_same_snapshot(a: KVSnapshot, b: KVSnapshot) -> None:
+    assert a.fingerprint == b.fingerprint
+    assert (a.token_ids, a.num_prompt_tokens, a.num_computed) == (b.token_ids, b.num_prompt_tokens, b.num_computed)
+    assert a.block_hashes == b.block_hashes
+    assert a.kv.dtype == b.kv.dtype and a.kv.shape == b.kv.shape
+    assert torch.equal(a.kv.view(torch.uint8), b.kv.view(torch.uint8))  # bit-exact, NaN payloads included
+    assert (a.next_logits is None) == (b.next_logits is None)
+    if a.next_logits is not None:
+        assert torch.equal(a.next_logits.view(torch.uint8), b.next_logits.view(torch.uint8))
+
+
+# -- snapshot ---------------------------------------------------------------------------------------
+def test_snapshot_holds_exactly_the_sessions_computed_blocks(trunk):
+    prompt, source, session, snap = trunk
+    assert snap.token_ids == prompt and snap.num_prompt_tokens == snap.num_computed == 37
+    assert snap.kv.shape == (3, 3, 2, BS, 2, 16)  # ceil(37 / 16) blocks, 3 layers, K/V, 2 KV heads of 16
+    assert snap.block_hashes == session.block_hashes[:2] and snap.fingerprint == source.fingerprint
+    assert torch.equal(snap.next_logits, session.next_logits)
+    expected = source.kv_cache.kv[:, :, session.block_table].permute(2, 0, 1, 3, 4, 5)  # (3, L, 2, BS, KVH, D)
+    assert torch.equal(snap.kv, expected)
+    assert snap.nbytes == snap.kv.numel() * 4 + snap.next_logits.numel() * 4
+    assert source.pool.ref_count(session.block_table[0]) == 1  # the blocks held during the copy were given back
+
+
+def test_snapshot_async_holds_the_blocks_until_wait(qwen3):
+    """The handle's blocks survive free(session) until wait() (always the case once the copy is synchronous)."""
+    model, tok = qwen3
+    engine = ThawEngine(model, tok, block_size=BS, kv_cache_memory=8 << 20)
+    s = engine.prefill(random_prompt(20, model.config.vocab_size, 2))
+    handle = engine.snapshot_async(s)
+    engine.free(s)
+    snap = handle.wait()
+    assert handle.done() and handle.wait() is snap
+    assert engine.pool.num_used_blocks == 0
+    assert snap.num_computed == 20 and snap.kv.shape[0] == 2
+
+
+def test_pooled_host_buffer_goes_back_when_the_snapshot_dies_or_is_released(qwen3):
+    model, tok = qwen3
+    engine = ThawEngine(model, tok, block_size=BS, kv_cache_memory=8 << 20)
+    s = engine.prefill(random_prompt(20, model.config.vocab_size, 2))
+    snap = engine.snapshot(s)
+    pool = engine._kv_transfer.pool
+    assert pool.num_lent == 1
+    kv = snap.kv
+    del snap
+    gc.collect()
+    assert pool.num_lent == 1  # kv is still in use
+    del kv
+    gc.collect()
+    assert (pool.num_lent, pool.num_free) == (0, 1)
+    snap = engine.snapshot(s)
+    assert (pool.num_lent, pool.num_free) == (1, 0)  # the same buffer, reused
+    snap.release()
+    assert pool.num_lent == 0
+    with pytest.raises(ValueError, match="was released"):
+        engine.restore(snap)
+
+
+# -- restore -------------------------------------------------------------------------------------------
+def test_restored_prefill_continues_token_for_token_in_another_engine(qwen3, trunk):
+    model, tok = qwen3
+    prompt, source, session, snap = trunk
+    (ref,) = source.generate(source.fork(session, 1), GREEDY)
+
+    target = busy_engine(model, tok)
+    used = target.pool.num_used_blocks
+    restored, num_shared = restore_session(target, snap)
+    assert num_shared == 0
+    assert target.pool.num_used_blocks == used + 3
+    assert not set(restored.block_table) & set(session.block_table)  # other ids: the busy blocks came first
+    assert restored.num_computed == 37 and restored.next_logits is not None
+    (out,) = target.generate([restored], GREEDY)
+    assert out.token_ids == ref.token_ids
+    assert out.logprobs == pytest.approx(ref.logprobs, abs=1e-5)
+
+    before = target.stats.prompt_tokens_reused
+    again = target.prefill(prompt)  # the restored full blocks are in the target's prefix cache
+    assert target.stats.prompt_tokens_reused - before == 32
+    assert again.block_table[:2] == restored.block_table[:2]
+
+
+def test_restored_mid_generation_session_continues_token_for_token(qwen3, trunk):
+    """After a segment of decoding the last sampled token is uncomputed; the restored session computes it."""
+    model, tok = qwen3
+    prompt, source, session, _ = trunk
+    (parent,) = source.fork(session, 1)
+    (first,) = source.generate([parent], SEGMENT)  # 37 + 7 tokens, 43 computed
+    snap = source.snapshot(parent)
+    assert (snap.num_tokens, snap.num_computed, snap.next_logits) == (44, 43, None)
+    assert len(snap.block_hashes) == 2 and snap.kv.shape[0] == 3
+    sampled = SamplingParams(temperature=0.8, max_tokens=10, ignore_eos=True, seed=7)
+    (ref,) = source.generate(source.fork(parent, 1), sampled)
+
+    target = busy_engine(model, tok)
+    restored = target.restore(snap)
+    assert restored.num_uncomputed == 1 and restored.next_logits is None
+    (out,) = target.generate([restored], sampled)
+    assert out.token_ids == ref.token_ids  # seeded sampling noise is a function of (seed, position)
+    assert out.logprobs == pytest.approx(ref.logprobs, abs=1e-5)
+    before = target.stats.prompt_tokens_reused
+    target.prefill(prompt)
+    assert target.stats.prompt_tokens_reused - before == 32
+
+
+def test_restore_shares_blocks_the_target_already_caches(qwen3, trunk):
+    model, tok = qwen3
+    prompt, _, session, snap = trunk
+    target = busy_engine(model, tok)
+    first = target.restore(snap)
+    used = target.pool.num_used_blocks
+    second, num_shared = restore_session(target, snap)
+    assert num_shared == 2 and second.block_table[:2] == first.block_table[:2]
+    assert [target.pool.ref_count(b) for b in first.block_table] == [2, 2, 1]
+    assert target.pool.num_used_blocks == used + 1  # only the partial block was written
+    target.free(first)
+    target.free(second)
+    third, num_shared = restore_session(target, snap)  # freed cached blocks come back from the free queue
+    assert num_shared == 2
+
+
+def test_restore_of_a_session_with_every_token_computed_and_no_logits_recomputes_the_last(qwen3, trunk):
+    """A hand-made snapshot without logits still gives a live session: its last token is left to compute."""
+    model, tok = qwen3
+    prompt, source, session, snap = trunk
+    bare = KVSnapshot(snap.fingerprint, snap.token_ids, 37, 37, snap.block_hashes, snap.kv, next_logits=None)
+    target = ThawEngine(model, tok, block_size=BS, kv_cache_memory=8 << 20)
+    restored = target.restore(bare)
+    assert restored.num_computed == 36 and restored.num_uncomputed == 1
+    (ref,) = source.generate(source.fork(session, 1), GREEDY)
+    (out,) = target.generate([restored], GREEDY)
+    assert out.token_ids == ref.token_ids
+
+
+def test_restore_into_a_pool_too_small_raises_and_changes_nothing(qwen3, trunk):
+    model, tok = qwen3
+    _, _, _, snap = trunk
+    target = busy_engine(model, tok, num_blocks=6)  # 4 of 6 blocks taken, the snapshot needs 3
+    state = pool_state(target)
+    with pytest.raises(KVCacheExhaustedError, match="needs 3 free KV blocks .* only 2 are free"):
+        target.restore(snap)
+    assert pool_state(target) == state
+
+
+# -- save / load ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_save_load_round_trip_is_exact(make_tiny_model, tiny_tokenizer, tmp_path, dtype):
+    model = make_tiny_model("llama", dtype=dtype)
+    engine = ThawEngine(model, tiny_tokenizer, block_size=BS, kv_cache_memory=8 << 20)
+    s = engine.prefill(random_prompt(21, model.config.vocab_size, 3))
+    (first,) = engine.generate(engine.fork(s, 1), SEGMENT)
+    for snap in (engine.snapshot(s), engine.snapshot(first.session)):  # with and without next_logits
+        snap.save(tmp_path / "trunk.kvsnap")
+        loaded = KVSnapshot.load(tmp_path / "trunk.kvsnap")
+        assert_same_snapshot(loaded, snap)
+        assert loaded.kv.dtype == dtype
+    restored = engine.restore(loaded)  # a loaded snapshot restores like the original
+    ref = engine.generate(engine.fork(first.session, 1), GREEDY)[0].token_ids
+    assert engine.generate([restored], GREEDY)[0].token_ids == ref
+
+
+def test_pickled_snapshot_is_a_compact_copy(trunk):
+    snap = trunk[3]
+    copy = pickle.loads(pickle.dumps(snap))
+    assert_same_snapshot(copy, snap)
+    assert copy._release is None and copy.kv.untyped_storage().nbytes() == snap.kv.numel() * 4
+
+
+@pytest.fixture
+def saved(trunk, tmp_path):
+    path = tmp_path / "trunk.kvsnap"
+    trunk[3].save(path)
+    return path
+
+
+def flip(path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("where", ["json", "payload", "last byte"])
+def test_flipped_bytes_are_a_checksum_error(saved, where):
+    data = saved.read_bytes()
+    offset = {"json": data.index(b"token_ids") + 2, "payload": len(data) - 1000, "last byte": len(data) - 1}[where]
+    flip(saved, offset)
+    with pytest.raises(SnapshotCorruptedError, match="file is corrupted: checksum"):
+        KVSnapshot.load(saved)
+
+
+def test_flipped_length_field_is_a_header_checksum_error(saved):
+    flip(saved, 20)  # the payload length: must not read as truncation
+    with pytest.raises(SnapshotCorruptedError, match="checksum of the 28-byte header"):
+        KVSnapshot.load(saved)
+
+
+def test_truncated_file_says_how_much_is_missing(saved):
+    data = saved.read_bytes()
+    saved.write_bytes(data[:-1])
+    with pytest.raises(SnapshotTruncatedError, match=f"truncated: expected {len(data)} bytes, found {len(data) - 1}"):
+        KVSnapshot.load(saved)
+    saved.write_bytes(data[:30])  # inside the fixed header
+    with pytest.raises(SnapshotTruncatedError, match="truncated: expected at least 44 bytes, found 30"):
+        KVSnapshot.load(saved)
+
+
+def test_a_file_that_is_not_a_snapshot(tmp_path, trunk):
+    other = tmp_path / "weights.pt"
+    torch.save({"kv": trunk[3].kv}, other)
+    with pytest.raises(NotASnapshotFileError, match="is not a thaw-rl KV snapshot"):
+        KVSnapshot.load(other)
+    (tmp_path / "empty").write_bytes(b"")
+    with pytest.raises(NotASnapshotFileError):
+        KVSnapshot.load(tmp_path / "empty")
+
+
+# -- fingerprint ----------------------------------------------------------------------------------------
+OTHER_MODEL = "the snapshot comes from another model; restore into an engine built on the same model"
+
+
+@pytest.mark.parametrize("case, field, message", [
+    ("other family", "architecture",
+     f"snapshot architecture Qwen3ForCausalLM != engine architecture LlamaForCausalLM: {OTHER_MODEL}"),
+    ("other depth", "num_layers", f"snapshot num_layers 3 != engine num_layers 2: {OTHER_MODEL}"),
+    ("other dtype", "dtype",
+     "snapshot dtype float32 != engine dtype bfloat16: restore into an engine built on the same model in float32"),
+    ("other block size", "block_size",
+     r"snapshot block_size 16 != engine block_size 8: build the target engine with "
+     r"ThawEngine\(\.\.\., block_size=16\)"),
+])
+def test_restore_refuses_another_engine_fingerprint_and_changes_nothing(
+        make_tiny_model, tiny_tokenizer, trunk, saved, case, field, message):
+    model, block_size = {
+        "other family": (make_tiny_model("llama"), BS),
+        "other depth": (make_tiny_model("qwen3", num_hidden_layers=2), BS),
+        "other dtype": (make_tiny_model("qwen3", dtype=torch.bfloat16), BS),
+        "other block size": (make_tiny_model("qwen3"), 8),
+    }[case]
+    target = busy_engine(model, tiny_tokenizer, block_size=block_size)
+    state = pool_state(target)
+    for snap in (trunk[3], KVSnapshot.load(saved)):
+        with pytest.raises(SnapshotMismatchError, match=message) as err:
+            target.restore(snap)
+        assert isinstance(err.value, ValueError) and err.value.field == field
+    assert pool_state(target) == state
+
+
+def test_snapshot_fields_must_agree_with_the_fingerprint(trunk):
+    snap = trunk[3]
+    with pytest.raises(ValueError, match=r"kv must be \(3, 3, 2, 16, 2, 16\) float32"):
+        KVSnapshot(snap.fingerprint, snap.token_ids, 37, 37, snap.block_hashes, snap.kv[:2], snap.next_logits)
+    with pytest.raises(ValueError, match="2 block hashes for 1 full blocks"):
+        KVSnapshot(snap.fingerprint, snap.token_ids[:20], 20, 20, snap.block_hashes, snap.kv[:2])
+    with pytest.raises(ValueError, match="need num_computed == num_tokens"):
+        KVSnapshot(snap.fingerprint, snap.token_ids + [5], 37, 37, snap.block_hashes, snap.kv, snap.next_logits)
+
+
+def test_restore_refuses_hashes_that_do_not_match_the_tokens(qwen3, trunk):
+    model, tok = qwen3
+    snap = trunk[3]
+    tokens = [5] + snap.token_ids[1:]  # another first token: the chained hashes no longer match
+    edited = KVSnapshot(snap.fingerprint, tokens, 37, 37, snap.block_hashes, snap.kv, snap.next_logits)
+    target = busy_engine(model, tok)
+    state = pool_state(target)
+    with pytest.raises(ValueError, match="block hashes do not match its token ids"):
+        target.restore(edited)
+    assert pool_state(target) == state
