@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from thaw_rl_kernels.gumbel_sampling import gumbel_noise, gumbel_sample
+
 _M32 = 0xFFFFFFFF
 
 
@@ -66,24 +68,6 @@ def _mix32_int(x: int) -> int:
     x = (x * 0x846CA68B) & _M32
     x ^= x >> 16
     return x
-
-
-def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """lowbias32 integer hash on int64 tensors holding 32-bit values (wrapping products masked)."""
-    x = x ^ (x >> 16)
-    x = (x * 0x7FEB352D) & _M32
-    x = x ^ (x >> 15)
-    x = (x * 0x846CA68B) & _M32
-    return x ^ (x >> 16)
-
-
-def gumbel_noise(seeds: torch.Tensor, positions: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Standard Gumbel noise (S, V), a pure function of (seed, position, token id)."""
-    base = _mix32(_mix32(seeds & _M32) ^ ((seeds >> 32) & _M32) ^ (_mix32(positions & _M32) * 3 & _M32))  # (S,)
-    vocab = torch.arange(vocab_size, device=seeds.device, dtype=torch.int64)  # (V,)
-    bits = _mix32((base[:, None] + vocab[None, :] * 0x9E3779B1) & _M32)  # (S, V)
-    u = ((bits >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))  # (S, V) in (0, 1)
-    return -torch.log(-torch.log(u))
 
 
 @dataclass
@@ -161,6 +145,8 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, to
 
     Logprob and entropy are of softmax(logits / T) (T = 1 for greedy rows).
     """
+    if not batch.any_filter and all(p == 1.0 for p in batch.repetition_penalty):
+        return gumbel_sample(logits, batch.temperature, batch.seeds, batch.positions)  # one fused pass on CUDA
     logits = logits.float()
     temperature = batch.temperature.clamp(min=1e-6)
     greedy = batch.temperature == 0
