@@ -39,6 +39,10 @@ class DecodeGraphs:
         self.block_tables = torch.zeros(self.max_bs, width, dtype=torch.int32, device=dev)
         self.seq_lens = torch.ones(self.max_bs, dtype=torch.int32, device=dev)
         self.cu_seqlens_q = torch.arange(self.max_bs + 1, dtype=torch.int32, device=dev)
+        self._host_meta = torch.zeros(5, self.max_bs, dtype=torch.int64).pin_memory()
+        self._host_meta_np = self._host_meta.numpy()
+        self._host_table = torch.zeros(self.max_bs * width, dtype=torch.int32).pin_memory()
+        self._host_table_np = self._host_table.numpy()
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
 
@@ -75,34 +79,40 @@ class DecodeGraphs:
         return graph, logits
 
     def _fill(self, chunks) -> int:
-        """Copy this step's decode metadata into the static buffers; returns the padded batch size."""
+        """Copy this step's decode metadata into the static buffers; returns the padded batch size.
+
+        Host rows are written through numpy views of persistent pinned buffers (no per-step tensor
+        construction or pinning), and only the block-table columns in use are copied: the kernel reads
+        a row only up to its sequence length. Reusing the host buffers is safe because every step ends
+        in a device sync (the sampled tokens are read back) before the next fill.
+        """
         n = len(chunks)
         bs = self._padded(n)
         block_size = self.runner.block_size
-        ids, pos, blocks, offs, lens = [], [], [], [], []
-        table = torch.zeros(bs, self.block_tables.shape[1], dtype=torch.int32)
+        width = max(len(c.session.block_table) for c in chunks)
+        meta = self._host_meta_np[:, :bs]  # (5, bs): ids, positions, slot blocks, slot offsets, seq lens
+        meta[:, n:] = 0
+        meta[4, n:] = 1  # padding rows: one token in the null block
+        table = self._host_table_np[: bs * width].reshape(bs, width)
+        table[n:] = 0
         for i, c in enumerate(chunks):
             s = c.session
             p = c.start
-            ids.append(s.token_ids[p])
-            pos.append(p)
-            blocks.append(s.block_table[p // block_size])
-            offs.append(p % block_size)
-            lens.append(p + 1)
-            table[i, : len(s.block_table)] = torch.tensor(s.block_table, dtype=torch.int32)
-        pad = bs - n
-        host = torch.tensor(
-            [ids + [0] * pad, pos + [0] * pad, blocks + [0] * pad, offs + [0] * pad, lens + [1] * pad],
-            dtype=torch.int64,
-        )
-        host = host.pin_memory()
-        dev = host.to(self.runner.device, non_blocking=True)
-        self.input_ids[:bs].copy_(dev[0])
-        self.positions[:bs].copy_(dev[1])
-        self.slot_blocks[:bs].copy_(dev[2])
-        self.slot_offsets[:bs].copy_(dev[3])
-        self.seq_lens[:bs].copy_(dev[4])
-        self.block_tables[:bs].copy_(table.pin_memory().to(self.runner.device, non_blocking=True))
+            bt = s.block_table
+            meta[0, i] = s.token_ids[p]
+            meta[1, i] = p
+            meta[2, i] = bt[p // block_size]
+            meta[3, i] = p % block_size
+            meta[4, i] = p + 1
+            table[i, : len(bt)] = bt
+        dev_meta = self._host_meta[:, :bs].to(self.runner.device, non_blocking=True)
+        self.input_ids[:bs].copy_(dev_meta[0])
+        self.positions[:bs].copy_(dev_meta[1])
+        self.slot_blocks[:bs].copy_(dev_meta[2])
+        self.slot_offsets[:bs].copy_(dev_meta[3])
+        self.seq_lens[:bs].copy_(dev_meta[4])
+        host_table = self._host_table[: bs * width].view(bs, width)
+        self.block_tables[:bs, :width].copy_(host_table.to(self.runner.device, non_blocking=True))
         return bs
 
     def forward(self, chunks) -> torch.Tensor:
