@@ -99,6 +99,7 @@ class ThawEngine:
         max_num_seqs: int = 256,
         layout: str = "block_major",
         use_cuda_graphs: bool | None = None,
+        compile_layers: bool = False,
         seed: int | None = None,
     ) -> None:
         config = model.config
@@ -133,7 +134,7 @@ class ThawEngine:
             use_cuda_graphs = self.device.type == "cuda"
         self.runner = ModelRunner(
             model, self.kv_cache, use_cuda_graphs=use_cuda_graphs, max_num_seqs=max_num_seqs,
-            max_blocks_per_seq=-(-self.max_model_len // block_size),
+            max_blocks_per_seq=-(-self.max_model_len // block_size), compile_layers=compile_layers,
         )
         self.eos_token_ids = self._eos_ids(model, tokenizer)
         self.fingerprint = self._fingerprint(config)

@@ -11,6 +11,7 @@ On CUDA, pure-decode steps (every chunk one token) replay a CUDA graph captured 
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +19,35 @@ import torch
 from thaw_rl.engine.attention import METADATA_KWARG, AttentionMetadata, paged_attention_mode
 from thaw_rl.engine.kv_cache import PagedKVCache
 from thaw_rl.engine.session import Session
+
+
+def _compile_decoder_layers(model: torch.nn.Module) -> list[tuple[torch.nn.Module, object]]:
+    """Regional torch.compile: one compiled callable per decoder layer (identical layers share code).
+
+    HF layers launch ~45 small kernels each (norm upcasts, rotary, residual adds); compiled, their
+    elementwise work fuses. The compiled callables are swapped in only for the engine's own forwards
+    (``_compiled``), so the model trains uncompiled and with its own attention.
+    """
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None:
+        raise ValueError(f"compile_layers=True needs model.model.layers (Llama/Qwen layout); "
+                         f"{type(model).__name__} has none. Leave compile_layers=False.")
+    return [(layer, torch.compile(layer._call_impl, dynamic=True)) for layer in layers]
+
+
+@contextlib.contextmanager
+def _compiled(compiled_layers):
+    if not compiled_layers:
+        yield
+        return
+    previous = [layer._compiled_call_impl for layer, _ in compiled_layers]
+    for layer, fn in compiled_layers:
+        layer._compiled_call_impl = fn
+    try:
+        yield
+    finally:
+        for (layer, _), prev in zip(compiled_layers, previous):
+            layer._compiled_call_impl = prev
 
 
 @dataclass
@@ -90,8 +120,9 @@ class ModelRunner:
     """Owns the forward pass: packing, device transfer, the attention-mode switch, CUDA graphs."""
 
     def __init__(self, model: torch.nn.Module, kv_cache: PagedKVCache, use_cuda_graphs: bool, max_num_seqs: int,
-                 max_blocks_per_seq: int) -> None:
+                 max_blocks_per_seq: int, compile_layers: bool = False) -> None:
         self.model = model
+        self.compiled_layers = _compile_decoder_layers(model) if compile_layers else None
         self.kv_cache = kv_cache
         self.block_size = kv_cache.spec.block_size
         self.device = kv_cache.device
@@ -117,7 +148,7 @@ class ModelRunner:
     def run_model(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                   logits_index: torch.Tensor | int) -> torch.Tensor:
         """The HF forward over one packed row; returns (S, V) logits in the model's dtype."""
-        with paged_attention_mode(self.model):
+        with paged_attention_mode(self.model), _compiled(self.compiled_layers):
             out = self.model(
                 input_ids=input_ids[None],
                 position_ids=positions[None],
