@@ -152,7 +152,8 @@ def _paged_attention_kernel(
         k = tl.load(k_cache_ptr + kv_offs, mask=kv_mask, other=0.0)  # (TILE_N, D_PAD)
         v = tl.load(v_cache_ptr + kv_offs, mask=kv_mask, other=0.0)  # (TILE_N, D_PAD)
 
-        s = _dot(q, tl.trans(k), DOT_PRECISION, DOT_UPCAST) * qk_scale  # (BLOCK_M, TILE_N)
+        # .to: under torch.compile the scalar arrives as fp64, which would make the softmax state fp64
+        s = (_dot(q, tl.trans(k), DOT_PRECISION, DOT_UPCAST) * qk_scale).to(tl.float32)  # (BLOCK_M, TILE_N)
         s = tl.where(key_pos[None, :] <= row_pos[:, None], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet stays at 0 weight
@@ -271,19 +272,21 @@ def choose_config(
     """
     num_warps = 8 if dtype == torch.float32 else 4
     if max_seqlen_q <= 1:
+        # H100 sweep (benchmarks/results/paged_attention_sweep_h100.json): 64-key tiles, 3 stages, and
+        # splitting only until the grid holds ~1.5 programs per SM won at batch 1, 16 and 128.
         block_m = max(16, triton.next_power_of_2(group))
-        tile_n = 32
+        tile_n = 32 if dtype == torch.float32 else 64
         num_splits = _decode_splits(num_tokens * num_kv_heads, triton.cdiv(max_context, tile_n), device)
-        return dict(block_q=1, block_m=block_m, tile_n=tile_n, num_splits=num_splits, num_warps=num_warps, num_stages=2)
+        return dict(block_q=1, block_m=block_m, tile_n=tile_n, num_splits=num_splits, num_warps=num_warps, num_stages=3)
     block_m = max(16, triton.next_power_of_2(group), min(64, triton.next_power_of_2(max_seqlen_q * group)))
     return dict(block_q=block_m // group, block_m=block_m, tile_n=32, num_splits=1, num_warps=num_warps, num_stages=2)
 
 
 def _decode_splits(num_programs: int, max_tiles: int, device: torch.device) -> int:
-    """Power of two such that the grid has ~4 programs per SM, each split keeping >= 2 KV tiles."""
+    """Power of two such that the grid has ~1.5 programs per SM, each split keeping >= 2 KV tiles."""
     if device.type != "cuda" or num_programs == 0:
         return 1
-    target = 4 * _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    target = 3 * _num_sms(device.index if device.index is not None else torch.cuda.current_device()) // 2
     splits = 1
     while splits < 16 and num_programs * splits < target and 2 * splits * 2 <= max_tiles:
         splits *= 2

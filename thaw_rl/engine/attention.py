@@ -7,6 +7,10 @@ forwards unchanged from ``model(...)`` down to every attention call. Because ``t
 registered *mask* function, HF's masking utilities return early and no O(T^2) mask is built. Outside the
 engine the model keeps its own attention implementation, so the same object trains as usual; if our hook
 is ever called without metadata (a user set it by hand), it falls back to SDPA.
+
+The hook is excluded from torch.compile: it writes the new K/V into the cache in place, which inductor
+would functionalise into a copy of the whole cache (seen: a 37 GiB allocation). The engine's
+``compile_layers`` option compiles everything around it.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ class AttentionMetadata:
     max_seqlen_q: int
 
 
+@torch.compiler.disable
 def thaw_paged_attention(
     module: torch.nn.Module,
     query: torch.Tensor,  # (1, H, T, D), RoPE applied
