@@ -15,12 +15,14 @@ from thaw_rl.engine import (
 from thaw_rl.snapshot import KVSnapshot
 from thaw_rl.backends import NativeBackend
 from thaw_rl.rollout import RolloutBatch, RolloutStats, TreeSampler, TreeSpec
+from thaw_rl.pool import ForkPool
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Completion",
     "EngineStats",
+    "ForkPool",
     "KVCacheExhaustedError",
     "KVSnapshot",
     "NativeBackend",
@@ -32,3 +34,14 @@ __all__ = [
     "TreeSampler",
     "TreeSpec",
 ]
+
+# The trainers import TRL, which is slow and absent on the GPU benchmark machines: load them on first use.
+_TRAINER_NAMES = ("ThawGRPOTrainer", "ThawGRPOConfig", "ThawBestOfNTrainer", "ThawBestOfNConfig")
+
+
+def __getattr__(name: str):
+    if name in _TRAINER_NAMES:
+        from thaw_rl import trainers
+
+        return getattr(trainers, name)
+    raise AttributeError(f"module 'thaw_rl' has no attribute {name!r}")

@@ -1,0 +1,249 @@
+"""ForkPool with real worker processes on CPU: the same leaves as one engine with trunks moved between
+workers by snapshot/restore, placement, a killed and a hung worker replaced mid-round, a worker that
+fails again after the retry, weight updates with version checks, and clean shutdown.
+
+One 2-worker pool serves the module (a spawn start costs ~5-10 s per worker); tests that break workers
+leave it healthy, and the weight test puts the original weights back.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import threading
+import time
+
+import pytest
+import torch
+
+from thaw_rl import NativeBackend, SamplingParams, ThawEngine, TreeSampler, TreeSpec
+from thaw_rl.backends import COUNTER_KEYS, RolloutBackend
+from thaw_rl.pool import ForkPool, WeightVersionError
+from thaw_rl.pool.worker import Fault
+from thaw_rl.testing import tiny_model_and_tokenizer
+
+# picklable by reference (an installed module), so spawned workers can call it
+FACTORY = functools.partial(tiny_model_and_tokenizer, "qwen2", initializer_range=0.2)
+ENGINE_KWARGS = dict(kv_cache_memory=8 << 20)
+SEGMENTS = TreeSpec.segments([2, 3], segment_tokens=4)
+ENTROPY = TreeSpec.entropy(max_leaves=6, threshold=3.7, initial=2, branch=2, segment_tokens=5)  # forks at ``at``
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """The in-process reference engine runs on one thread, as each of the two workers does."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def pool():
+    with ForkPool(FACTORY, num_workers=2, engine_kwargs=ENGINE_KWARGS, placement="spread", timeout_s=60) as p:
+        yield p
+
+
+def random_prompts(lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 100, (n,), generator=g).tolist() for n in lengths]
+
+
+PROMPTS = random_prompts([21, 37])  # 37 = 2 full blocks + a partial one
+PARAMS = SamplingParams(temperature=1.0, max_tokens=12, ignore_eos=True, seed=5)
+
+
+def native_rollout(spec, prompts=PROMPTS, params=PARAMS):
+    return TreeSampler(NativeBackend(*FACTORY(), **ENGINE_KWARGS), spec).rollout(prompts, params)
+
+
+def assert_same_leaves(got, ref) -> None:
+    """Tokens and tree paths exactly; logprobs and entropies to float noise (the workers pack other
+    batches into each forward than the single engine does, so the sums run in another order)."""
+    assert len(got) == len(ref)
+    for a, b in zip(got, ref):
+        assert (a.prompt_index, a.node_ids, a.completion_ids, a.finish_reason) == \
+               (b.prompt_index, b.node_ids, b.completion_ids, b.finish_reason)
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=0)
+        torch.testing.assert_close(torch.tensor(a.entropies), torch.tensor(b.entropies), atol=1e-5, rtol=0)
+
+
+def worker_delta(before: dict, after: dict, key: str) -> list:
+    return [a[key] - b[key] for a, b in zip(after["workers"], before["workers"])]
+
+
+# -- the same leaves as one engine -----------------------------------------------------------------
+@pytest.mark.parametrize("spec", [TreeSpec.grpo(4), SEGMENTS, ENTROPY], ids=["grpo", "segments", "entropy"])
+def test_pool_returns_the_leaves_of_one_engine_with_children_on_both_workers(pool, spec):
+    assert isinstance(pool, RolloutBackend) and set(pool.counters()) == set(COUNTER_KEYS)
+    ref = native_rollout(spec)
+    before = pool.stats()
+    batch = TreeSampler(pool, spec).rollout(PROMPTS, PARAMS)
+    after = pool.stats()
+
+    assert_same_leaves(batch, ref)
+    if spec.kind == "entropy":  # it branched inside segments too, not only at the prompts
+        assert batch.stats.num_forks > len(PROMPTS)
+    assert all(d > 0 for d in worker_delta(before, after, "tokens_computed"))  # both workers decoded
+    assert sum(worker_delta(before, after, "num_snapshots")) >= 1
+    assert sum(worker_delta(before, after, "num_restores")) >= 1
+    # the pool computed what the single engine computed (prompts seen before come from the workers'
+    # prefix caches), and freed everything, restored copies too
+    for key in ("decode_tokens", "sampled_tokens", "num_forks"):
+        assert getattr(batch.stats, key) == getattr(ref.stats, key)
+    assert batch.stats.prefill_tokens + batch.stats.reused_tokens == ref.stats.prefill_tokens == 21 + 37
+    assert batch.stats.restore_seconds > 0 and batch.stats.snapshot_seconds > 0
+    assert [w["num_used_blocks"] for w in after["workers"]] == [0, 0]
+    assert [w["num_sessions"] for w in after["workers"]] == [0, 0]
+    assert after["num_live_handles"] == 0 and after["num_cached_snapshots"] == 0
+
+
+def test_local_first_fills_the_trunks_worker_then_snapshots_once_per_trunk(pool):
+    """The trunk's worker takes children while its free blocks cover child_reserve_tokens each; the rest
+    go to the other worker, which restores the trunk once and forks later children from its kept copy."""
+    (h,) = pool.prefill(PROMPTS[1:], worker=0)
+    free = pool.stats()["workers"][0]["num_free_blocks"]
+    per_child = (free - 10) // 2  # room for 2 children (+ 10 blocks of slack for their partial blocks)
+    saved = pool.placement, pool.child_reserve_tokens
+    pool.placement, pool.child_reserve_tokens = "local_first", (per_child - 1) * pool.block_size
+    greedy = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    try:
+        before = pool.stats()
+        kids = pool.fork(h, 5)  # 2 fit at home; worker 1 fits 2 more; the 5th goes where most room is left
+        outs = pool.generate(kids, greedy)
+        more = pool.fork(h, 4)  # the kids' growth is known now: 2 at home again, 2 from worker 1's copy
+        after = pool.stats()
+    finally:
+        pool.placement, pool.child_reserve_tokens = saved
+    assert [k.worker for k in kids] == [0, 0, 1, 1, 1] and [k.worker for k in more] == [0, 0, 1, 1]
+    assert worker_delta(before, after, "num_snapshots") == [1, 0]  # one snapshot of the trunk
+    assert worker_delta(before, after, "num_restores") == [0, 1]  # one restore on the worker that took kids
+    assert worker_delta(before, after, "num_forks") == [2, 2]
+    assert all(k.token_ids == PROMPTS[1] for k in more)
+    assert len({tuple(o.token_ids) for o in outs}) == 1  # a restored trunk continues exactly as the original
+    for k in [h, *kids, *more]:
+        pool.free(k)
+    assert [w["num_used_blocks"] for w in pool.stats()["workers"]] == [0, 0]
+
+
+# -- failures ----------------------------------------------------------------------------------------
+def test_a_worker_killed_mid_round_is_replaced_and_the_round_completes(pool, caplog):
+    ref = native_rollout(SEGMENTS)
+    victim = pool.stats()["workers"][1]["pid"]
+    pool._set_faults(1, [Fault("generate", "sleep", 120)])  # hold it inside the round's first generate
+    killer = threading.Timer(1.0, os.kill, (victim, signal.SIGKILL))
+    killer.start()
+    start = time.perf_counter()
+    batch = TreeSampler(pool, SEGMENTS).rollout(PROMPTS, PARAMS)
+    elapsed = time.perf_counter() - start
+    killer.join()
+
+    assert_same_leaves(batch, ref)  # its sequences were prefilled again on the replacement and retried
+    assert elapsed < pool.timeout_s  # seen through the process sentinel, not the timeout
+    st = pool.stats()
+    assert st["workers"][1]["pid"] != victim
+    assert f"ForkPool worker 1 (pid {victim}, cpu) was killed by signal SIGKILL" in st["failures"][-1]
+    assert "replacing it with a fresh worker" in caplog.text
+    assert_same_leaves(TreeSampler(pool, SEGMENTS).rollout(PROMPTS, PARAMS), ref)  # and it keeps working
+
+
+def test_a_worker_that_dies_taking_a_restored_trunk_is_replaced_and_the_fork_retried(pool):
+    """Worker 1 dies on the round's first fork (a restore of prompt 0's trunk): the replacement restores the
+    snapshot the parent still holds, and prompt 1's root, which lived in the dead worker, is prefilled again."""
+    ref = native_rollout(SEGMENTS)
+    before = pool.counters()
+    pool._set_faults(1, [Fault("fork", "kill")])
+    batch = TreeSampler(pool, SEGMENTS).rollout(PROMPTS, PARAMS)
+
+    assert_same_leaves(batch, ref)
+    st = pool.stats()
+    assert "was killed by signal SIGKILL" in st["failures"][-1] and "during fork" in st["failures"][-1]
+    assert st["workers"][1]["num_restores"] >= 1  # the replacement restored the trunk
+    after = pool.counters()
+    assert all(after[k] >= before[k] for k in after)  # the dead worker's counts are kept
+    assert [w["num_used_blocks"] for w in st["workers"]] == [0, 0]
+
+
+def test_a_hung_worker_is_detected_by_the_timeout_and_replaced(pool):
+    ref = native_rollout(TreeSpec.grpo(4))
+    victim = pool.stats()["workers"][0]["pid"]
+    pool._set_faults(0, [Fault("generate", "sleep", 120)])
+    pool.timeout_s = 3.0
+    try:
+        start = time.perf_counter()
+        batch = TreeSampler(pool, TreeSpec.grpo(4)).rollout(PROMPTS, PARAMS)
+        elapsed = time.perf_counter() - start
+    finally:
+        pool.timeout_s = 60.0
+    assert_same_leaves(batch, ref)
+    assert 3.0 <= elapsed < 60.0  # waited the timeout, then a fresh worker (a spawn start) did the work
+    failure = pool.stats()["failures"][-1]
+    assert f"worker 0 (pid {victim}, cpu) sent no reply within timeout_s=3 (hung); killed it during generate" in failure
+    assert not os.path.exists(f"/proc/{victim}")  # killed and reaped, no zombie
+
+
+def test_a_worker_that_fails_again_after_the_retry_raises_a_clear_error_and_the_pool_recovers(pool):
+    pool._set_faults(1, [Fault("generate", "exit", 3)], persist=True)  # every replacement dies too
+    with pytest.raises(RuntimeError, match=r"ForkPool generate failed twice: ForkPool worker 1 \(pid \d+, cpu\) "
+                                           r"exited with code 3 during generate \(first attempt: .*exited with code 3"):
+        TreeSampler(pool, TreeSpec.grpo(2)).rollout(PROMPTS, PARAMS)
+    pool._set_faults(1, [])  # disarm the current replacement (and future ones)
+    st = pool.stats()
+    assert st["num_live_handles"] == 0 and [w["num_sessions"] for w in st["workers"]] == [0, 0]
+    assert_same_leaves(TreeSampler(pool, TreeSpec.grpo(2)).rollout(PROMPTS, PARAMS), native_rollout(TreeSpec.grpo(2)))
+
+
+# -- weights -------------------------------------------------------------------------------------------
+def test_weight_update_reaches_every_worker_and_stale_versions_are_refused(pool):
+    prompt = random_prompts([40], seed=3)[0]  # 2 full blocks: a stale prefix cache would be reused
+    greedy = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+
+    def greedy_on(worker: int) -> list[int]:
+        (h,) = pool.prefill([prompt], worker=worker)
+        (out,) = pool.generate([h], greedy)
+        pool.free(h)
+        return out.token_ids
+
+    before = [greedy_on(0), greedy_on(1)]
+    assert before[0] == before[1]
+    new_model, tok = tiny_model_and_tokenizer("qwen2", seed=1, initializer_range=0.2)
+    engine = ThawEngine(new_model, tok, **ENGINE_KWARGS)
+    (expected,) = engine.generate([engine.prefill(prompt)], greedy)
+    v = pool.version
+    pool.update_weights(new_model.state_dict())
+
+    assert pool.version == v + 1
+    after = [greedy_on(0), greedy_on(1)]
+    assert after == [expected.token_ids] * 2 and after[0] != before[0]
+    assert [w["version"] for w in pool.stats()["workers"]] == [v + 1] * 2
+    for w in range(2):  # a request that expects the old weights is refused, not served
+        with pytest.raises(WeightVersionError, match=f"expected weights version {v} .* holds version {v + 1}"):
+            pool._workers[w].call("prefill", ([prompt],), version=v, timeout_s=30)
+    with pytest.raises(ValueError, match="pass the new weights"):
+        pool.update_weights()
+    with pytest.raises(ValueError, match="not in the workers' model"):
+        pool.update_weights({"not.a.weight": torch.zeros(1)})
+
+    victim = pool.stats()["workers"][0]["pid"]
+    os.kill(victim, signal.SIGKILL)  # a replacement starts with the current weights
+    assert greedy_on(0) == expected.token_ids
+    assert pool.stats()["workers"][0]["version"] == v + 1
+
+    pool.update_weights(FACTORY()[0].state_dict())  # the original weights back for the other tests
+    assert [greedy_on(0), greedy_on(1)] == before and pool.version == v + 2
+
+
+# -- lifetime --------------------------------------------------------------------------------------------
+def test_a_factory_that_raises_is_reported_and_close_reaps_every_worker():
+    with pytest.raises(RuntimeError, match=r"could not start 1 worker\(s\): worker 0 on cpu: tiny_model family"):
+        ForkPool(functools.partial(tiny_model_and_tokenizer, "gpt2"), num_workers=1, start_timeout_s=120)
+
+    pool = ForkPool(FACTORY, num_workers=1, engine_kwargs=ENGINE_KWARGS)
+    (h,) = pool.prefill(PROMPTS[:1])
+    process = pool._workers[0].process
+    pool.close()
+    assert process.exitcode == 0 and not os.path.exists(f"/proc/{process.pid}")  # exited cleanly, reaped
+    pool.close()  # idempotent
+    with pytest.raises(RuntimeError, match="closed"):
+        pool.generate([h], PARAMS)

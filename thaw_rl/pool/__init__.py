@@ -1,0 +1,6 @@
+"""ForkPool: worker processes (one per device) holding engines; trunks move between them by snapshot/restore."""
+
+from thaw_rl.pool.fork_pool import PLACEMENTS, ForkPool, PoolCompletion, PoolHandle
+from thaw_rl.pool.worker import WeightVersionError
+
+__all__ = ["PLACEMENTS", "ForkPool", "PoolCompletion", "PoolHandle", "WeightVersionError"]

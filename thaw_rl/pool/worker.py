@@ -1,0 +1,329 @@
+"""The worker side of ``ForkPool``: one process, one ``ThawEngine``, a loop that answers the parent.
+
+Why a process per device: each engine owns its device's KV pool and runs its own forward loop, so the
+workers decode in parallel; the parent only places sequences and moves trunks between them.
+
+Messages are pickled by multiprocessing's ``ForkingPickler``, which ``torch.multiprocessing`` extends:
+a CPU tensor travels as a handle to shared memory, never as bytes in the pipe. So a snapshot's KV
+(``snapshot``) and a weight update (``PackedWeights``) cost one copy into shared memory on the sending
+side and are read in place on the receiving side.
+
+    parent -> worker   Request(req_id, op, version, args)
+    worker -> parent   Reply(req_id, ok, value, status)   ok=False: value = (exception, traceback text)
+
+Every op but ``free`` is answered (``free`` is fire-and-forget: the next reply's status shows the blocks
+it released). Ops that read or write KV carry the weight version the parent expects; a worker holding
+another version refuses them with ``WeightVersionError`` instead of serving stale weights.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import os
+import pickle
+import signal
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Callable, NamedTuple
+
+import torch
+
+from thaw_rl.engine import SamplingParams, Session, ThawEngine
+from thaw_rl.engine.sampling import derive_seed
+from thaw_rl.snapshot import KVSnapshot
+
+VERSIONED_OPS = frozenset({"prefill", "fork", "generate", "snapshot"})  # read or write KV: weights must match
+_M32 = 0xFFFFFFFF
+_MIX_A, _MIX_B = 0x7FEB352D, 0x846CA68B  # the multipliers of sampling._mix32_int (lowbias32)
+
+
+class WeightVersionError(RuntimeError):
+    """A request expected other weights than the worker holds; it was refused, nothing was computed."""
+
+
+class Request(NamedTuple):
+    req_id: int
+    op: str
+    version: int
+    args: tuple
+
+
+class Reply(NamedTuple):
+    req_id: int
+    ok: bool
+    value: Any
+    status: dict | None
+
+
+# -- shared memory ---------------------------------------------------------------------------------
+def shared_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised CPU tensor allocated straight in shared memory (``share_memory_()`` would copy)."""
+    numel = 1
+    for n in shape:
+        numel *= int(n)
+    storage = torch.UntypedStorage._new_shared(max(numel * dtype.itemsize, 1))
+    return torch.empty(0, dtype=dtype).set_(storage, 0, tuple(shape))
+
+
+@dataclass
+class PackedWeights:
+    """A state dict packed into one shared-memory buffer (one handle to pass, not one per tensor)."""
+
+    version: int
+    buffer: torch.Tensor  # (nbytes,) uint8, shared memory
+    entries: list[tuple[str, torch.dtype, tuple[int, ...], int]]  # name, dtype, shape, byte offset
+
+    @classmethod
+    def pack(cls, state_dict: dict[str, torch.Tensor], version: int) -> PackedWeights:
+        entries, offset = [], 0
+        for name, t in state_dict.items():
+            if not isinstance(t, torch.Tensor):
+                raise ValueError(f"state_dict[{name!r}] is a {type(t).__name__}, not a tensor.")
+            entries.append((name, t.dtype, tuple(t.shape), offset))
+            offset += -(-t.numel() * t.element_size() // 64) * 64  # 64-byte aligned: any dtype can view it
+        buffer = shared_empty((offset,), torch.uint8)
+        for (_, dtype, shape, off), t in zip(entries, state_dict.values()):
+            cls._view(buffer, dtype, shape, off).copy_(t.detach())
+        return cls(version, buffer, entries)
+
+    @property
+    def nbytes(self) -> int:
+        return self.buffer.numel()
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {name: self._view(self.buffer, dtype, shape, off) for name, dtype, shape, off in self.entries}
+
+    @staticmethod
+    def _view(buffer: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...], offset: int) -> torch.Tensor:
+        numel = 1
+        for n in shape:
+            numel *= n
+        return buffer[offset:offset + numel * dtype.itemsize].view(dtype).view(shape)
+
+
+# -- seeds -----------------------------------------------------------------------------------------
+def _unmix32(x: int) -> int:
+    """Inverse of ``sampling._mix32_int`` (xorshifts and odd multiplies are bijections on 32 bits)."""
+    x ^= x >> 16
+    x = (x * pow(_MIX_B, -1, 1 << 32)) & _M32
+    x ^= (x >> 15) ^ (x >> 30)
+    x = (x * pow(_MIX_A, -1, 1 << 32)) & _M32
+    return x ^ (x >> 16)
+
+
+def seed_for_index(target: int, index: int) -> int:
+    """The seed s with ``derive_seed(s, index) == target``.
+
+    ``ThawEngine.generate`` samples request i with ``derive_seed(params[i].seed, i)``. The pool computes
+    each request's seed from its index in the *pool's* call (as one engine would); a worker holds only a
+    share of the call, so it hands its engine the seed that lands on that value at the local index.
+    """
+    low = _unmix32(_unmix32(target & _M32) ^ ((index * 0x9E3779B1) & _M32))
+    seed = low | ((target >> 32) << 32)
+    if derive_seed(seed, index) != target:
+        raise RuntimeError(f"seed inversion failed for target {target} at index {index}: sampling.derive_seed changed")
+    return seed
+
+
+# -- faults (tests) --------------------------------------------------------------------------------
+@dataclass
+class Fault:
+    """Test hook: when ``op`` arrives, ``action`` it: "kill" (SIGKILL itself), "exit" (code), "sleep" (s)."""
+
+    op: str
+    action: str
+    arg: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.action not in ("kill", "exit", "sleep"):
+            raise ValueError(f"Fault action {self.action!r}: use 'kill', 'exit' or 'sleep'.")
+
+    def fire(self) -> None:
+        if self.action == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        elif self.action == "exit":
+            os._exit(int(self.arg))
+        time.sleep(self.arg)
+
+
+# -- the worker ------------------------------------------------------------------------------------
+@dataclass
+class WorkerCounters:
+    """What the pool adds to the engine's own stats (cumulative over this process)."""
+
+    num_snapshots: int = 0
+    snapshot_bytes: int = 0
+    snapshot_seconds: float = 0.0  # engine.snapshot: device -> (pinned) host
+    export_seconds: float = 0.0  # host -> shared memory
+    num_restores: int = 0
+    restore_bytes: int = 0
+    restore_seconds: float = 0.0  # engine.restore: shared memory -> device blocks
+    num_weight_loads: int = 0
+    weight_load_seconds: float = 0.0
+    busy_seconds: float = 0.0  # time spent inside ops
+
+
+@dataclass
+class Worker:
+    """One engine and the sessions it holds, keyed by ``Session.session_id``."""
+
+    engine: ThawEngine
+    version: int = 0
+    sessions: dict[int, Session] = field(default_factory=dict)
+    counters: WorkerCounters = field(default_factory=WorkerCounters)
+    faults: list[Fault] = field(default_factory=list)
+
+    def info(self) -> dict:
+        e = self.engine
+        return {
+            "pid": os.getpid(), "device": str(e.device), "block_size": e.block_size,
+            "kv_bytes_per_token": e.spec.bytes_per_token, "fingerprint": dict(e.fingerprint),
+            "weights": {k: (tuple(v.shape), v.dtype) for k, v in e.model.state_dict().items()},
+        }
+
+    def status(self) -> dict:
+        st = self.engine.stats
+        return {"version": self.version, "num_sessions": len(self.sessions), **vars(st), **vars(self.counters)}
+
+    def handle(self, req: Request) -> Any:
+        for fault in [f for f in self.faults if f.op == req.op]:
+            fault.fire()
+        if req.op in VERSIONED_OPS and req.version != self.version:
+            raise WeightVersionError(
+                f"{req.op} expected weights version {req.version} but this worker (pid {os.getpid()}) holds version "
+                f"{self.version}; refused rather than served with other weights."
+            )
+        start = time.perf_counter()
+        try:
+            return getattr(self, f"op_{req.op}")(*req.args)
+        finally:
+            self.counters.busy_seconds += time.perf_counter() - start
+
+    # -- ops ---------------------------------------------------------------------------------------
+    def op_prefill(self, prompts: list[list[int]]) -> list[int]:
+        return [self._keep(s) for s in self.engine.prefill_many(prompts)]
+
+    def op_fork(self, source: int | KVSnapshot, n: int, at: int | None) -> tuple[int, list[int]]:
+        """Fork a held session, or restore a snapshot first (the restored copy is kept for later forks)."""
+        if isinstance(source, KVSnapshot):
+            start = time.perf_counter()
+            parent = self.engine.restore(source)
+            self.counters.restore_seconds += time.perf_counter() - start
+            self.counters.num_restores += 1
+            self.counters.restore_bytes += source.nbytes
+            source = self._keep(parent)
+        kids = self.engine.fork(self._session(source), n, at=at)
+        return source, [self._keep(s) for s in kids]
+
+    def op_generate(self, sids: list[int], params: list[SamplingParams], seeds: list[int]) -> list[tuple]:
+        local = [dataclasses.replace(p, seed=seed_for_index(s, i)) for i, (p, s) in enumerate(zip(params, seeds))]
+        outs = self.engine.generate([self._session(sid) for sid in sids], local)
+        return [(o.token_ids, o.logprobs, o.entropies, o.finish_reason) for o in outs]
+
+    def op_snapshot(self, sid: int) -> KVSnapshot:
+        """The session's KV copied once into shared memory, so the parent and the other workers map it."""
+        start = time.perf_counter()
+        snap = self.engine.snapshot(self._session(sid))
+        mid = time.perf_counter()
+        kv = shared_empty(tuple(snap.kv.shape), snap.kv.dtype)  # (n_blocks, L, 2, BS, KVH, D)
+        kv.copy_(snap.kv)
+        logits = None if snap.next_logits is None else snap.next_logits.clone().share_memory_()  # (V,)
+        out = dataclasses.replace(snap, kv=kv, next_logits=logits, _release=None)
+        snap.release()  # the pooled (pinned) buffer goes back to the engine's pool
+        c = self.counters
+        c.snapshot_seconds += mid - start
+        c.export_seconds += time.perf_counter() - mid
+        c.num_snapshots += 1
+        c.snapshot_bytes += out.nbytes
+        return out
+
+    def op_free(self, sids: list[int]) -> None:
+        for sid in sids:
+            session = self.sessions.pop(sid, None)
+            if session is not None:  # unknown: already gone with a failed call; nothing to release
+                self.engine.free(session)
+
+    def op_load_weights(self, weights: PackedWeights) -> None:
+        start = time.perf_counter()
+        tensors = weights.tensors()
+        with torch.no_grad():
+            self.engine.model.load_state_dict(tensors, strict=False)
+        self.engine.reset_prefix_cache()  # cached KV was computed with the old weights
+        self.version = weights.version
+        self.counters.num_weight_loads += 1
+        self.counters.weight_load_seconds += time.perf_counter() - start
+
+    def op_reset_prefix_cache(self) -> None:
+        self.engine.reset_prefix_cache()
+
+    def op_status(self) -> None:
+        return None  # the reply carries the status
+
+    def op_faults(self, faults: list[Fault]) -> None:
+        self.faults = list(faults)
+
+    # -- helpers -------------------------------------------------------------------------------------
+    def _keep(self, session: Session) -> int:
+        self.sessions[session.session_id] = session
+        return session.session_id
+
+    def _session(self, sid: int) -> Session:
+        session = self.sessions.get(sid)
+        if session is None:
+            raise RuntimeError(f"worker pid {os.getpid()} holds no session {sid} (freed, or lost with a failed call).")
+        return session
+
+
+# -- process entry ---------------------------------------------------------------------------------
+def _die_with_parent(parent_pid: int) -> None:
+    """Linux: SIGKILL this process when the parent dies, so a crashed trainer leaves no orphans."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _error_payload(exc: BaseException) -> tuple[BaseException, str]:
+    """The exception itself when it survives a pickle round trip, else a RuntimeError with its text."""
+    text = "".join(traceback.format_exception(exc))
+    try:
+        pickle.loads(pickle.dumps(exc))
+    except Exception:
+        exc = RuntimeError(f"{type(exc).__name__}: {exc}")
+    return exc, text
+
+
+def run_worker(conn, parent_pid: int, model_factory: Callable, device: str, engine_kwargs: dict,
+               num_threads: int | None, faults: list[Fault]) -> None:
+    """Build the model and engine, say ready (or why not), then answer requests until close or EOF."""
+    _die_with_parent(parent_pid)
+    try:
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        dev = torch.device(device)
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)  # a factory may build straight on torch.cuda.current_device()
+        model, tokenizer = model_factory()
+        worker = Worker(ThawEngine(model.to(dev), tokenizer, **engine_kwargs), faults=list(faults))
+        conn.send(Reply(0, True, worker.info(), worker.status()))
+    except BaseException as exc:  # noqa: BLE001 (the parent must learn why the start failed)
+        conn.send(Reply(0, False, _error_payload(exc), None))
+        return
+    while True:
+        try:
+            req = conn.recv()
+        except (EOFError, OSError):  # the parent is gone
+            return
+        if req.op == "close":
+            conn.send(Reply(req.req_id, True, None, worker.status()))
+            return
+        try:
+            value, ok = worker.handle(req), True
+        except Exception as exc:  # noqa: BLE001 (answered to the caller, the worker lives on)
+            value, ok = _error_payload(exc), False
+        if req.op != "free":
+            conn.send(Reply(req.req_id, ok, value, worker.status()))
