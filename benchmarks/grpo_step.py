@@ -1,0 +1,240 @@
+"""One GRPO step, split into generation and training: ThawGRPOTrainer vs TRL's GRPOTrainer.
+
+Same model weights, data, reward, seeds and TRL config for both; only the generation path differs:
+
+- ``trl``: GRPOTrainer's own transformers path (``model.generate`` on the left-padded rows: every
+  sample's prompt is computed again).
+- ``thaw``: ThawGRPOTrainer (default ``tree_spec="grpo"``): each prompt prefilled once and forked into
+  its group on thaw-rl's paged engine, over the same live model object.
+
+Per optimizer step (one generation per step: ``per_device_train_batch_size = prompts x
+num_generations``, no accumulation) we time the whole step (callback from step begin to step end,
+optimizer included) and the generation inside it (the ``_generate_single_turn`` call); training is the
+rest (rewards, the no-grad logprob pass TRL runs when it needs one, forward/backward, optimizer). The
+first ``--warmup`` steps are dropped; medians of the others are reported. The two samplers draw
+different samples, so completion lengths differ: the table shows them, and generation tok/s.
+
+Prompts are chat messages sharing a system prompt (as GRPO datasets usually do), the reward rewards
+short answers, and completions stop at eos unless ``--ignore-eos``.
+
+    python benchmarks/grpo_step.py --model smollm2 --threads 2 --out benchmarks/results/grpo_step_cpu.json
+    python benchmarks/grpo_step.py --model tiny --steps 2         # seconds, a smoke test
+
+On CPU run it with nothing else on the machine (see tree_savings.py). Table last; ``--out`` writes a
+JSON receipt (device, versions, git commit, command, per-step numbers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+SYSTEM = ("You are a careful assistant. Think about the question, then answer in one short sentence. "
+          "Do not repeat the question, and do not add anything after the answer.")
+QUESTIONS = ["What is 17 + 25?", "Name a prime number larger than 50.", "What is the capital of France?",
+             "How many legs does a spider have?", "What colour is the sky on a clear day?",
+             "What is 9 times 7?", "Spell the word 'tree' backwards.", "What is the boiling point of water in C?"]
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2", choices=["smollm2", "tiny"],
+                   help="smollm2: SmolLM2-135M-Instruct offline; tiny: thaw_rl.testing's tiny Qwen2")
+    p.add_argument("--trainers", default="trl,thaw", help="comma list of trl, thaw (run in this order)")
+    p.add_argument("--prompts", type=int, default=4, help="prompts per step")
+    p.add_argument("--num-generations", type=int, default=8)
+    p.add_argument("--max-completion-length", type=int, default=64)
+    p.add_argument("--steps", type=int, default=3, help="timed steps")
+    p.add_argument("--warmup", type=int, default=1, help="untimed first steps")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--ignore-eos", action="store_true", help="every completion max-completion-length long")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch threads on CPU")
+    p.add_argument("--out", type=Path, default=None, help="where to write the JSON receipt")
+    args = p.parse_args()
+    args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.trainers = [t.strip() for t in args.trainers.split(",") if t.strip()]
+    return args
+
+
+def load(args):
+    if args.model == "tiny":
+        from thaw_rl.testing import tiny_model_and_tokenizer
+
+        model, tokenizer = tiny_model_and_tokenizer("qwen2", seed=args.seed)
+        return model, tokenizer, "tiny qwen2 (random)"
+    from thaw_rl.offline_models import load_smollm2
+
+    model, tokenizer = load_smollm2(torch.float32, device=args.device)
+    return model, tokenizer, "SmolLM2-135M-Instruct"
+
+
+def reward_short(completions, **kwargs):
+    """Shorter answers score higher (any reward does: it only has to be cheap and deterministic)."""
+    texts = [c[0]["content"] if isinstance(c, list) else c for c in completions]
+    return [-len(t) / 100.0 for t in texts]
+
+
+class StepClock:
+    """Mixin timing ``_generate_single_turn`` and whole optimizer steps (via a callback)."""
+
+    ignore_eos = False
+
+    def _sampling_params(self, seed):  # ThawGRPOTrainer only
+        params = super()._sampling_params(seed)
+        return dataclasses.replace(params, ignore_eos=True, stop_token_ids=[]) if self.ignore_eos else params
+
+    def _generate_single_turn(self, *args, **kwargs):
+        sync()
+        start = time.perf_counter()
+        out = super()._generate_single_turn(*args, **kwargs)
+        sync()
+        self.clock["generation"][-1] += time.perf_counter() - start
+        self.clock["generated_tokens"][-1] += sum(len(c) for c in out[0])
+        return out
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def make_callback(trainer):
+    from transformers import TrainerCallback
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            sync()
+            trainer.clock["start"] = time.perf_counter()
+            for key in ("generation", "generated_tokens"):
+                trainer.clock[key].append(0)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            sync()
+            trainer.clock["step"].append(time.perf_counter() - trainer.clock["start"])
+
+    return Clock()
+
+
+def run(kind: str, args, out_dir: str) -> dict:
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    from thaw_rl.trainers import ThawGRPOConfig, ThawGRPOTrainer
+
+    model, tokenizer, model_name = load(args)
+    questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(args.prompts * (args.warmup + args.steps))]
+    dataset = Dataset.from_dict({"prompt": [[{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}]
+                                            for q in questions]})
+    fields = dict(
+        output_dir=f"{out_dir}/{kind}", use_cpu=args.device == "cpu", bf16=False, report_to="none",
+        per_device_train_batch_size=args.prompts * args.num_generations, num_generations=args.num_generations,
+        max_completion_length=args.max_completion_length, max_steps=args.warmup + args.steps, logging_steps=1,
+        save_strategy="no", gradient_checkpointing=False, learning_rate=1e-6, seed=args.seed,
+        temperature=args.temperature, shuffle_dataset=False,
+    )
+    if kind == "thaw":
+        config_cls, trainer_cls = ThawGRPOConfig, ThawGRPOTrainer
+    else:
+        config_cls, trainer_cls = GRPOConfig, GRPOTrainer
+    timed_cls = type(f"Timed{trainer_cls.__name__}", (StepClock, trainer_cls), {})
+    trainer = timed_cls(model=model, reward_funcs=reward_short, args=config_cls(**fields), train_dataset=dataset,
+                        processing_class=tokenizer)
+    if args.ignore_eos:  # TRL: generate without eos and cut at no token; thaw: SamplingParams.ignore_eos
+        trainer.eos_token_ids = [-1]
+        trainer.generation_config.eos_token_id = None
+        model.generation_config.eos_token_id = None
+        trainer.ignore_eos = True
+    trainer.clock = {"generation": [], "generated_tokens": [], "step": []}
+    trainer.add_callback(make_callback(trainer))
+    trainer.train()
+    timed = slice(args.warmup, None)
+    steps, gens = trainer.clock["step"][timed], trainer.clock["generation"][timed]
+    tokens = trainer.clock["generated_tokens"][timed]
+    history = [h for h in trainer.state.log_history if "completions/mean_length" in h][timed]
+    row = {
+        "trainer": kind, "model": model_name,
+        "step_seconds": statistics.median(steps), "generation_seconds": statistics.median(gens),
+        "training_seconds": statistics.median(s - g for s, g in zip(steps, gens)),
+        "generated_tokens": statistics.median(tokens),
+        "generation_tokens_per_second": statistics.median(t / g for t, g in zip(tokens, gens)),
+        "mean_completion_length": statistics.mean(h["completions/mean_length"] for h in history),
+        "per_step": {"step_seconds": steps, "generation_seconds": gens, "generated_tokens": tokens},
+    }
+    if kind == "thaw":
+        row["thaw"] = {k: statistics.mean(h[k] for h in history) for k in history[0] if k.startswith("thaw/")}
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    cols = [("trainer", "trainer", "{}"), ("step s", "step_seconds", "{:.2f}"),
+            ("generation s", "generation_seconds", "{:.2f}"), ("training s", "training_seconds", "{:.2f}"),
+            ("gen tokens", "generated_tokens", "{:,.0f}"), ("gen tok/s", "generation_tokens_per_second", "{:,.0f}")]
+    lines = [[c[0] for c in cols]] + [[fmt.format(r[key]) for _, key, fmt in cols] for r in rows]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(cols))]
+    text = ["  ".join(cell.rjust(w) for cell, w in zip(line, widths)) for line in lines]
+    out = text[:1] + ["-" * len(text[0])] + text[1:]
+    by = {r["trainer"]: r for r in rows}
+    if "trl" in by and "thaw" in by:
+        t, h = by["trl"], by["thaw"]
+        out.append(f"trl/thaw: step {t['step_seconds'] / h['step_seconds']:.2f}x, generation "
+                   f"{t['generation_seconds'] / h['generation_seconds']:.2f}x, generation tok/s "
+                   f"{h['generation_tokens_per_second'] / t['generation_tokens_per_second']:.2f}x")
+    return "\n".join(out)
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
+    except OSError:
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def receipt(args, rows: list[dict]) -> dict:
+    import transformers
+    import trl
+
+    on_cuda = args.device == "cuda"
+    return {
+        "benchmark": "grpo_step",
+        "device": torch.cuda.get_device_name() if on_cuda else (platform.processor() or platform.machine()),
+        "torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
+        "torch_threads": torch.get_num_threads(), "git_commit": git_commit(),
+        "command": " ".join([sys.executable, *sys.argv]), "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "results": rows,
+    }
+
+
+def main() -> None:
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = []
+    with tempfile.TemporaryDirectory() as out_dir:
+        for kind in args.trainers:
+            print(f"== {kind}: {args.prompts} prompts x {args.num_generations} generations, "
+                  f"{args.max_completion_length} new tokens, {args.warmup} + {args.steps} steps", flush=True)
+            rows.append(run(kind, args, out_dir))
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(receipt(args, rows), indent=2) + "\n")
+        print(f"wrote {args.out}")
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""Worker for test_trainers.py's 2-process run (not a test module: it defines no tests).
+
+    python -m torch.distributed.run --nproc_per_node 2 tests/test_trainers_distributed_worker.py OUT_DIR
+
+Each rank trains ThawGRPOTrainer for 2 steps on CPU (gloo) and writes ``OUT_DIR/rank{r}.json`` with its
+own rollouts' numbers (prompts, prompt tokens prefilled) and the trainer's log history, so the test can
+check that the logged ``thaw/...`` metrics are sums over both ranks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+
+class _Recorder:
+    """Mixin: keep this rank's rollout numbers per generation."""
+
+    def _generate_and_score_completions(self, inputs):
+        output = super()._generate_and_score_completions(inputs)
+        stats = self.last_rollout.stats
+        self.local_rollouts.append({
+            "prompts": [leaf.prompt_ids for leaf in self.last_rollout.leaves[:: self.num_generations]],
+            "prefill_tokens": stats.prefill_tokens,
+            "flat_prefill_tokens": stats.flat_prefill_tokens,
+            "completion_tokens": stats.completion_tokens,
+        })
+        return output
+
+
+def main(out_dir: str) -> None:
+    import torch
+    from datasets import Dataset
+
+    from thaw_rl.testing import tiny_model_and_tokenizer
+    from thaw_rl.trainers import ThawGRPOConfig, ThawGRPOTrainer
+
+    class RecordingTrainer(_Recorder, ThawGRPOTrainer):
+        local_rollouts: list
+
+    torch.set_num_threads(1)
+    model, tokenizer = tiny_model_and_tokenizer("qwen2")
+    dataset = Dataset.from_dict({"prompt": ["abc", "hello there", "xyz 12", "the cat sat", "one two", "q"]})
+
+    def reward_chars(completions, **kwargs):
+        return [float(sum(map(ord, c)) % 7) for c in completions]
+
+    args = ThawGRPOConfig(
+        output_dir=os.path.join(out_dir, "trainer"), use_cpu=True, bf16=False, report_to="none",
+        per_device_train_batch_size=4, num_generations=4, max_completion_length=8, max_steps=2, logging_steps=1,
+        save_strategy="no", gradient_checkpointing=False, learning_rate=1e-2, kv_cache_memory=8 * 2**20, seed=3,
+    )
+    trainer = RecordingTrainer(model=model, reward_funcs=reward_chars, args=args, train_dataset=dataset,
+                               processing_class=tokenizer)
+    trainer.local_rollouts = []
+    trainer.train()
+    rank = trainer.accelerator.process_index
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump({"rank": rank, "world_size": trainer.accelerator.num_processes,
+                   "rollouts": trainer.local_rollouts, "log_history": trainer.state.log_history}, f)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

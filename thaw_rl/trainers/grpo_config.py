@@ -1,0 +1,211 @@
+"""``ThawGRPOConfig``: TRL 1.16's ``GRPOConfig`` plus the rollout engine, the tree shape and tree credit.
+
+Every TRL field keeps its meaning. The fields added here say how ``ThawGRPOTrainer`` generates (its own
+paged-KV engine over the live policy, ``thaw_rl.engine``), which tree it samples per prompt
+(``thaw_rl.rollout.TreeSpec``), whether tokens get per-node advantages from that tree, and whether the
+engine's sampling logprobs feed TRL's importance-sampling correction.
+
+``__post_init__`` rejects what cannot work, naming the fields, their values and the fix: a tree whose
+leaves per prompt differ from ``num_generations``, a tree that does not fit ``max_completion_length``,
+and a batch layout under which a GRPO group would be split across ranks (the trainer forks each
+prompt's group from one prefill, so a group must live on one rank).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from trl import GRPOConfig
+
+from thaw_rl.engine.sampling import SamplingParams
+from thaw_rl.rollout.tree_spec import KINDS, TreeSpec
+
+ROLLOUT_BACKENDS = ("native", "vllm")
+
+
+@dataclass
+class ThawGRPOConfig(GRPOConfig):
+    """Configuration of ``ThawGRPOTrainer``: every ``GRPOConfig`` field plus the ones below."""
+
+    rollout_backend: str = field(
+        default="native",
+        metadata={"help": "Generation backend: 'native' (thaw-rl's paged-KV engine running the live policy "
+                          "weights, no copy). 'vllm' is reserved and not available yet."})
+    tree_spec: str = field(
+        default="grpo",
+        metadata={"help": f"Rollout tree per prompt, one of {KINDS}. 'grpo': the prompt is prefilled once and "
+                          "forked into num_generations samples (same groups as GRPOTrainer). 'segments': fork "
+                          "tree_branching[i] children every tree_segment_tokens tokens (TreePO). 'entropy': fork "
+                          "at tokens whose entropy exceeds entropy_threshold (TreeRL's EPTree). 'best_of_n': "
+                          "sampled like 'grpo' (ThawBestOfNTrainer keeps the best)."})
+    tree_branching: list[int] | None = field(
+        default=None,
+        metadata={"help": "Children per fork, level by level, for tree_spec='segments' (e.g. [2, 2] gives 4 "
+                          "leaves per prompt); the product must equal num_generations."})
+    tree_segment_tokens: int | None = field(
+        default=None,
+        metadata={"help": "Tokens each level decodes before it forks (segments), or tokens per decode round "
+                          "(entropy; None: the whole max_completion_length in one round)."})
+    tree_fill: bool = field(
+        default=True,
+        metadata={"help": "segments: make up leaves lost to early stops by forking extra children at the last "
+                          "level (TreeSpec fill). Whatever this says, a prompt still short of num_generations "
+                          "leaves (an early stop before the last fork, an entropy tree with few uncertain tokens) "
+                          "gets independent samples forked from its prompt, because TRL needs whole groups."})
+    entropy_threshold: float | None = field(
+        default=None,
+        metadata={"help": "tree_spec='entropy': fork at sampled tokens whose entropy (nats) is above this."})
+    entropy_initial: int = field(
+        default=1, metadata={"help": "tree_spec='entropy': chains forked from the prompt before any branching."})
+    entropy_branch: int = field(
+        default=2, metadata={"help": "tree_spec='entropy': new children per fork point (the original path goes on)."})
+    tree_credit: bool | None = field(
+        default=None,
+        metadata={"help": "Per-token advantages from the tree (TreeRL: a token of node n gets "
+                          "(V(n) - V(root)) + (V(n) - V(parent(n))), V = mean reward of the leaves below), scaled "
+                          "like TRL's scale_rewards. None: on for 'segments' and 'entropy' trees, off for 'grpo' "
+                          "and 'best_of_n' (TRL's own group advantages)."})
+    tree_credit_leaf_scaling: bool = field(
+        default=False,
+        metadata={"help": "Divide a node's advantage by sqrt(number of leaves below it) (TreeRL's reweighting of "
+                          "nodes that appear in many sequences)."})
+    kv_block_size: int = field(
+        default=16, metadata={"help": "Tokens per KV block of the engine's paged cache (a power of two)."})
+    kv_cache_memory: float | None = field(
+        default=None,
+        metadata={"help": "Engine KV pool size: bytes when >= 1, a fraction of free GPU memory when in (0, 1). "
+                          "None: the engine default (0.5 of free GPU memory, 512 MiB on CPU)."})
+    release_kv_cache: bool = field(
+        default=True,
+        metadata={"help": "Drop the engine (its KV pool and CUDA graphs) after each generation so training gets "
+                          "the memory back. False keeps it for the next generation (faster; its prefix cache is "
+                          "reset every generation because the weights changed): give a small kv_cache_memory."})
+    engine_cuda_graphs: bool | None = field(
+        default=None,
+        metadata={"help": "Replay decode steps as CUDA graphs. None: on CUDA unless ZeRO-3/FSDP gathers fresh "
+                          "parameter storage each generation (then graphs would read stale weights)."})
+    native_importance_sampling_correction: bool = field(
+        default=False,
+        metadata={"help": "Route the engine's sampling logprobs into TRL's importance-sampling correction (the "
+                          "path TRL enables only for vLLM), with TRL's vllm_importance_sampling_mode / _clip_min / "
+                          "_clip_max. Costs one extra no-grad forward per generation batch."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._check_backend()
+        if self.kv_block_size < 1 or self.kv_block_size & (self.kv_block_size - 1):
+            raise ValueError(f"kv_block_size={self.kv_block_size} must be a power of two (e.g. 16).")
+        if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
+            raise ValueError(
+                f"kv_cache_memory={self.kv_cache_memory}: give bytes (>= 1), a fraction in (0, 1) of free GPU "
+                f"memory, or None for the engine default.")
+        spec = self.build_tree_spec(self.num_generations)
+        self._check_tree(spec)
+        self._check_groups_stay_on_one_rank()
+
+    # -- checks ---------------------------------------------------------------------------------------
+    def _check_backend(self) -> None:
+        if self.rollout_backend not in ROLLOUT_BACKENDS:
+            raise ValueError(f"rollout_backend={self.rollout_backend!r}: use 'native'.")
+        if self.rollout_backend == "vllm":
+            raise ValueError(
+                "rollout_backend='vllm': the vLLM backend of thaw-rl is not available yet. Use "
+                "rollout_backend='native' (thaw-rl's engine on the live weights), or TRL's GRPOTrainer with "
+                "use_vllm=True.")
+        if self.use_vllm:
+            raise ValueError(
+                "use_vllm=True: ThawGRPOTrainer generates with its own engine (rollout_backend="
+                f"{self.rollout_backend!r}). Set use_vllm=False, or use TRL's GRPOTrainer for vLLM generation.")
+        if self.use_transformers_continuous_batching:
+            raise ValueError(
+                "use_transformers_continuous_batching=True: ThawGRPOTrainer generates with its own engine. Set "
+                "use_transformers_continuous_batching=False (and use_transformers_paged=False).")
+
+    def _check_tree(self, spec: TreeSpec) -> None:
+        if spec.leaves_per_prompt != self.num_generations:
+            if self.tree_spec == "segments":
+                fix = (f"choose tree_branching whose product is {self.num_generations}, or set num_generations="
+                       f"{spec.leaves_per_prompt}")
+            else:
+                fix = f"set num_generations={spec.leaves_per_prompt}"
+            raise ValueError(
+                f"tree_spec={self.tree_spec!r} with tree_branching={self.tree_branching} gives "
+                f"{spec.leaves_per_prompt} leaves per prompt but num_generations={self.num_generations}: every "
+                f"prompt's group must have exactly num_generations completions; {fix}.")
+        try:
+            spec.check_params(SamplingParams(max_tokens=self.max_completion_length))
+        except ValueError as err:
+            raise ValueError(
+                f"tree_segment_tokens={self.tree_segment_tokens} with tree_branching={self.tree_branching} does "
+                f"not fit max_completion_length={self.max_completion_length}: {err}") from None
+        if self.tree_credit_enabled and self.tree_spec == "best_of_n":
+            raise ValueError("tree_credit=True with tree_spec='best_of_n': best-of-n trees have no inner nodes; "
+                             "set tree_credit=None or False.")
+
+    def _check_groups_stay_on_one_rank(self) -> None:
+        """Each rank's generation batch must hold whole groups: TRL shards it in consecutive slices."""
+        g = self.num_generations
+        rows = self.per_device_train_batch_size * self.steps_per_generation
+        if rows % g:
+            step = g // math.gcd(g, self.steps_per_generation)
+            better = -(-self.per_device_train_batch_size // step) * step
+            raise ValueError(
+                f"per_device_train_batch_size * steps_per_generation = {self.per_device_train_batch_size} * "
+                f"{self.steps_per_generation} = {rows} rows per rank per generation is not a multiple of "
+                f"num_generations={g}, so a prompt's group would be split across ranks or generation batches and "
+                f"could not be forked from one prefill. Set per_device_train_batch_size={better}, or choose "
+                f"steps_per_generation (defaults to gradient_accumulation_steps) or num_generations so that "
+                f"the product is a multiple of num_generations.")
+        if self.do_eval and self.eval_strategy != "no":
+            g_eval = self.num_generations_eval or g
+            if self.per_device_eval_batch_size % g_eval:
+                raise ValueError(
+                    f"per_device_eval_batch_size={self.per_device_eval_batch_size} is not a multiple of the eval "
+                    f"group size num_generations_eval={g_eval}: an eval group would be split across ranks. Set "
+                    f"per_device_eval_batch_size to a multiple of {g_eval}.")
+
+    # -- derived ----------------------------------------------------------------------------------------
+    @property
+    def tree_credit_enabled(self) -> bool:
+        """Whether per-token tree advantages replace TRL's group advantages."""
+        if self.tree_credit is None:
+            return self.tree_spec in ("segments", "entropy")
+        return bool(self.tree_credit)
+
+    def build_tree_spec(self, num_generations: int) -> TreeSpec:
+        """The ``TreeSpec`` these fields describe, for groups of ``num_generations`` leaves."""
+        kind = self.tree_spec
+        if kind not in KINDS:
+            raise ValueError(f"tree_spec={kind!r}: use one of {KINDS}.")
+        try:
+            if kind == "grpo":
+                return TreeSpec.grpo(num_generations)
+            if kind == "best_of_n":
+                return TreeSpec.best_of_n(num_generations)
+            if kind == "segments":
+                if not self.tree_branching:
+                    raise ValueError(
+                        f"tree_spec='segments' needs tree_branching (children per level) whose product is "
+                        f"num_generations={num_generations}, e.g. tree_branching=[2, {max(num_generations // 2, 1)}], "
+                        f"and tree_segment_tokens.")
+                return TreeSpec.segments(list(self.tree_branching), self.tree_segment_tokens, fill=self.tree_fill)
+            if self.entropy_threshold is None:
+                raise ValueError("tree_spec='entropy' needs entropy_threshold (nats), e.g. entropy_threshold=1.0.")
+            return TreeSpec.entropy(max_leaves=num_generations, threshold=self.entropy_threshold,
+                                    initial=self.entropy_initial, branch=self.entropy_branch,
+                                    segment_tokens=self.tree_segment_tokens)
+        except ValueError as err:
+            if str(err).startswith("tree_spec="):
+                raise
+            raise ValueError(
+                f"tree_spec={kind!r} (tree_branching={self.tree_branching}, tree_segment_tokens="
+                f"{self.tree_segment_tokens}, entropy_threshold={self.entropy_threshold}): {err}") from None
+
+    @property
+    def engine_kv_cache_memory(self) -> int | float | None:
+        """``kv_cache_memory`` as the engine takes it: int bytes, float fraction, or None."""
+        m = self.kv_cache_memory
+        if m is None:
+            return None
+        return int(m) if m >= 1 else float(m)

@@ -1,0 +1,284 @@
+"""``ThawGRPOTrainer``: TRL 1.16's GRPOTrainer whose rollouts come from thaw-rl's tree sampler.
+
+Generation is the one seam: ``GRPOTrainer._generate_single_turn(prompt_ids, images, multimodal_fields,
+num_generations, has_tool_images=False) -> (completion_ids, logprobs)``. TRL hands it the rank's rows
+with each prompt already repeated ``num_generations`` times in consecutive copies; we take the unique
+prompts, prefill each once on a paged-KV engine that runs the live policy module (no weight copy), fork
+the prompt's KV into its group (or a deeper tree), and return the leaves in the rows' order. Reward
+computation, advantages, the loss, logging, checkpointing and distributed data handling are TRL's.
+
+Three thin wrappers (each calls TRL's method and adds to it, none copies it):
+
+- ``_calculate_rewards`` keeps the gathered rewards, which tree credit needs per leaf.
+- ``_generate_and_score_completions`` replaces the ``(B,)`` group advantages with ``(B, T)`` per-token
+  tree advantages when tree credit is on (TRL's ``_compute_loss`` accepts both shapes), and logs the
+  ``thaw/...`` rollout metrics gathered over ranks.
+- ``_compute_loss`` (and the generation wrapper) switch TRL's importance-sampling correction on when
+  ``native_importance_sampling_correction`` is set. TRL applies it only under ``use_vllm and
+  vllm_importance_sampling_correction``; for the duration of those two calls we raise ``use_vllm``,
+  which with generation going through our seam, no ``rollout_func`` and ``vllm_mode`` renamed reaches
+  exactly TRL's importance-sampling branches (a test pins those lines to TRL 1.16).
+
+Engine lifetime: the engine is built lazily at the first generation over ``accelerator.unwrap_model``'s
+module, under the same ``unwrap_model_for_generation`` / ``summon_full_params`` contexts TRL's
+``model.generate`` path uses (ZeRO-3 and FSDP gather the parameters there). With ``release_kv_cache``
+(default) it is dropped after each generation so its KV pool goes back to the allocator for training;
+otherwise it is kept and its prefix cache is reset at every generation (the weights changed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+from typing import Any
+
+import torch
+from trl import GRPOTrainer
+from trl.extras.profiling import profiling_context
+from trl.models import unwrap_model_for_generation
+from trl.trainer.utils import nanstd
+
+from thaw_rl.backends.native import NativeBackend
+from thaw_rl.engine.engine import SUPPORTED_MODEL_TYPES
+from thaw_rl.engine.sampling import SamplingParams, derive_seed
+from thaw_rl.rollout import RolloutBatch, RolloutStats, TreeSampler, TreeSpec
+from thaw_rl.trainers.grpo_config import ThawGRPOConfig
+from thaw_rl.trainers.group_fill import add_stats, complete_groups
+from thaw_rl.trainers.rollout_metrics import local_vector, reduce_rollout_metrics
+from thaw_rl.trainers.tree_advantages import tree_advantages
+
+logger = logging.getLogger(__name__)
+
+# generation_kwargs keys the engine honours (or that do not change what is sampled)
+_ENGINE_GENERATION_KEYS = {"max_new_tokens", "do_sample", "temperature", "top_p", "top_k", "min_p",
+                           "repetition_penalty", "pad_token_id", "bos_token_id", "eos_token_id",
+                           "cache_implementation"}
+
+
+class ThawGRPOTrainer(GRPOTrainer):
+    """GRPOTrainer generating through ``TreeSampler`` on thaw-rl's engine.
+
+    Overrides one generation seam, ``_generate_single_turn`` (see the module docstring for the three
+    wrappers around it). Same constructor as ``GRPOTrainer``; ``args`` must be a ``ThawGRPOConfig``.
+    With the default ``tree_spec="grpo"`` it samples the same groups a flat sampler would, computing
+    each prompt once. After each generation, ``last_rollout`` holds the ``RolloutBatch`` (the tree,
+    the sampling logprobs, the savings).
+    """
+
+    _tag_names = ["trl", "grpo", "thaw-rl"]
+
+    def __init__(self, model, reward_funcs=None, args: ThawGRPOConfig | None = None, *rest, **kwargs) -> None:
+        if args is None:
+            name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "model")
+            args = ThawGRPOConfig(f"{str(name).split('/')[-1] or 'model'}-ThawGRPO")
+        if not isinstance(args, ThawGRPOConfig):
+            raise ValueError(f"{type(self).__name__} needs a ThawGRPOConfig, got {type(args).__name__}: build "
+                             f"ThawGRPOConfig(**fields) with the same fields (it adds the rollout fields).")
+        bound = inspect.signature(GRPOTrainer.__init__).bind(self, model, reward_funcs, args, *rest, **kwargs)
+        self._check_arguments(args, bound.arguments)
+        super().__init__(model, reward_funcs, args, *rest, **kwargs)
+        self._check_model(self.accelerator.unwrap_model(self.model))
+        unknown = set(self.generation_kwargs) - _ENGINE_GENERATION_KEYS
+        if unknown:
+            logger.warning("generation_kwargs %s are ignored by thaw-rl's engine (it honours %s).",
+                           sorted(unknown), sorted(_ENGINE_GENERATION_KEYS))
+        # TRL's tool loop reads vLLM's engine when use_vllm and vllm_mode == "colocate": never true here.
+        self.vllm_mode = "thaw-native"
+        self.vllm_importance_sampling_correction = args.native_importance_sampling_correction
+        self.tree_spec = args.build_tree_spec(self.num_generations)
+        self.last_rollout: RolloutBatch | None = None
+        self._backend: NativeBackend | None = None
+        self._pending_stats: list[tuple[RolloutStats, int]] = []
+        self._rewards_per_func: torch.Tensor | None = None
+        self._seed_step, self._seed_calls = -1, 0
+
+    # -- checks ---------------------------------------------------------------------------------------
+    @staticmethod
+    def _check_arguments(args: ThawGRPOConfig, arguments: dict[str, Any]) -> None:
+        if arguments.get("rollout_func") is not None:
+            raise ValueError("rollout_func replaces TRL's generation, so ThawGRPOTrainer's engine would never run. "
+                             "Drop rollout_func, or use GRPOTrainer with it.")
+        if (arguments.get("tools") or arguments.get("environment_factory")) and args.tree_credit_enabled:
+            raise ValueError(
+                f"tree_credit with tools/environment_factory: tool calls extend completions after the tree was "
+                f"sampled, so its spans no longer match. Set tree_credit=False or tree_spec='grpo' (got "
+                f"tree_spec={args.tree_spec!r}).")
+
+    def _check_model(self, model: torch.nn.Module) -> None:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(
+                f"ThawGRPOTrainer's engine does not run model_type {model_type!r} (it runs "
+                f"{', '.join(SUPPORTED_MODEL_TYPES)}). Use GRPOTrainer for this model.")
+        if self._dist.is_zero3 and not self.args.ds3_gather_for_generation:
+            raise ValueError("ds3_gather_for_generation=False under ZeRO-3: the engine needs the full weights for a "
+                             "generation. Set ds3_gather_for_generation=True.")
+
+    # -- the generation seam ----------------------------------------------------------------------------
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        """Rows (each prompt ``num_generations`` consecutive times) -> (completion_ids, sampling logprobs)."""
+        if (images is not None and any(img for img in images)) or multimodal_fields or has_tool_images:
+            raise ValueError("ThawGRPOTrainer generates text only; use GRPOTrainer for vision-language prompts.")
+        prompts = unique_prompts(prompt_ids, num_generations)
+        spec = self.tree_spec if self.tree_spec.leaves_per_prompt == num_generations else TreeSpec.grpo(num_generations)
+        params = self._sampling_params(self._rollout_seed())
+        with profiling_context(self, "thaw.rollout"), self._generation_model() as model:
+            backend = self._backend_for(model)
+            batch = TreeSampler(backend, spec).rollout(prompts, params)
+            filled = 0
+            if len(batch.leaves) < num_generations * len(prompts):
+                batch, filled = complete_groups(backend, batch, num_generations, params)
+            if self.args.release_kv_cache:
+                self._backend = None
+        if len(batch.leaves) != len(prompt_ids):
+            raise RuntimeError(f"rollout returned {len(batch.leaves)} leaves for {len(prompt_ids)} rows")
+        self.last_rollout = batch
+        self._pending_stats.append((batch.stats, filled))
+        return batch.completion_ids, batch.logprobs
+
+    @contextlib.contextmanager
+    def _generation_model(self):
+        """The unwrapped policy with full parameters, no grad, no gradient checkpointing (as TRL's generate path)."""
+        with (
+            unwrap_model_for_generation(
+                self.model_wrapped,
+                self.accelerator,
+                gather_deepspeed3_params=self.args.ds3_gather_for_generation,
+                gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
+            ) as unwrapped_model,
+            torch.no_grad(),
+            self._dist.summon_full_params(self.model_wrapped, recurse=False),
+        ):
+            yield unwrapped_model
+
+    def _backend_for(self, model: torch.nn.Module) -> NativeBackend:
+        if self._backend is not None and self._backend.model is model:
+            self._backend.reset_prefix_cache()  # cached KV was computed with the previous weights
+            return self._backend
+        graphs = self.args.engine_cuda_graphs
+        if graphs is None and (self._dist.is_zero3 or self._dist.is_fsdp):
+            graphs = False  # parameters are gathered into fresh storage each generation: graphs would go stale
+        self._backend = NativeBackend(model, self._tokenizer, block_size=self.args.kv_block_size,
+                                      kv_cache_memory=self.args.engine_kv_cache_memory, use_cuda_graphs=graphs,
+                                      seed=self.args.seed)
+        return self._backend
+
+    def _sampling_params(self, seed: int) -> SamplingParams:
+        """TRL's sampling settings (``generation_kwargs`` included) as the engine's ``SamplingParams``."""
+        gk = self.generation_kwargs
+        greedy = gk.get("do_sample", True) is False
+        return SamplingParams(
+            temperature=0.0 if greedy else float(gk.get("temperature", self.temperature)),
+            top_p=float(gk.get("top_p") or 1.0),
+            top_k=int(gk.get("top_k") or 0),
+            min_p=float(gk.get("min_p") or 0.0),
+            repetition_penalty=float(gk.get("repetition_penalty") or 1.0),
+            max_tokens=int(gk.get("max_new_tokens") or self.max_completion_length),
+            stop_token_ids=[int(t) for t in self.eos_token_ids],
+            seed=seed,
+        )
+
+    def _rollout_seed(self) -> int:
+        """A function of (args.seed, global step, call within the step, rank): reruns reproduce, resumes too."""
+        step = self.state.global_step
+        if step != self._seed_step:
+            self._seed_step, self._seed_calls = step, 0
+        self._seed_calls += 1
+        seed = derive_seed(derive_seed(self.args.seed, step), self._seed_calls)
+        return derive_seed(seed, self.accelerator.process_index)
+
+    # -- wrappers ---------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _importance_sampling_switch(self):
+        """Raise ``use_vllm`` so TRL's importance-sampling branches run on our logprobs (see module doc)."""
+        if not self.args.native_importance_sampling_correction:
+            yield
+            return
+        self.use_vllm = True
+        try:
+            yield
+        finally:
+            self.use_vllm = False
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        self._rewards_per_func = rewards_per_func  # (N over all ranks, num_reward_funcs)
+        return rewards_per_func
+
+    def _generate_and_score_completions(self, inputs):
+        self._pending_stats, self._rewards_per_func = [], None
+        with self._importance_sampling_switch():
+            output = super()._generate_and_score_completions(inputs)
+        if self.args.tree_credit_enabled:
+            output["advantages"] = self._tree_credit(output)
+        self._log_rollout_metrics(output)
+        return output
+
+    def _compute_loss(self, model, inputs):
+        with self._importance_sampling_switch():
+            return super()._compute_loss(model, inputs)
+
+    # -- tree credit ------------------------------------------------------------------------------------
+    def _local_rewards(self, num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(this rank's rewards (B,), every rank's rewards (N,)), weighted and summed over reward functions."""
+        rpf = self._rewards_per_func
+        if rpf is None:
+            raise RuntimeError("no rewards were computed for this generation batch (TRL's _calculate_rewards moved?)")
+        rewards = (rpf * self.reward_weights.to(rpf.device)[None, :]).nansum(dim=1)  # (N,)
+        rewards[torch.isnan(rpf).all(dim=1)] = torch.nan
+        start = self.accelerator.process_index * num_rows
+        return rewards[start:start + num_rows], rewards
+
+    def _tree_credit(self, output: dict[str, Any]) -> torch.Tensor:
+        """Per-token advantages (B, T) from ``last_rollout`` and this batch's rewards, scaled as scale_rewards says."""
+        batch = self.last_rollout
+        completion_ids = output["completion_ids"]  # (B, T)
+        local, everyone = self._local_rewards(completion_ids.size(0))
+        if batch is None or len(batch.leaves) != completion_ids.size(0):
+            raise RuntimeError("tree credit needs the rollout of this batch's rows (tools or rollout_func in use?)")
+        advantages = tree_advantages(batch, local.tolist(), self.args.tree_credit_leaf_scaling,
+                                     num_columns=completion_ids.size(1))  # (B, T)
+        if self.scale_rewards == "group":
+            groups = local.view(-1, self.num_generations if self.model.training else self.num_generations_eval)
+            std = nanstd(groups.cpu().float(), dim=1).nan_to_num(0.0)  # (P,)
+            advantages = advantages / (std.repeat_interleave(groups.size(1))[:, None] + 1e-4)
+        elif self.scale_rewards == "batch":
+            advantages = advantages / (float(nanstd(everyone.cpu().float()).nan_to_num(0.0)) + 1e-4)
+        return advantages.to(completion_ids.device)
+
+    # -- metrics ----------------------------------------------------------------------------------------
+    def _log_rollout_metrics(self, output: dict[str, Any]) -> None:
+        """``thaw/...`` keys into ``self._metrics[mode]`` (one gather per generation, on every rank)."""
+        mode = "train" if self.model.training else "eval"
+        stats, filled = None, 0
+        for s, f in self._pending_stats:
+            stats = s if stats is None else add_stats(stats, s)
+            filled += f
+        diff = None
+        old, sampled = output.get("old_per_token_logps"), output.get("sampling_per_token_logps")
+        if old is not None and sampled is not None:
+            mask = output["completion_mask"].bool()
+            if "tool_mask" in output:
+                mask &= output["tool_mask"].bool()
+            gap = (old - sampled).abs()[mask]
+            diff = gap[~torch.isnan(gap)]
+        vector = local_vector(stats, filled, diff, self.accelerator.device)
+        for key, value in reduce_rollout_metrics(self.accelerator.gather(vector)).items():
+            self._metrics[mode][key].append(value)
+
+
+def unique_prompts(prompt_ids: list[list[int]], group_size: int) -> list[list[int]]:
+    """The prompt of each run of ``group_size`` consecutive identical rows (TRL's RepeatSampler layout)."""
+    if group_size < 1 or len(prompt_ids) % group_size:
+        raise RuntimeError(f"{len(prompt_ids)} rows do not split into groups of {group_size}: check "
+                           f"per_device_train_batch_size * steps_per_generation against num_generations")
+    out = []
+    for start in range(0, len(prompt_ids), group_size):
+        group = [list(p) for p in prompt_ids[start:start + group_size]]
+        if any(p != group[0] for p in group[1:]):
+            raise RuntimeError(
+                f"rows {start}..{start + group_size - 1} are not {group_size} copies of one prompt: the trainer "
+                f"expects TRL's RepeatSampler layout (each prompt num_generations times, consecutively)")
+        out.append(group[0])
+    return out
