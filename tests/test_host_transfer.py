@@ -119,3 +119,17 @@ def test_bad_ids_are_reported_before_anything_is_queued():
     with pytest.raises(ValueError, match="supported KV dtypes"):  # raised after the buffer was taken
         transfer.snapshot_async(cache.kv.double(), [1])
     assert transfer.pool.num_lent == 0  # rejected snapshots gave their buffers back
+
+
+def test_pool_picks_the_smallest_fitting_buffer_among_several_sizes():
+    """Regression: with idle buffers of different sizes, acquire must not compare tensors with ==."""
+    from thaw_rl_kernels.host_transfer import PinnedBufferPool
+
+    pool = PinnedBufferPool(pin=False, granularity=1024)
+    small, big = pool.acquire(3000), pool.acquire(5000)  # 3 KiB and 5 KiB buffers
+    small_ptr = small.untyped_storage().data_ptr()
+    pool.release(big)
+    pool.release(small)
+    again = pool.acquire(2500)  # both idle buffers fit (3 KiB <= 5 KiB <= 6 KiB); the smaller is chosen
+    assert again.untyped_storage().data_ptr() == small_ptr
+    assert pool.num_free == 1

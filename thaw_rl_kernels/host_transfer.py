@@ -44,10 +44,10 @@ class PinnedBufferPool:
             raise ValueError(f"num_bytes must be >= 0; got {num_bytes}.")
         size = max(self.granularity, -(-num_bytes // self.granularity) * self.granularity)
         with self._lock:
-            fits = [b for b in self._free if size <= b.numel() <= 2 * size]
+            fits = [i for i, b in enumerate(self._free) if size <= b.numel() <= 2 * size]
             if fits:
-                buffer = min(fits, key=torch.Tensor.numel)
-                self._free.remove(buffer)
+                # by index: list.remove would compare tensors elementwise (== is not identity)
+                buffer = self._free.pop(min(fits, key=lambda i: self._free[i].numel()))
             else:
                 buffer = torch.empty(size, dtype=torch.uint8, pin_memory=self.pin)  # (size,)
             self._lent[buffer.untyped_storage().data_ptr()] = buffer
