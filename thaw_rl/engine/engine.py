@@ -97,7 +97,7 @@ class ThawEngine:
         kv_cache_memory: int | float | None = None,
         max_num_batched_tokens: int | None = None,
         max_num_seqs: int = 256,
-        layout: str = "block_major",
+        layout: str = "layer_major",
         use_cuda_graphs: bool | None = None,
         compile_layers: bool = False,
         seed: int | None = None,
