@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 
@@ -26,6 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from receipt_utils import git_commit  # noqa: E402
 from thaw_rl import SamplingParams, ThawEngine  # noqa: E402
 
 CONFIGS = {  # real shapes, random weights (no hub on the benchmark machines)
@@ -210,16 +210,10 @@ def main():
         decode[b] = row
         print("decode batch", b, row, flush=True)
 
-    def commit():
-        try:
-            return subprocess.check_output(["git", "rev-parse", "HEAD"], text=True, stderr=subprocess.DEVNULL).strip()
-        except Exception:
-            return None
-
     import transformers
 
     receipt = dict(
-        benchmark="engine_throughput", command=" ".join(sys.argv), commit=commit(),
+        benchmark="engine_throughput", command=" ".join(sys.argv), commit=git_commit(),
         device=torch.cuda.get_device_name(0) if device.type == "cuda" else platform.processor() or "cpu",
         torch=torch.__version__, transformers=transformers.__version__, threads=torch.get_num_threads(),
         model=args.model, dtype=str(dtype), prompts=args.prompts, group=args.group, prompt_len=args.prompt_len,

@@ -31,7 +31,6 @@ import os
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -41,6 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 from thaw_rl import SamplingParams  # noqa: E402
 from thaw_rl.pool import ForkPool  # noqa: E402
+from receipt_utils import git_commit  # noqa: E402
 
 LLAMA3_8B = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
                  intermediate_size=14336, vocab_size=128256, max_position_embeddings=8192, rms_norm_eps=1e-5,
@@ -187,14 +187,6 @@ def table(rows: list[dict]) -> str:
     widths = [max(len(line[i]) for line in lines) for i in range(len(cols))]
     text = ["  ".join(cell.rjust(w) for cell, w in zip(line, widths)) for line in lines]
     return "\n".join(text[:1] + ["-" * len(text[0])] + text[1:] + ["(medians over rounds; ms = milliseconds)"])
-
-
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
-    except OSError:
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
 
 
 def receipt(args, model_name: str, rows: list[dict], shm_free: int | None) -> dict:

@@ -31,13 +31,13 @@ import dataclasses
 import json
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from receipt_utils import git_commit  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
@@ -193,14 +193,6 @@ def table(rows: list[dict]) -> str:
                    f"{t['generation_seconds'] / h['generation_seconds']:.2f}x, generation tok/s "
                    f"{h['generation_tokens_per_second'] / t['generation_tokens_per_second']:.2f}x")
     return "\n".join(out)
-
-
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
-    except OSError:
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
 
 
 def receipt(args, rows: list[dict]) -> dict:

@@ -25,7 +25,6 @@ import argparse
 import json
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -36,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from thaw_rl.engine.kv_cache import KVCacheSpec, PagedKVCache  # noqa: E402
 from thaw_rl_kernels import KVTransfer  # noqa: E402
 from thaw_rl_kernels import block_copy as bc  # noqa: E402
+from receipt_utils import git_commit  # noqa: E402
 
 MODELS = {  # name: (num_layers, num_kv_heads, head_dim)
     "llama-3-8b": (32, 8, 128),
@@ -271,14 +271,6 @@ def table(rows: list[dict]) -> str:
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     text = ["  ".join(cell.rjust(w) for cell, w in zip(line, widths)) for line in lines]
     return "\n".join(text[:1] + ["-" * len(text[0])] + text[1:]) + "\n(GB/s unless 'us'; d2d counts read + write bytes)"
-
-
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
-    except OSError:
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
 
 
 def receipt(rows: list[dict], args, device: str) -> dict:

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from receipt_utils import git_commit  # noqa: E402
 
 QWEN25_1_5B = dict(num_heads=12, num_kv_heads=2, head_dim=128, block_size=16, num_layers=28)
 SMOKE_SHAPE = dict(num_heads=4, num_kv_heads=2, head_dim=64, block_size=16, num_layers=2)
@@ -235,7 +236,7 @@ def environment(cuda: bool) -> dict:
         torch=torch.__version__,
         cuda=torch.version.cuda,
         python=platform.python_version(),
-        commit=git("rev-parse", "HEAD"),
+        commit=git_commit(),
         dirty=bool(git("status", "--porcelain", "--", "thaw_rl_kernels", "benchmarks")),
         command=" ".join([Path(sys.executable).name, *sys.argv]),
         time=time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -33,7 +33,6 @@ import json
 import math
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -43,6 +42,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 from thaw_rl import NativeBackend, SamplingParams, TreeSampler, TreeSpec  # noqa: E402
 from thaw_rl.engine.sampling import derive_seed  # noqa: E402
+from receipt_utils import git_commit  # noqa: E402
 
 CONFIGS = {  # random-weight models of real shapes
     "qwen2.5-1.5b": dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
@@ -174,14 +174,6 @@ def table(rows: list[dict]) -> str:
     ratio = (f"flat/tree: computed tokens {flat['computed_tokens'] / tree['computed_tokens']:.2f}x, "
              f"wall {flat['wall_seconds'] / tree['wall_seconds']:.2f}x")
     return "\n".join(text[:1] + ["-" * len(text[0])] + text[1:] + [ratio])
-
-
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
-    except OSError:
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
 
 
 def receipt(args, model_name: str, backend: NativeBackend, rows: list[dict]) -> dict:
