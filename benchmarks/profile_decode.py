@@ -19,7 +19,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from benchmarks.engine_throughput import load_model  # noqa: E402
+sys.path.insert(0, os.path.dirname(__file__))
+from engine_throughput import load_model  # noqa: E402
 from thaw_rl import SamplingParams, ThawEngine  # noqa: E402
 from thaw_rl.engine import engine as engine_mod  # noqa: E402
 
@@ -42,9 +43,10 @@ def main():
     ap.add_argument("--batches", default="1,128")
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--compile-layers", action="store_true")
     args = ap.parse_args()
     model, tok = load_model(args.model, torch.bfloat16, "cuda")
-    engine = ThawEngine(model, tok, kv_cache_memory=0.4)
+    engine = ThawEngine(model, tok, kv_cache_memory=0.4, compile_layers=args.compile_layers)
     vocab = model.config.vocab_size
     for b in [int(x) for x in args.batches.split(",")]:
         g = torch.Generator().manual_seed(b)
