@@ -50,7 +50,7 @@ QUESTIONS = ["What is 17 + 25?", "Name a prime number larger than 50.", "What is
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="smollm2", choices=["smollm2", "tiny"],
+    p.add_argument("--model", default="smollm2", choices=["smollm2", "tiny", "qwen2.5-1.5b"],
                    help="smollm2: SmolLM2-135M-Instruct offline; tiny: thaw_rl.testing's tiny Qwen2")
     p.add_argument("--trainers", default="trl,thaw", help="comma list of trl, thaw (run in this order)")
     p.add_argument("--prompts", type=int, default=4, help="prompts per step")
@@ -63,13 +63,35 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch threads on CPU")
     p.add_argument("--out", type=Path, default=None, help="where to write the JSON receipt")
+    p.add_argument("--prompt-len", type=int, default=512, help="qwen2.5-1.5b only: prompt words (= tokens)")
+    p.add_argument("--micro-batch", type=int, default=None,
+                   help="per-device micro batch (default: one generation batch); the rest is accumulated")
+    p.add_argument("--kv-cache-memory", type=float, default=None, help="thaw: engine KV pool bytes on CUDA")
     args = p.parse_args()
     args.device = "cuda" if torch.cuda.is_available() else "cpu"
     args.trainers = [t.strip() for t in args.trainers.split(",") if t.strip()]
     return args
 
 
+def synthetic_tokenizer(vocab_size: int):
+    """A word-level tokenizer over the model's whole vocabulary ("w<id>"), built in code (no hub)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<eos>": 0, "<pad>": 1, **{f"w{i}": i for i in range(2, vocab_size)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>", padding_side="left")
+
+
 def load(args):
+    if args.model == "qwen2.5-1.5b":  # real shapes, random weights, bf16 (the GPU machines have no hub)
+        from engine_throughput import load_model
+
+        model, _ = load_model("qwen2.5-1.5b", torch.bfloat16, args.device)
+        model.config.eos_token_id = model.generation_config.eos_token_id = 0
+        model.config.pad_token_id = model.generation_config.pad_token_id = 1
+        return model, synthetic_tokenizer(model.config.vocab_size), "Qwen2.5-1.5B shape (random, bf16)"
     if args.model == "tiny":
         from thaw_rl.testing import tiny_model_and_tokenizer
 
@@ -135,18 +157,30 @@ def run(kind: str, args, out_dir: str) -> dict:
     from thaw_rl.trainers import ThawGRPOConfig, ThawGRPOTrainer
 
     model, tokenizer, model_name = load(args)
-    questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(args.prompts * (args.warmup + args.steps))]
-    dataset = Dataset.from_dict({"prompt": [[{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}]
-                                            for q in questions]})
+    num_prompts = args.prompts * (args.warmup + args.steps)
+    if args.model == "qwen2.5-1.5b":
+        g = torch.Generator().manual_seed(args.seed)
+        words = torch.randint(2, model.config.vocab_size, (num_prompts, args.prompt_len), generator=g).tolist()
+        dataset = Dataset.from_dict({"prompt": [" ".join(f"w{i}" for i in row) for row in words]})
+    else:
+        questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(num_prompts)]
+        dataset = Dataset.from_dict({"prompt": [[{"role": "system", "content": SYSTEM},
+                                                 {"role": "user", "content": q}] for q in questions]})
+    batch = args.prompts * args.num_generations
+    micro = args.micro_batch or batch
+    on_gpu = args.device == "cuda"
     fields = dict(
-        output_dir=f"{out_dir}/{kind}", use_cpu=args.device == "cpu", bf16=False, report_to="none",
-        per_device_train_batch_size=args.prompts * args.num_generations, num_generations=args.num_generations,
+        output_dir=f"{out_dir}/{kind}", use_cpu=not on_gpu, bf16=on_gpu, report_to="none",
+        per_device_train_batch_size=micro, gradient_accumulation_steps=batch // micro,
+        num_generations=args.num_generations,
         max_completion_length=args.max_completion_length, max_steps=args.warmup + args.steps, logging_steps=1,
-        save_strategy="no", gradient_checkpointing=False, learning_rate=1e-6, seed=args.seed,
+        save_strategy="no", gradient_checkpointing=on_gpu, learning_rate=1e-6, seed=args.seed,
         temperature=args.temperature, shuffle_dataset=False,
     )
     if kind == "thaw":
         config_cls, trainer_cls = ThawGRPOConfig, ThawGRPOTrainer
+        if on_gpu:  # keep the engine (and its CUDA graphs) between generations, with a bounded KV pool
+            fields.update(release_kv_cache=False, kv_cache_memory=args.kv_cache_memory or 8e9)
     else:
         config_cls, trainer_cls = GRPOConfig, GRPOTrainer
     timed_cls = type(f"Timed{trainer_cls.__name__}", (StepClock, trainer_cls), {})
