@@ -67,6 +67,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--micro-batch", type=int, default=None,
                    help="per-device micro batch (default: one generation batch); the rest is accumulated")
     p.add_argument("--kv-cache-memory", type=float, default=None, help="thaw: engine KV pool bytes on CUDA")
+    p.add_argument("--compile-layers", action="store_true", help="thaw: engine_compile_layers=True")
     args = p.parse_args()
     args.device = "cuda" if torch.cuda.is_available() else "cpu"
     args.trainers = [t.strip() for t in args.trainers.split(",") if t.strip()]
@@ -180,7 +181,8 @@ def run(kind: str, args, out_dir: str) -> dict:
     if kind == "thaw":
         config_cls, trainer_cls = ThawGRPOConfig, ThawGRPOTrainer
         if on_gpu:  # keep the engine (and its CUDA graphs) between generations, with a bounded KV pool
-            fields.update(release_kv_cache=False, kv_cache_memory=args.kv_cache_memory or 8e9)
+            fields.update(release_kv_cache=False, kv_cache_memory=args.kv_cache_memory or 8e9,
+                          engine_compile_layers=args.compile_layers)
     else:
         config_cls, trainer_cls = GRPOConfig, GRPOTrainer
     timed_cls = type(f"Timed{trainer_cls.__name__}", (StepClock, trainer_cls), {})

@@ -161,7 +161,7 @@ class ThawGRPOTrainer(GRPOTrainer):
             graphs = False  # parameters are gathered into fresh storage each generation: graphs would go stale
         self._backend = NativeBackend(model, self._tokenizer, block_size=self.args.kv_block_size,
                                       kv_cache_memory=self.args.engine_kv_cache_memory, use_cuda_graphs=graphs,
-                                      seed=self.args.seed)
+                                      compile_layers=self.args.engine_compile_layers, seed=self.args.seed)
         return self._backend
 
     def _sampling_params(self, seed: int) -> SamplingParams:
