@@ -36,7 +36,8 @@ __all__ = [
 ]
 
 # The trainers import TRL, which is slow and absent on the GPU benchmark machines: load them on first use.
-_TRAINER_NAMES = ("ThawGRPOTrainer", "ThawGRPOConfig", "ThawBestOfNTrainer", "ThawBestOfNConfig")
+_TRAINER_NAMES = ("ThawGRPOTrainer", "ThawGRPOConfig", "ThawBestOfNTrainer", "ThawBestOfNConfig", "ThawPPOTrainer",
+                  "ThawPPOConfig")
 
 
 def __getattr__(name: str):

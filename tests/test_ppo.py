@@ -1,0 +1,329 @@
+"""ThawPPOTrainer on tiny CPU models.
+
+The story: the TRL seams PPO builds on are where we expect them; GAE (per row and per tree node) and the
+clipped losses equal hand computations; bad configs fail with the fix in the message; a few steps train
+the policy and the value head and log TRL PPO's metrics next to the ``thaw/...`` ones; a tree rollout
+gives shared tokens one value and one advantage; on a fixed batch the value loss goes down; a
+checkpoint restores policy and value head; two ranks train in lockstep.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import Dataset
+from safetensors.torch import load_file
+from trl import GRPOTrainer
+
+from thaw_rl.rollout import Leaf, Node, RolloutBatch, RolloutStats
+from thaw_rl.testing import tiny_model_and_tokenizer
+from thaw_rl.trainers import ThawGRPOConfig, ThawPPOConfig, ThawPPOTrainer
+from thaw_rl.trainers.ppo_objective import (
+    explained_variance,
+    masked_whiten,
+    per_token_kl,
+    policy_loss,
+    token_gae,
+    token_rewards,
+    tree_gae,
+    value_loss,
+)
+from thaw_rl.trainers.value_head import VALUE_HEAD_FILE
+
+PROMPTS = ["abc", "hello there", "xyz 12", "the cat sat on"]
+PPO_KEYS = ("loss/policy_avg", "loss/value_avg", "policy/approxkl_avg", "policy/clipfrac_avg", "val/clipfrac_avg",
+            "policy/entropy_avg", "val/ratio")
+ROLLOUT_KEYS = ("objective/kl", "objective/scores", "objective/rlhf_reward", "val/explained_variance", "reward",
+                "thaw/savings", "thaw/prefill_tokens_saved")
+
+
+def reward_chars(completions, **kwargs):
+    """Deterministic, with spread across samples."""
+    return [float(sum(map(ord, c)) % 7) for c in completions]
+
+
+def make_config(tmp_path, **overrides) -> ThawPPOConfig:
+    fields = dict(output_dir=str(tmp_path / "out"), use_cpu=True, bf16=False, report_to="none",
+                  per_device_train_batch_size=4, num_generations=4, max_completion_length=8, max_steps=4,
+                  logging_steps=1, save_strategy="no", gradient_checkpointing=False, learning_rate=1e-2, seed=0,
+                  kv_cache_memory=8 * 2**20, num_mini_batches=2, num_ppo_epochs=2)
+    fields.update(overrides)
+    return ThawPPOConfig(**fields)
+
+
+def make_trainer(tmp_path, model=None, **overrides) -> ThawPPOTrainer:
+    tiny, tokenizer = tiny_model_and_tokenizer("qwen2")
+    return ThawPPOTrainer(model=model if model is not None else tiny, reward_funcs=reward_chars,
+                          args=make_config(tmp_path, **overrides), processing_class=tokenizer,
+                          train_dataset=Dataset.from_dict({"prompt": PROMPTS}))
+
+
+def batch_inputs(prompts=PROMPTS[:2], group=4):
+    return [{"prompt": p} for p in prompts for _ in range(group)]
+
+
+# -- the seams ----------------------------------------------------------------------------------------------
+def test_trl_seams_are_where_we_expect():
+    params = list(inspect.signature(GRPOTrainer._get_per_token_logps_and_entropies).parameters)
+    assert params[:5] == ["self", "model", "input_ids", "attention_mask", "logits_to_keep"]
+    source = inspect.getsource(GRPOTrainer._generate_and_score_completions)
+    for key in ('output["old_per_token_logps"]', 'output["ref_per_token_logps"]', "if self.beta != 0.0:"):
+        assert key in source, key
+    # the value head hooks the backbone that TRL's fused LM head runs
+    from trl.trainer.utils import add_fused_lm_head
+
+    assert "backbone_attr = \"base_model\"" in inspect.getsource(add_fused_lm_head)
+
+
+# -- GAE and the losses, by hand ------------------------------------------------------------------------------
+def test_token_rewards_and_gae_match_hand_computation():
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    kl = torch.tensor([[-0.2, 0.4, 0.0], [0.0, 0.0, 7.0]])  # 7.0 sits on padding and must vanish
+    rewards = token_rewards(torch.tensor([1.0, 2.0]), kl * mask, mask, kl_coef=0.5)
+    torch.testing.assert_close(rewards, torch.tensor([[0.1, -0.2, 1.0], [0.0, 2.0, 0.0]]))
+    values = torch.tensor([[0.5, 0.4, 0.8], [1.0, 1.5, 9.0]])
+    advantages, returns = token_gae(rewards, values, mask, gamma=0.9, lam=0.5)
+    # row 0: t=2 d = 1.0 - 0.8 = 0.2, A = 0.2;  t=1 d = -0.2 + 0.9*0.8 - 0.4 = 0.12, A = 0.12 + 0.45*0.2 = 0.21
+    #        t=0 d = 0.1 + 0.9*0.4 - 0.5 = -0.04, A = -0.04 + 0.45*0.21 = 0.0545
+    # row 1: t=1 d = 2.0 - 1.5 = 0.5, A = 0.5;  t=0 d = 0.9*1.5 - 1.0 = 0.35, A = 0.35 + 0.45*0.5 = 0.575
+    torch.testing.assert_close(advantages, torch.tensor([[0.0545, 0.21, 0.2], [0.575, 0.5, 0.0]]))
+    torch.testing.assert_close(returns, torch.tensor([[0.5545, 0.61, 1.0], [1.575, 2.0, 0.0]]))
+    # KL estimators: k1 = d, k3 = e^-d - 1 + d
+    d = torch.tensor([0.5, -0.5])
+    torch.testing.assert_close(per_token_kl(d, torch.zeros(2), "k1"), d)
+    torch.testing.assert_close(per_token_kl(d, torch.zeros(2), "k3"), torch.exp(-d) - 1 + d)
+
+
+def hand_tree() -> RolloutBatch:
+    """root 0 -> node 1 [0, 2) -> leaf 2 [2, 3) and leaf 3 [2, 4)."""
+    nodes = {0: Node(0, None, 0, 0, 0, [1]), 1: Node(1, 0, 0, 0, 2, [2, 3]), 2: Node(2, 1, 0, 2, 3),
+             3: Node(3, 1, 0, 2, 4)}
+    leaves = [Leaf(0, [9], [5, 6, 7], [0.0] * 3, [0.0] * 3, [0, 1, 2], [(0, 0), (0, 2), (2, 3)], "stop"),
+              Leaf(0, [9], [5, 6, 8, 9], [0.0] * 4, [0.0] * 4, [0, 1, 3], [(0, 0), (0, 2), (2, 4)], "length")]
+    return RolloutBatch(leaves, nodes, [0], RolloutStats())
+
+
+def test_tree_gae_runs_once_per_node_and_averages_children_at_the_branch():
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
+    rewards = torch.tensor([[0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 3.0]])
+    # leaf 1's row disagrees on the shared tokens (numerics): node 1 is read from leaf 0, its first leaf
+    values = torch.tensor([[0.5, 1.0, 0.4, 0.0], [0.6, 1.1, 0.4, 2.5]])
+    advantages, returns, shared = tree_gae(hand_tree(), rewards, values, mask, gamma=1.0, lam=0.5)
+    # node 2: d = 1.0 - 0.4 = 0.6                 -> A = 0.6
+    # node 3: t=3 d = 3.0 - 2.5 = 0.5             -> A = 0.5;  t=2 d = 2.5 - 0.4 = 2.1 -> A = 2.1 + 0.5*0.5 = 2.35
+    # node 1 bootstraps from the children's mean: A' = (0.6 + 2.35) / 2 = 1.475, V' = 0.4
+    #         t=1 d = 0.4 - 1.0 = -0.6 -> A = -0.6 + 0.5*1.475 = 0.1375;  t=0 d = 1.0 - 0.5 = 0.5 -> A = 0.56875
+    expected = torch.tensor([[0.56875, 0.1375, 0.6, 0.0], [0.56875, 0.1375, 2.35, 0.5]])
+    torch.testing.assert_close(advantages, expected)
+    torch.testing.assert_close(shared, torch.tensor([[0.5, 1.0, 0.4, 0.0], [0.5, 1.0, 0.4, 2.5]]))
+    torch.testing.assert_close(returns, expected + shared)
+
+
+def test_tree_gae_of_a_flat_group_is_token_gae():
+    """A GRPO-shaped tree (every leaf a child of the prompt) shares no completion token."""
+    nodes = {0: Node(0, None, 0, 0, 0, [1, 2, 3])}
+    lengths = [3, 5, 1]
+    leaves = []
+    for i, n in enumerate(lengths, start=1):
+        nodes[i] = Node(i, 0, 0, 0, n)
+        leaves.append(Leaf(0, [9], [4] * n, [0.0] * n, [0.0] * n, [0, i], [(0, 0), (0, n)], "stop"))
+    batch = RolloutBatch(leaves, nodes, [0], RolloutStats())
+    mask = (torch.arange(5)[None, :] < torch.tensor(lengths)[:, None]).float()  # (3, 5)
+    gen = torch.Generator().manual_seed(0)
+    rewards, values = torch.randn(3, 5, generator=gen) * mask, torch.randn(3, 5, generator=gen)
+    flat_adv, flat_ret = token_gae(rewards, values, mask, 0.95, 0.9)
+    tree_adv, tree_ret, _ = tree_gae(batch, rewards, values, mask, 0.95, 0.9)
+    torch.testing.assert_close(tree_adv, flat_adv)
+    torch.testing.assert_close(tree_ret, flat_ret)
+
+
+def test_clipped_losses_match_hand_computation():
+    mask = torch.tensor([1.0, 1.0, 1.0, 0.0])
+    ratio = torch.tensor([1.5, 0.5, 1.1, 50.0])  # the masked 4th token would dominate everything
+    advantages = torch.tensor([1.0, 1.0, -2.0, 100.0])
+    loss, stats = policy_loss(torch.log(ratio), torch.zeros(4), advantages, mask, cliprange=0.2)
+    # token 0: max(-1.5, -1.2) = -1.2 (clipped);  token 1: max(-0.5, -0.8) = -0.5;  token 2: max(2.2, 2.2) = 2.2
+    torch.testing.assert_close(loss, torch.tensor(0.5 / 3))
+    torch.testing.assert_close(stats.clipfrac, torch.tensor(1 / 3))
+    torch.testing.assert_close(stats.ratio, torch.tensor(3.1 / 3))
+    logs = torch.log(ratio[:3])
+    torch.testing.assert_close(stats.approx_kl, 0.5 * (logs**2).mean())
+
+    values, old_values = torch.tensor([1.0, 0.0, 2.0, 9.0]), torch.tensor([0.5, 0.0, 2.0, 0.0])
+    returns = torch.tensor([2.0, 1.0, 1.0, 0.0])
+    vf, clipfrac = value_loss(values, old_values, returns, mask, cliprange_value=0.2)
+    # token 0: max((1 - 2)^2, (0.7 - 2)^2) = 1.69 (clipped);  token 1: 1;  token 2: 1
+    torch.testing.assert_close(vf, torch.tensor(0.5 * 3.69 / 3))
+    torch.testing.assert_close(clipfrac, torch.tensor(1 / 3))
+    unclipped, _ = value_loss(values, old_values, returns, mask, cliprange_value=None)
+    torch.testing.assert_close(unclipped, torch.tensor(0.5 * 3.0 / 3))
+    # explained variance: a perfect critic explains everything, a constant one nothing
+    r = torch.tensor([1.0, 2.0, 4.0, 0.0])
+    assert float(explained_variance(r, r, mask)) == pytest.approx(1.0, abs=1e-6)
+    assert float(explained_variance(torch.full((4,), 7.0), r, mask)) == pytest.approx(0.0, abs=1e-6)
+    white = masked_whiten(torch.tensor([1.0, 2.0, 3.0, 100.0]), mask)
+    torch.testing.assert_close(white, torch.tensor([-1.0, 0.0, 1.0, 0.0]), atol=1e-6, rtol=0)
+
+
+# -- config errors ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("overrides, words", [
+    (dict(num_mini_batches=0), ["num_mini_batches=0", "num_mini_batches >= 1"]),
+    (dict(rollout_batch_size=10, num_mini_batches=3), ["rollout_batch_size=10", "not divisible by num_mini_batches=3",
+                                                      "multiple of 3"]),
+    (dict(rollout_batch_size=12, num_mini_batches=2), ["12 / num_mini_batches=2 = 6", "per_device_train_batch_size=4",
+                                                      "divisor of 6"]),
+    (dict(per_device_train_batch_size=2, num_mini_batches=1), ["rollout batch of 2 rows", "num_generations=4"]),
+    (dict(beta=0.1), ["beta=0.1", "kl_coef=0.1"]),
+    (dict(steps_per_generation=2), ["steps_per_generation=2", "num_mini_batches"]),
+    (dict(kl_estimator="k2"), ["kl_estimator='k2'"]),
+    (dict(tree_credit=True), ["tree_credit=True", "tree_gae"]),
+])
+def test_bad_config_names_fields_and_fix(tmp_path, overrides, words):
+    with pytest.raises(ValueError) as err:
+        make_config(tmp_path, **overrides)
+    for word in words:
+        assert word in str(err.value), (word, str(err.value))
+
+
+def test_batch_layout_maps_onto_grpo_buffer(tmp_path):
+    args = make_config(tmp_path, per_device_train_batch_size=2, rollout_batch_size=8, num_mini_batches=2,
+                       num_ppo_epochs=3)
+    assert (args.gradient_accumulation_steps, args.steps_per_generation, args.num_iterations) == (2, 4, 3)
+    assert args.rollout_batch_size == 8 and args.generation_batch_size == 8
+    assert make_config(tmp_path, response_length=5).max_completion_length == 5
+
+
+@pytest.mark.parametrize("reward_funcs", [None, []])
+def test_missing_reward_is_rejected(tmp_path, reward_funcs):
+    model, tokenizer = tiny_model_and_tokenizer("qwen2")
+    with pytest.raises(ValueError, match="reward_funcs is missing"):
+        ThawPPOTrainer(model=model, reward_funcs=reward_funcs, args=make_config(tmp_path), processing_class=tokenizer,
+                       train_dataset=Dataset.from_dict({"prompt": PROMPTS}))
+
+
+def test_trainer_needs_a_ppo_config(tmp_path):
+    model, tokenizer = tiny_model_and_tokenizer("qwen2")
+    args = ThawGRPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none", num_generations=4,
+                          per_device_train_batch_size=4)
+    with pytest.raises(ValueError, match="needs a ThawPPOConfig"):
+        ThawPPOTrainer(model=model, reward_funcs=reward_chars, args=args, processing_class=tokenizer,
+                       train_dataset=Dataset.from_dict({"prompt": PROMPTS}))
+
+
+# -- training ------------------------------------------------------------------------------------------------
+def test_training_moves_policy_and_value_head_and_logs_ppo_metrics(tmp_path):
+    """2 rollouts x (2 epochs x 2 mini-batches) = 8 optimizer steps."""
+    trainer = make_trainer(tmp_path, max_steps=8, value_learning_rate=5e-2)
+    assert trainer.ref_model is not None and not any(p.requires_grad for p in trainer.ref_model.parameters())
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    assert any(n.startswith("v_head.") for n in before)
+    trainer.train()
+    for name, p in before.items():
+        assert not torch.equal(p, trainer.model.get_parameter(name)), f"{name} did not change"
+    history = trainer.state.log_history
+    steps = [h for h in history if "loss/value_avg" in h]
+    assert len(steps) == 8
+    for h in steps:
+        for key in PPO_KEYS:
+            assert math.isfinite(h[key]), (key, h)
+    rollouts = [h for h in history if "objective/kl" in h]
+    assert len(rollouts) == 2
+    for h in rollouts:
+        for key in ROLLOUT_KEYS:
+            assert math.isfinite(h[key]), (key, h)
+    assert rollouts[0]["objective/kl"] == 0.0  # the first rollout is sampled by the reference policy itself
+    assert rollouts[1]["objective/kl"] != 0.0
+    # the first mini-batch of a rollout is on-policy: ratio 1, nothing clipped
+    assert steps[0]["val/ratio"] == pytest.approx(1.0) and steps[0]["policy/clipfrac_avg"] == 0.0
+    assert any(h["policy/clipfrac_avg"] > 0 for h in steps)
+    assert history[-1]["train_loss"] is not None
+    # the value head trains in its own param group at value_learning_rate
+    head_group = trainer.optimizer.param_groups[-1]
+    assert head_group["initial_lr"] == 5e-2 and len(head_group["params"]) == 2
+    assert sum(len(g["params"]) for g in trainer.optimizer.param_groups) == len(before)
+
+
+def test_tree_rollout_shares_values_and_advantages_at_shared_tokens(tmp_path):
+    trainer = make_trainer(tmp_path, tree_spec="segments", tree_branching=[2, 2], tree_segment_tokens=3)
+    assert trainer.args.tree_gae_enabled
+    trainer.model.train()
+    output = trainer._generate_and_score_completions(batch_inputs())
+    leaves = trainer.last_rollout.leaves
+    assert leaves[0].spans[1] == leaves[1].spans[1] == (0, 3)  # a trunk shared by the first two leaves
+    for key in ("advantages", "old_values", "returns"):
+        assert output[key].shape == output["completion_ids"].shape
+        assert torch.equal(output[key][0, :3], output[key][1, :3]), key
+    assert not torch.equal(output["advantages"][0, 3:], output["advantages"][1, 3:])  # their own branches differ
+
+
+def test_fixed_batch_optimisation_lowers_the_value_loss(tmp_path):
+    """Deterministic (fixed seeds, one thread): no false-failure probability."""
+    trainer = make_trainer(tmp_path, cliprange_value=None)
+    trainer.model.train()
+    batch = trainer._generate_and_score_completions(batch_inputs())
+    optimizer = torch.optim.Adam(trainer.model.parameters(), lr=3e-3)
+    value_losses = []
+    for _ in range(25):
+        optimizer.zero_grad()
+        trainer._compute_loss(trainer.model, batch).backward()
+        optimizer.step()
+        value_losses.append(trainer._metrics["train"]["loss/value_avg"][-1])
+    assert value_losses[-1] < 0.25 * value_losses[0], value_losses
+
+
+# -- checkpoints ----------------------------------------------------------------------------------------------
+def test_checkpoint_restores_policy_and_value_head(tmp_path):
+    trainer = make_trainer(tmp_path, max_steps=4, save_strategy="steps", save_steps=4)
+    trainer.train()
+    checkpoint = tmp_path / "out" / "checkpoint-4"
+    assert not [k for k in load_file(str(checkpoint / "model.safetensors")) if k.startswith("v_head")]  # plain LM
+    assert (checkpoint / VALUE_HEAD_FILE).is_file()
+    trained = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    # a new trainer from the checkpoint directory: policy and head come back
+    reloaded = make_trainer(tmp_path, model=str(checkpoint))
+    assert {n: p for n, p in reloaded.model.named_parameters()}.keys() == trained.keys()
+    for name, p in reloaded.model.named_parameters():
+        assert torch.equal(p, trained[name]), name
+    # resuming into a fresh (untrained) trainer restores the head too
+    fresh = make_trainer(tmp_path)
+    assert not torch.equal(fresh.value_head.summary.weight, trained["v_head.summary.weight"])
+    fresh._load_from_checkpoint(str(checkpoint))
+    torch.testing.assert_close(fresh.value_head.summary.weight, trained["v_head.summary.weight"], rtol=0, atol=0)
+    with pytest.raises(ValueError, match=VALUE_HEAD_FILE):
+        os.remove(checkpoint / VALUE_HEAD_FILE)
+        fresh._load_from_checkpoint(str(checkpoint))
+
+
+# -- two ranks -------------------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_ranks_train_in_lockstep(tmp_path):
+    """torchrun, 2 CPU ranks (gloo), 2 rollouts: DDP keeps policy and value head identical on both ranks."""
+    worker = Path(__file__).with_name("test_ppo_distributed_worker.py")
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), str(worker), str(tmp_path)]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    assert ranks[0]["prompts"] != ranks[1]["prompts"]  # each rank rolled out its own prompts
+    assert ranks[0]["checksums"] == ranks[1]["checksums"]  # ... and the gradients were averaged
+    assert ranks[0]["checksums"]["v_head"] != ranks[0]["initial_checksums"]["v_head"]
+    steps = [h for h in ranks[0]["log_history"] if "loss/value_avg" in h]
+    assert len(steps) == 4 and all(math.isfinite(h["loss/policy_avg"]) for h in steps)
+    rollouts = [h for h in ranks[0]["log_history"] if "thaw/num_forks" in h]
+    assert [h["thaw/num_forks"] for h in rollouts] == [2.0, 2.0]  # one group per rank, summed over ranks

@@ -1,0 +1,65 @@
+"""Worker for test_ppo.py's 2-process run (not a test module: it defines no tests).
+
+    python -m torch.distributed.run --nproc_per_node 2 tests/test_ppo_distributed_worker.py OUT_DIR
+
+Each rank trains ThawPPOTrainer on CPU (gloo) for 2 rollouts x 2 PPO epochs and writes
+``OUT_DIR/rank{r}.json``: the prompts it rolled out, checksums of the policy and value head before and
+after training, and the trainer's log history, so the test can check that the ranks sampled different
+prompts but ended with identical weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+
+def checksums(model) -> dict[str, float]:
+    policy = sum(float(p.detach().double().sum()) for n, p in model.named_parameters() if not n.startswith("v_head."))
+    head = sum(float(p.detach().double().sum()) for n, p in model.named_parameters() if n.startswith("v_head."))
+    return {"policy": policy, "v_head": head}
+
+
+def main(out_dir: str) -> None:
+    import torch
+    from datasets import Dataset
+
+    from thaw_rl.testing import tiny_model_and_tokenizer
+    from thaw_rl.trainers import ThawPPOConfig, ThawPPOTrainer
+
+    torch.set_num_threads(1)
+    model, tokenizer = tiny_model_and_tokenizer("qwen2")
+    dataset = Dataset.from_dict({"prompt": ["abc", "hello there", "xyz 12", "the cat sat", "one two", "q"]})
+
+    def reward_chars(completions, **kwargs):
+        return [float(sum(map(ord, c)) % 7) for c in completions]
+
+    args = ThawPPOConfig(
+        output_dir=os.path.join(out_dir, "trainer"), use_cpu=True, bf16=False, report_to="none",
+        per_device_train_batch_size=4, num_generations=4, max_completion_length=8, max_steps=4, logging_steps=1,
+        save_strategy="no", gradient_checkpointing=False, learning_rate=1e-2, kv_cache_memory=8 * 2**20, seed=3,
+        num_mini_batches=1, num_ppo_epochs=2,
+    )
+    trainer = ThawPPOTrainer(model=model, reward_funcs=reward_chars, args=args, train_dataset=dataset,
+                             processing_class=tokenizer)
+    prompts = []
+    generate = trainer._generate_and_score_completions
+
+    def recording(inputs):
+        output = generate(inputs)
+        prompts.append([leaf.prompt_ids for leaf in trainer.last_rollout.leaves[:: trainer.num_generations]])
+        return output
+
+    trainer._generate_and_score_completions = recording
+    initial = checksums(trainer.model)
+    trainer.train()
+    rank = trainer.accelerator.process_index
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump({"rank": rank, "world_size": trainer.accelerator.num_processes, "prompts": prompts,
+                   "initial_checksums": initial, "checksums": checksums(trainer.model),
+                   "log_history": trainer.state.log_history}, f)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
