@@ -103,7 +103,7 @@ def test_thaw_rl_imports_trainers_lazily():
 
 # -- config errors ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("overrides, words", [
-    (dict(rollout_backend="vllm"), ["rollout_backend='vllm'", "not available yet", "rollout_backend='native'"]),
+    (dict(rollout_backend="sglang"), ["rollout_backend='sglang'", "'native'", "'vllm'"]),
     (dict(tree_spec="segments", tree_branching=[2, 3], tree_segment_tokens=2),
      ["tree_branching=[2, 3]", "6 leaves", "num_generations=4", "product is 4"]),
     (dict(tree_spec="segments", tree_branching=[2, 2], tree_segment_tokens=8),

@@ -31,7 +31,15 @@ class ThawGRPOConfig(GRPOConfig):
     rollout_backend: str = field(
         default="native",
         metadata={"help": "Generation backend: 'native' (thaw-rl's paged-KV engine running the live policy "
-                          "weights, no copy). 'vllm' is reserved and not available yet."})
+                          "weights, no copy) or 'vllm' (vLLM's offline engine in this process, forks found through "
+                          "its prefix cache; weights loaded into it after each optimizer step and its prefix cache "
+                          "reset, as TRL's colocate mode does). 'vllm' uses kv_block_size, kv_cache_memory (bytes, or "
+                          "a fraction: vLLM's gpu_memory_utilization), vllm_max_model_length, vllm_engine_kwargs, and "
+                          "keeps its engine across generations (release_kv_cache does not apply)."})
+    vllm_engine_kwargs: dict | None = field(
+        default=None,
+        metadata={"help": "rollout_backend='vllm': extra keyword arguments for vllm.LLM (e.g. {'enforce_eager': True} "
+                          "to skip compilation on CPU)."})
     tree_spec: str = field(
         default="grpo",
         metadata={"help": f"Rollout tree per prompt, one of {KINDS}. 'grpo': the prompt is prefilled once and "
@@ -112,16 +120,16 @@ class ThawGRPOConfig(GRPOConfig):
     # -- checks ---------------------------------------------------------------------------------------
     def _check_backend(self) -> None:
         if self.rollout_backend not in ROLLOUT_BACKENDS:
-            raise ValueError(f"rollout_backend={self.rollout_backend!r}: use 'native'.")
+            raise ValueError(f"rollout_backend={self.rollout_backend!r}: use one of {ROLLOUT_BACKENDS}.")
         if self.rollout_backend == "vllm":
-            raise ValueError(
-                "rollout_backend='vllm': the vLLM backend of thaw-rl is not available yet. Use "
-                "rollout_backend='native' (thaw-rl's engine on the live weights), or TRL's GRPOTrainer with "
-                "use_vllm=True.")
+            from thaw_rl.backends.vllm_backend import import_vllm
+
+            import_vllm()  # not installed or too old: say what to install now, not at the first generation
         if self.use_vllm:
             raise ValueError(
                 "use_vllm=True: ThawGRPOTrainer generates with its own engine (rollout_backend="
-                f"{self.rollout_backend!r}). Set use_vllm=False, or use TRL's GRPOTrainer for vLLM generation.")
+                f"{self.rollout_backend!r}). Set use_vllm=False; rollout_backend='vllm' generates with vLLM through "
+                "thaw-rl's tree sampler.")
         if self.use_transformers_continuous_batching:
             raise ValueError(
                 "use_transformers_continuous_batching=True: ThawGRPOTrainer generates with its own engine. Set "

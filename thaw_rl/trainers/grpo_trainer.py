@@ -19,7 +19,12 @@ Three thin wrappers (each calls TRL's method and adds to it, none copies it):
   which with generation going through our seam, no ``rollout_func`` and ``vllm_mode`` renamed reaches
   exactly TRL's importance-sampling branches (a test pins those lines to TRL 1.16).
 
-Engine lifetime: the engine is built lazily at the first generation over ``accelerator.unwrap_model``'s
+With ``rollout_backend="vllm"`` the sampler runs on a ``VLLMBackend`` built once, in this process, from
+the policy's model directory (saved to ``output_dir/vllm-model-rank<i>`` when it has none); before each
+generation whose optimizer step is new, the policy's named parameters are loaded into vLLM's model and
+its prefix cache is reset (TRL's colocate sync).
+
+Engine lifetime (native): the engine is built lazily at the first generation over ``accelerator.unwrap_model``'s
 module, under the same ``unwrap_model_for_generation`` / ``summon_full_params`` contexts TRL's
 ``model.generate`` path uses (ZeRO-3 and FSDP gather the parameters there). With ``release_kv_cache``
 (default) it is dropped after each generation so its KV pool goes back to the allocator for training;
@@ -89,6 +94,8 @@ class ThawGRPOTrainer(GRPOTrainer):
         self.tree_spec = args.build_tree_spec(self.num_generations)
         self.last_rollout: RolloutBatch | None = None
         self._backend: NativeBackend | None = None
+        self.vllm_backend = None  # VLLMBackend, built at the first generation when rollout_backend="vllm"
+        self._vllm_synced_step: int | None = None
         self._pending_stats: list[tuple[RolloutStats, int]] = []
         self._rewards_per_func: torch.Tensor | None = None
         self._seed_step, self._seed_calls = -1, 0
@@ -107,7 +114,7 @@ class ThawGRPOTrainer(GRPOTrainer):
 
     def _check_model(self, model: torch.nn.Module) -> None:
         model_type = getattr(getattr(model, "config", None), "model_type", None)
-        if model_type not in SUPPORTED_MODEL_TYPES:
+        if model_type not in SUPPORTED_MODEL_TYPES and self.args.rollout_backend == "native":
             raise ValueError(
                 f"ThawGRPOTrainer's engine does not run model_type {model_type!r} (it runs "
                 f"{', '.join(SUPPORTED_MODEL_TYPES)}). Use GRPOTrainer for this model.")
@@ -152,7 +159,9 @@ class ThawGRPOTrainer(GRPOTrainer):
         ):
             yield unwrapped_model
 
-    def _backend_for(self, model: torch.nn.Module) -> NativeBackend:
+    def _backend_for(self, model: torch.nn.Module):
+        if self.args.rollout_backend == "vllm":
+            return self._vllm_backend_for(model)
         if self._backend is not None and self._backend.model is model:
             self._backend.reset_prefix_cache()  # cached KV was computed with the previous weights
             return self._backend
@@ -163,6 +172,18 @@ class ThawGRPOTrainer(GRPOTrainer):
                                       kv_cache_memory=self.args.engine_kv_cache_memory, use_cuda_graphs=graphs,
                                       compile_layers=self.args.engine_compile_layers, seed=self.args.seed)
         return self._backend
+
+    def _vllm_backend_for(self, model: torch.nn.Module):
+        """The vLLM backend, holding the weights of the current optimizer step (loaded once per step)."""
+        if self.vllm_backend is None:
+            from thaw_rl.backends.vllm_backend import build_vllm_backend_for
+
+            self.vllm_backend = build_vllm_backend_for(model, self.args)
+        step = self.state.global_step
+        if self._vllm_synced_step != step:
+            self.vllm_backend.update_weights({name: p.detach() for name, p in model.named_parameters()})
+            self._vllm_synced_step = step
+        return self.vllm_backend
 
     def _sampling_params(self, seed: int) -> SamplingParams:
         """TRL's sampling settings (``generation_kwargs`` included) as the engine's ``SamplingParams``."""
