@@ -1,0 +1,139 @@
+"""The ``thaw-rl`` command and the accelerate configs, on CPU.
+
+The story: ``thaw-rl train`` runs a tiny recipe in-process and leaves the summary, the log history and
+the plot in output_dir; ``--accelerate-config`` builds the ``accelerate launch`` line and names the
+configs that exist when asked for one that does not; every config in configs/ is one accelerate can
+load; and the README's ``accelerate launch --config_file configs/cpu.yaml --num_processes 2`` really
+starts two ranks whose ``thaw/`` metrics are summed into the log.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from thaw_rl import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "tests" / "recipes" / "tiny_grpo.yaml"
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+def test_train_runs_a_recipe_in_process(tmp_path, capsys, monkeypatch):
+    """With report_to wandb and no API key anywhere, the run logs offline and says where."""
+    for name in ("WANDB_MODE", "WANDB_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc from `wandb login`
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    out = tmp_path / "out"
+    try:
+        assert cli.main(["train", str(TINY), "--output_dir", str(out), "--report_to", "wandb"]) == 0
+    finally:
+        import wandb
+
+        wandb.finish()
+    printed = capsys.readouterr().out
+    for words in ("optimizer steps", "reward (first -> last step)", "rollout tokens computed",
+                  "a flat sampler would compute", "generation", "logging to W&B offline"):
+        assert words in printed, printed
+    (run_dir,) = [line.rsplit(": ", 1)[1] for line in printed.splitlines() if "W&B run directory" in line]
+    assert Path(run_dir).parent == tmp_path / "wandb" and Path(run_dir).name.startswith("offline-run-")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["num_steps"] == 2 and summary["num_processes"] == 1
+    assert summary["tokens_flat"] > summary["tokens_computed"] > 0  # each prompt prefilled once, not 4 times
+    history = json.loads((out / "log_history.json").read_text())
+    steps = [h for h in history if "thaw/savings" in h]
+    assert len(steps) == 2 and all(h["thaw/num_forks"] == 1 for h in steps)  # one prompt per step
+    assert (out / "thaw_rl_summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_train_reports_a_bad_recipe_without_a_traceback(tmp_path, capsys):
+    code = cli.main(["train", str(TINY), "--output_dir", str(tmp_path), "--learnin_rate", "0.1"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "unknown override 'learnin_rate' (did you mean 'learning_rate'?)" in err
+    assert "Traceback" not in err
+
+
+def test_the_console_script_is_installed():
+    script = shutil.which("thaw-rl")
+    if script is None:
+        pytest.skip("thaw-rl is not on PATH (pip install -e . installs it)")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))  # this checkout, wherever the editable install points
+    result = subprocess.run([script, "list"], capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "quickstart_cpu" in result.stdout and "deepspeed_zero3" in result.stdout
+
+
+def test_recipe_names_and_accelerate_config_names_resolve():
+    assert cli.resolve_file("quickstart_cpu", "recipes") == ROOT / "recipes" / "quickstart_cpu.yaml"
+    cmd = cli.launch_command(TINY, {"accelerate_config": "cpu", "num_processes": "2"}, ["--max_steps", "1"])
+    config = str(ROOT / "configs" / "cpu.yaml")
+    assert cmd == [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, "--num_processes", "2",
+                   "-m", "thaw_rl.train", "--config", str(TINY), "--max_steps", "1"]
+    options, overrides = cli.split_args(["--accelerate-config=cpu", "--max_steps", "3", "--num-processes", "2"])
+    assert options == {"accelerate_config": "cpu", "num_processes": "2"} and overrides == ["--max_steps", "3"]
+
+
+def test_unknown_accelerate_config_lists_the_ones_that_exist(capsys):
+    assert cli.main(["train", str(TINY), "--accelerate-config", "tpu_pod"]) == 2
+    err = capsys.readouterr().err
+    assert "accelerate config 'tpu_pod' not found" in err
+    for name in ("cpu", "deepspeed_zero2", "deepspeed_zero3", "fsdp2", "multi_gpu", "single_gpu"):
+        assert f"'{name}'" in err, err
+
+
+def test_unknown_recipe_lists_the_recipes(capsys):
+    assert cli.main(["train", "quickstart_gpu"]) == 2
+    err = capsys.readouterr().err
+    assert "recipe 'quickstart_gpu' not found" in err and "'quickstart_cpu'" in err
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
+def test_accelerate_configs_load(config):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    expected = {"single_gpu": "NO", "multi_gpu": "MULTI_GPU", "deepspeed_zero2": "DEEPSPEED",
+                "deepspeed_zero3": "DEEPSPEED", "fsdp2": "FSDP", "cpu": "MULTI_GPU"}
+    assert config.read_text().startswith("#"), "each config starts with a comment saying when to use it"
+    loaded = load_config_from_file(str(config))
+    assert str(loaded.distributed_type).split(".")[-1] == expected[config.stem]
+    if config.stem == "cpu":
+        assert loaded.use_cpu and loaded.mixed_precision == "no"
+    if config.stem.startswith("deepspeed"):
+        assert loaded.deepspeed_config["zero_stage"] == int(config.stem[-1])
+    if config.stem == "fsdp2":
+        assert loaded.fsdp_config["fsdp_version"] == 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_accelerate_launch_on_two_cpu_processes(tmp_path):
+    """The README's command with configs/cpu.yaml: two gloo ranks, one prompt each per step, metrics summed."""
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "configs" / "cpu.yaml"),
+           "--num_processes", "2", "--main_process_port", str(_free_port()), "-m", "thaw_rl.train",
+           "--config", str(TINY), "--output_dir", str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONPATH=str(ROOT))
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400, cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["num_processes"] == 2 and summary["num_steps"] == 2
+    steps = [h for h in json.loads((out / "log_history.json").read_text()) if "thaw/savings" in h]
+    assert len(steps) == 2
+    for h in steps:
+        assert h["thaw/num_forks"] == 2  # each rank forked its own prompt: the sum over both ranks
+        assert h["thaw/prefill_tokens_saved"] > 0 and 0 < h["thaw/savings"] < 1
+    assert result.stdout.count("rollout tokens computed") == 1  # the summary comes from rank 0 only

@@ -1,0 +1,177 @@
+"""The end-of-run summary: a table in the terminal, ``summary.json`` and a PNG of reward and savings per step.
+
+Everything is read back from ``trainer.state.log_history``, the same numbers W&B shows: TRL's ``reward``
+and ``rewards/<func>/mean`` per logged step, and thaw-rl's ``thaw/...`` rollout metrics (see
+``thaw_rl.trainers.rollout_metrics``). TRL averages a metric over the generations inside one logging
+window, so totals multiply each logged value by the generations it stands for (``generations_per_step``
+x the steps in the window).
+
+- rollout tokens: computed = ``prompt_tokens_prefilled + decode_tokens``; a flat sampler (every sample
+  prefilled and decoded on its own, as ``model.generate(num_return_sequences=G)``) would have computed
+  that plus ``prefill_tokens_saved + decode_tokens_saved``.
+- time: generation is ``thaw/rollout_seconds`` (the slowest rank's); training is the rest of TRL's
+  ``train_runtime`` (forward/backward, optimizer, rewards, logging).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+PLOT_FILE = "thaw_rl_summary.png"
+SUMMARY_FILE = "summary.json"
+HISTORY_FILE = "log_history.json"
+
+
+@dataclass
+class RunSummary:
+    """What a run did, from its log history."""
+
+    num_steps: int = 0
+    num_logged_steps: int = 0
+    window: int = 0  # logged steps averaged at each end for reward_first / reward_last (a fifth of them)
+    reward_first: float | None = None
+    reward_last: float | None = None
+    rewards: dict[str, tuple[float, float]] = field(default_factory=dict)  # per reward function, first -> last
+    tokens_computed: float = 0.0
+    tokens_flat: float = 0.0
+    generation_seconds: float = 0.0
+    total_seconds: float | None = None
+    num_processes: int = 1
+
+    @property
+    def savings(self) -> float | None:
+        return 1.0 - self.tokens_computed / self.tokens_flat if self.tokens_flat else None
+
+    @property
+    def training_seconds(self) -> float | None:
+        return None if self.total_seconds is None else max(self.total_seconds - self.generation_seconds, 0.0)
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out.update(savings=self.savings, training_seconds=self.training_seconds)
+        return out
+
+
+def train_steps(log_history: list[dict]) -> list[dict]:
+    """The per-step training entries (not eval, not the final train_runtime entry)."""
+    return [h for h in log_history if "step" in h and ("reward" in h or any(k.startswith("thaw/") for k in h))
+            and not any(k.startswith("eval_") for k in h)]
+
+
+def summarize(log_history: list[dict], generations_per_step: float = 1.0, num_processes: int = 1) -> RunSummary:
+    steps = train_steps(log_history)
+    out = RunSummary(num_processes=num_processes, num_logged_steps=len(steps))
+    out.num_steps = max([int(h["step"]) for h in log_history if "step" in h], default=0)
+    final = [h for h in log_history if "train_runtime" in h]
+    out.total_seconds = float(final[-1]["train_runtime"]) if final else None
+    rewarded = [h for h in steps if _finite(h.get("reward"))]
+    if rewarded:
+        out.window = max(1, len(rewarded) // 5)
+        out.reward_first = _mean(h["reward"] for h in rewarded[: out.window])
+        out.reward_last = _mean(h["reward"] for h in rewarded[-out.window:])
+        for key in sorted({k for h in rewarded for k in h if k.startswith("rewards/") and k.endswith("/mean")}):
+            values = [h[key] for h in rewarded if _finite(h.get(key))]
+            if values:
+                w = max(1, len(values) // 5)
+                out.rewards[key[len("rewards/"):-len("/mean")]] = (_mean(values[:w]), _mean(values[-w:]))
+    previous = 0
+    for h in steps:
+        gens = max(int(h["step"]) - previous, 1) * generations_per_step
+        previous = int(h["step"])
+        computed = h.get("thaw/prompt_tokens_prefilled", 0.0) + h.get("thaw/decode_tokens", 0.0)
+        saved = h.get("thaw/prefill_tokens_saved", 0.0) + h.get("thaw/decode_tokens_saved", 0.0)
+        out.tokens_computed += gens * computed
+        out.tokens_flat += gens * (computed + saved)
+        out.generation_seconds += gens * h.get("thaw/rollout_seconds", 0.0)
+    return out
+
+
+def print_summary(summary: RunSummary, console=None, title: str = "thaw-rl run summary") -> None:
+    """A rich table of ``summary``."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    table = Table(title=title, show_header=True, header_style="bold")
+    table.add_column("")
+    table.add_column("value", justify="right")
+    table.add_row("optimizer steps", f"{summary.num_steps}" + (f" on {summary.num_processes} processes"
+                                                               if summary.num_processes > 1 else ""))
+    if summary.reward_first is not None:
+        span = f"first {summary.window} -> last {summary.window} steps" if summary.window > 1 else "first -> last step"
+        table.add_row(f"reward ({span})", f"{summary.reward_first:.3f} -> {summary.reward_last:.3f}")
+        for name, (first, last) in summary.rewards.items():
+            table.add_row(f"  {name}", f"{first:.3f} -> {last:.3f}")
+    if summary.tokens_flat:
+        table.add_row("rollout tokens computed", f"{summary.tokens_computed:,.0f}")
+        table.add_row("  a flat sampler would compute", f"{summary.tokens_flat:,.0f}")
+        table.add_row("  saved", f"{summary.savings:.1%} ({summary.tokens_flat / summary.tokens_computed:.2f}x fewer)")
+    if summary.total_seconds is not None:
+        total = summary.total_seconds
+        table.add_row("wall time (train)", _duration(total))
+        if summary.generation_seconds:
+            gen, rest = summary.generation_seconds, summary.training_seconds
+            table.add_row("  generation", f"{_duration(gen)} ({gen / total:.0%})")
+            table.add_row("  training, rewards, logging", f"{_duration(rest)} ({rest / total:.0%})")
+    console.print(table)
+
+
+def write_plot(log_history: list[dict], path: str | Path) -> Path | None:
+    """Reward (and each reward function) and rollout savings per step as a PNG; None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    steps = train_steps(log_history)
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+    x = [h["step"] for h in steps if _finite(h.get("reward"))]
+    top.plot(x, [h["reward"] for h in steps if _finite(h.get("reward"))], label="reward (weighted sum)", linewidth=2)
+    for key in sorted({k for h in steps for k in h if k.startswith("rewards/") and k.endswith("/mean")}):
+        pts = [(h["step"], h[key]) for h in steps if _finite(h.get(key))]
+        top.plot([p[0] for p in pts], [p[1] for p in pts], label=key[len("rewards/"):-len("/mean")], alpha=0.7)
+    top.set_ylabel("mean reward")
+    top.legend(loc="best", fontsize="small")
+    top.grid(alpha=0.3)
+    pts = [(h["step"], 100 * h["thaw/savings"]) for h in steps if _finite(h.get("thaw/savings"))]
+    bottom.plot([p[0] for p in pts], [p[1] for p in pts], color="tab:green", label="rollout tokens saved (%)")
+    bottom.set_ylabel("tokens saved vs flat (%)")
+    bottom.set_xlabel("step")
+    bottom.set_ylim(bottom=0)
+    bottom.grid(alpha=0.3)
+    bottom.legend(loc="best", fontsize="small")
+    fig.suptitle("thaw-rl: reward and rollout savings per step")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def write_outputs(log_history: list[dict], summary: RunSummary, output_dir: str | Path) -> dict[str, Path | None]:
+    """``summary.json``, ``log_history.json`` and the plot in ``output_dir``."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / SUMMARY_FILE).write_text(json.dumps(summary.to_dict(), indent=2))
+    (out / HISTORY_FILE).write_text(json.dumps(log_history, indent=1, default=float))
+    plot = write_plot(log_history, out / PLOT_FILE)
+    return {"summary": out / SUMMARY_FILE, "history": out / HISTORY_FILE, "plot": plot}
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values)
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.1f} s" if seconds < 120 else f"{int(seconds // 60)} min {seconds % 60:02.0f} s"
