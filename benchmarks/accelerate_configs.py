@@ -1,0 +1,137 @@
+"""Every accelerate config in configs/ runs a recipe end to end on GPUs (and ZeRO-2 runs PPO).
+
+For each (recipe, config, processes) it runs exactly what the README tells a user to run,
+
+    accelerate launch --config_file configs/<cfg>.yaml --num_processes N -m thaw_rl.train --config <recipe> ...
+
+with the recipe's CPU fields overridden for a GPU (``--use_cpu false --bf16 true``) and a tiny random
+Qwen2 (``tiny-qwen2``: the GPU machines have no hub), then reads the run's ``summary.json`` and
+``log_history.json`` back and checks what the README promises: the run finished, every step logged the
+``thaw/`` metrics, the fork counts are summed over all ranks, and the loss is finite. It is a
+does-it-run receipt for the configs, not a speed benchmark (the model is tiny; wall time is mostly
+process start, DeepSpeed/FSDP set-up and compilation).
+
+    python benchmarks/accelerate_configs.py --out benchmarks/results/accelerate_configs_h200x2.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).parent))
+from receipt_utils import git_commit  # noqa: E402
+
+RECIPES = {"grpo": ROOT / "tests" / "recipes" / "tiny_grpo.yaml", "ppo": ROOT / "recipes" / "ppo_quickstart_cpu.yaml"}
+GPU_OVERRIDES = ["--use_cpu", "false", "--bf16", "true", "--report_to", "none", "--model_name_or_path", "tiny-qwen2",
+                 "--dtype", "float32", "--save_final_model", "false"]
+# recipe:config:processes
+DEFAULT_RUNS = ("grpo:single_gpu:1,grpo:multi_gpu:2,grpo:deepspeed_zero2:2,grpo:deepspeed_zero3:2,grpo:fsdp2:2,"
+                "ppo:multi_gpu:2,ppo:deepspeed_zero2:2")
+EXTRA = {"grpo": ["--max_steps", "3", "--per_device_train_batch_size", "8"],
+         "ppo": ["--max_steps", "4", "--per_device_train_batch_size", "8", "--learning_rate", "1e-3",
+                 "--kv_cache_memory", "33554432"]}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_one(recipe: str, config: str, processes: int, work: Path) -> dict:
+    out = work / f"{recipe}-{config}-{processes}"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "configs" / f"{config}.yaml"),
+           "--num_processes", str(processes), "--main_process_port", str(free_port()), "-m", "thaw_rl.train",
+           "--config", str(RECIPES[recipe]), "--output_dir", str(out), *GPU_OVERRIDES, *EXTRA[recipe]]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=150, cwd=ROOT)
+    row = dict(recipe=recipe, config=config, processes=processes, returncode=proc.returncode,
+               wall_seconds=round(time.perf_counter() - t0, 1),
+               command=" ".join(["accelerate launch"] + cmd[3:]).replace(str(ROOT) + "/", ""))
+    if proc.returncode != 0:
+        row["error_tail"] = (proc.stdout[-1500:] + "\n" + proc.stderr[-4000:]).strip()
+        return row
+    summary = json.loads((out / "summary.json").read_text())
+    history = json.loads((out / "log_history.json").read_text())
+    steps = [h for h in history if any(k.startswith("thaw/") or k.startswith("train/thaw/") for k in h)]
+    forks = [h.get("thaw/num_forks", h.get("train/thaw/num_forks")) for h in steps]
+    losses = [h[k] for h in history for k in ("loss", "train/loss", "loss/policy_avg") if k in h]
+    row.update(num_steps=summary["num_steps"], summary_processes=summary["num_processes"],
+               savings=summary.get("savings"), steps_with_thaw_metrics=len(steps), num_forks_per_log=forks,
+               losses_finite=bool(losses) and all(math.isfinite(x) for x in losses),
+               reward_first=summary.get("reward_first"), reward_last=summary.get("reward_last"))
+    # each rank forks its own prompts: per_device_train_batch_size / num_generations per rank, summed
+    row["ok"] = (summary["num_processes"] == processes and len(steps) > 0 and row["losses_finite"]
+                 and all(f is not None and f >= processes for f in forks))
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    lines = [f"{'recipe':6} {'config':16} {'procs':>5} {'rc':>3} {'ok':>5} {'steps':>5} {'forks/log':>12} "
+             f"{'savings':>8} {'wall s':>7}"]
+    for r in rows:
+        forks = ",".join(str(int(f)) for f in r.get("num_forks_per_log", [])[:4])
+        savings = f"{r['savings']:.3f}" if r.get("savings") is not None else "-"
+        lines.append(f"{r['recipe']:6} {r['config']:16} {r['processes']:>5} {r['returncode']:>3} "
+                     f"{str(r.get('ok', False)):>5} {r.get('num_steps', '-'):>5} {forks:>12} {savings:>8} "
+                     f"{r['wall_seconds']:>7}")
+    return "\n".join(lines)
+
+
+def versions() -> dict:
+    import importlib.metadata as md
+
+    out = {}
+    for name in ("torch", "transformers", "trl", "accelerate", "deepspeed", "triton"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--runs", default=DEFAULT_RUNS, help="comma-separated recipe:config:processes")
+    p.add_argument("--out", type=Path, default=None, help="where to write the JSON receipt")
+    args = p.parse_args()
+    import torch
+
+    gpus = torch.cuda.device_count()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for spec in args.runs.split(","):
+            recipe, config, processes = spec.split(":")
+            if int(processes) > gpus:
+                print(f"skip {spec}: {gpus} GPU(s) here", flush=True)
+                continue
+            row = run_one(recipe, config, int(processes), Path(tmp))
+            rows.append(row)
+            print(json.dumps({k: v for k, v in row.items() if k != "error_tail"}), flush=True)
+            if "error_tail" in row:
+                print(row["error_tail"], flush=True)
+    receipt = dict(benchmark="accelerate_configs",
+                   device=f"{gpus} x {torch.cuda.get_device_name(0)}" if gpus else "cpu",
+                   versions=versions(), git_commit=git_commit(), command=" ".join([sys.executable] + sys.argv),
+                   timestamp=time.strftime("%Y-%m-%dT%H:%M:%S%z"), model="tiny-qwen2 (random, thaw_rl.testing)",
+                   runs=rows)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(receipt, indent=2))
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
