@@ -72,7 +72,10 @@ class DecodeGraphs:
                 run()
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        # thread_local: under torch.distributed the NCCL watchdog thread polls the events of earlier
+        # collectives (DeepSpeed's gradient all-reduces); in the default "global" mode that poll during a
+        # capture invalidates it (seen on an H100 under ZeRO-2: cudaErrorStreamCaptureInvalidated).
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             logits = run()  # (bs, V)
         if self.pool is None:
             self.pool = graph.pool()

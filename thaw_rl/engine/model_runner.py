@@ -116,12 +116,24 @@ def pack(chunks: list[Chunk], block_size: int, table_width: int | None = None) -
     )
 
 
+def _is_fsdp2(model: torch.nn.Module) -> bool:
+    """Whether any module of ``model`` was sharded by FSDP2's ``fully_shard``."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch built without distributed
+        return False
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
 class ModelRunner:
     """Owns the forward pass: packing, device transfer, the attention-mode switch, CUDA graphs."""
 
     def __init__(self, model: torch.nn.Module, kv_cache: PagedKVCache, use_cuda_graphs: bool, max_num_seqs: int,
                  max_blocks_per_seq: int, compile_layers: bool = False) -> None:
         self.model = model
+        # inference_mode, except under FSDP2: its pre-forward unshard reads the parameters' version
+        # counters, which inference tensors do not have (TRL's generate path uses no_grad there too).
+        self.grad_off = torch.no_grad if _is_fsdp2(model) else torch.inference_mode
         self.compiled_layers = _compile_decoder_layers(model) if compile_layers else None
         self.kv_cache = kv_cache
         self.block_size = kv_cache.spec.block_size
@@ -158,9 +170,12 @@ class ModelRunner:
             )
         return out.logits[0]
 
-    @torch.inference_mode()
     def forward(self, chunks: list[Chunk]) -> torch.Tensor:
         """Logits (S, V) float32 at the last new token of each chunk."""
+        with self.grad_off():
+            return self._forward(chunks)
+
+    def _forward(self, chunks: list[Chunk]) -> torch.Tensor:
         if self.graphs is not None and all(c.num_new == 1 for c in chunks) and self.graphs.fits(len(chunks)):
             return self.graphs.forward(chunks)
         batch = pack(chunks, self.block_size)
