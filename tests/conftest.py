@@ -42,3 +42,18 @@ def tiny_tokenizer():
 def make_tiny_model():
     """Factory: make_tiny_model("qwen3", seed=0, dtype=torch.float32, **config_overrides)."""
     return tiny_model
+
+
+@pytest.fixture
+def fresh_wandb():
+    """W&B's process-wide settings start fresh, and are dropped after the test.
+
+    wandb freezes its settings (WANDB_DIR, WANDB_MODE, ...) at its first run in a process; without a
+    teardown a later test's run would go to an earlier test's directory.
+    """
+    import wandb
+
+    wandb.teardown()
+    yield
+    wandb.finish()
+    wandb.teardown()

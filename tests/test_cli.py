@@ -26,19 +26,14 @@ TINY = ROOT / "tests" / "recipes" / "tiny_grpo.yaml"
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 
 
-def test_train_runs_a_recipe_in_process(tmp_path, capsys, monkeypatch):
+def test_train_runs_a_recipe_in_process(tmp_path, capsys, monkeypatch, fresh_wandb):
     """With report_to wandb and no API key anywhere, the run logs offline and says where."""
     for name in ("WANDB_MODE", "WANDB_API_KEY"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc from `wandb login`
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     out = tmp_path / "out"
-    try:
-        assert cli.main(["train", str(TINY), "--output_dir", str(out), "--report_to", "wandb"]) == 0
-    finally:
-        import wandb
-
-        wandb.finish()
+    assert cli.main(["train", str(TINY), "--output_dir", str(out), "--report_to", "wandb"]) == 0
     printed = capsys.readouterr().out
     for words in ("optimizer steps", "reward (first -> last step)", "rollout tokens computed",
                   "a flat sampler would compute", "generation", "logging to W&B offline"):

@@ -342,7 +342,7 @@ def read_wandb_records(path: str) -> list:
     return records
 
 
-def test_thaw_metrics_reach_an_offline_wandb_run(tmp_path, monkeypatch):
+def test_thaw_metrics_reach_an_offline_wandb_run(tmp_path, monkeypatch, fresh_wandb):
     import wandb
 
     monkeypatch.setenv("WANDB_MODE", "offline")
