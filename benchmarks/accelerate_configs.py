@@ -60,6 +60,8 @@ def run_one(recipe: str, config: str, processes: int, work: Path) -> dict:
     row = dict(recipe=recipe, config=config, processes=processes, returncode=proc.returncode,
                wall_seconds=round(time.perf_counter() - t0, 1),
                command=" ".join(["accelerate launch"] + cmd[3:]).replace(str(ROOT) + "/", ""))
+    row["engine_warnings"] = sorted({line.split("thaw-rl: ", 1)[1][:300] for line in proc.stderr.splitlines()
+                                     if "thaw-rl: CUDA graph" in line})
     if proc.returncode != 0:
         row["error_tail"] = (proc.stdout[-1500:] + "\n" + proc.stderr[-4000:]).strip()
         return row

@@ -45,6 +45,7 @@ class DecodeGraphs:
         self._host_table_np = self._host_table.numpy()
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
+        self.capture_error: str | None = None  # why a capture failed (the runner then runs eagerly)
 
     def fits(self, num_seqs: int) -> bool:
         return num_seqs <= self.max_bs
@@ -118,10 +119,15 @@ class DecodeGraphs:
         self.block_tables[:bs, :width].copy_(host_table.to(self.runner.device, non_blocking=True))
         return bs
 
-    def forward(self, chunks) -> torch.Tensor:
+    def forward(self, chunks) -> torch.Tensor | None:
+        """Logits (n, V) float32 by graph replay; None if this batch size's capture failed (run eagerly)."""
         bs = self._fill(chunks)
         if bs not in self.graphs:
-            self.graphs[bs] = self._capture(bs)
+            try:
+                self.graphs[bs] = self._capture(bs)
+            except RuntimeError as err:  # torch.AcceleratorError: the capture was invalidated, nothing replayable
+                self.capture_error = f"{type(err).__name__}: {str(err).splitlines()[0]}"
+                return None
         graph, logits = self.graphs[bs]
         graph.replay()
         return logits[: len(chunks)].float()

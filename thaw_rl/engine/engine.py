@@ -29,6 +29,7 @@ from thaw_rl.engine.kv_cache import KVCacheSpec, PagedKVCache
 from thaw_rl.engine.model_runner import Chunk, ModelRunner
 from thaw_rl.engine.sampling import SamplingBatch, SamplingParams, derive_seed, sample
 from thaw_rl.engine.session import Session
+from thaw_rl.engine.sharding import compute_dtype
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 
@@ -119,7 +120,7 @@ class ThawEngine:
         self.model = model
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
-        self.dtype = next(model.parameters()).dtype
+        self.dtype = compute_dtype(model)  # FSDP2 mixed precision computes in bf16 over fp32 shards
         num_layers, num_kv_heads, head_dim = _model_dims(config)
         self.spec = KVCacheSpec(num_layers, num_kv_heads, head_dim, block_size, self.dtype)
         self.block_size = block_size

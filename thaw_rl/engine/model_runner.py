@@ -12,6 +12,7 @@ On CUDA, pure-decode steps (every chunk one token) replay a CUDA graph captured 
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +20,9 @@ import torch
 from thaw_rl.engine.attention import METADATA_KWARG, AttentionMetadata, paged_attention_mode
 from thaw_rl.engine.kv_cache import PagedKVCache
 from thaw_rl.engine.session import Session
+from thaw_rl.engine.sharding import fsdp2_modules
+
+logger = logging.getLogger(__name__)
 
 
 def _compile_decoder_layers(model: torch.nn.Module) -> list[tuple[torch.nn.Module, object]]:
@@ -116,15 +120,6 @@ def pack(chunks: list[Chunk], block_size: int, table_width: int | None = None) -
     )
 
 
-def _is_fsdp2(model: torch.nn.Module) -> bool:
-    """Whether any module of ``model`` was sharded by FSDP2's ``fully_shard``."""
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # torch built without distributed
-        return False
-    return any(isinstance(m, FSDPModule) for m in model.modules())
-
-
 class ModelRunner:
     """Owns the forward pass: packing, device transfer, the attention-mode switch, CUDA graphs."""
 
@@ -133,13 +128,14 @@ class ModelRunner:
         self.model = model
         # inference_mode, except under FSDP2: its pre-forward unshard reads the parameters' version
         # counters, which inference tensors do not have (TRL's generate path uses no_grad there too).
-        self.grad_off = torch.no_grad if _is_fsdp2(model) else torch.inference_mode
+        self.grad_off = torch.no_grad if fsdp2_modules(model) else torch.inference_mode
         self.compiled_layers = _compile_decoder_layers(model) if compile_layers else None
         self.kv_cache = kv_cache
         self.block_size = kv_cache.spec.block_size
         self.device = kv_cache.device
         self.max_blocks_per_seq = max_blocks_per_seq
         self.graphs = None
+        self.graphs_failed: str | None = None  # the capture error, once graphs were given up
         if use_cuda_graphs:
             from thaw_rl.engine.cuda_graphs import DecodeGraphs
 
@@ -170,6 +166,15 @@ class ModelRunner:
             )
         return out.logits[0]
 
+    def _give_up_graphs(self) -> None:
+        """A capture failed: run every later step eagerly (same outputs, slower), and say so once."""
+        self.graphs_failed = self.graphs.capture_error
+        self.graphs = None
+        logger.warning(
+            "thaw-rl: CUDA graph capture failed (%s); this engine decodes without CUDA graphs from now on (same "
+            "output, slower). Seen under DeepSpeed ZeRO-2; pass use_cuda_graphs=False (ThawGRPOConfig."
+            "engine_cuda_graphs=False) to skip the attempt.", self.graphs_failed)
+
     def forward(self, chunks: list[Chunk]) -> torch.Tensor:
         """Logits (S, V) float32 at the last new token of each chunk."""
         with self.grad_off():
@@ -177,7 +182,10 @@ class ModelRunner:
 
     def _forward(self, chunks: list[Chunk]) -> torch.Tensor:
         if self.graphs is not None and all(c.num_new == 1 for c in chunks) and self.graphs.fits(len(chunks)):
-            return self.graphs.forward(chunks)
+            logits = self.graphs.forward(chunks)
+            if logits is not None:
+                return logits
+            self._give_up_graphs()
         batch = pack(chunks, self.block_size)
         meta = self.metadata(batch)
         last = (batch.cu_seqlens_q[1:] - 1).to(self.device)  # (S,)

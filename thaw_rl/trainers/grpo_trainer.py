@@ -94,6 +94,7 @@ class ThawGRPOTrainer(GRPOTrainer):
         self.tree_spec = args.build_tree_spec(self.num_generations)
         self.last_rollout: RolloutBatch | None = None
         self._backend: NativeBackend | None = None
+        self._cuda_graphs_failed = False
         self.vllm_backend = None  # VLLMBackend, built at the first generation when rollout_backend="vllm"
         self._vllm_synced_step: int | None = None
         self._pending_stats: list[tuple[RolloutStats, int]] = []
@@ -136,6 +137,8 @@ class ThawGRPOTrainer(GRPOTrainer):
             filled = 0
             if len(batch.leaves) < num_generations * len(prompts):
                 batch, filled = complete_groups(backend, batch, num_generations, params)
+            if backend is self._backend and backend.engine.runner.graphs_failed:
+                self._cuda_graphs_failed = True  # later engines skip the capture that failed
             if self.args.release_kv_cache:
                 self._backend = None
         if len(batch.leaves) != len(prompt_ids):
@@ -168,6 +171,8 @@ class ThawGRPOTrainer(GRPOTrainer):
         graphs = self.args.engine_cuda_graphs
         if graphs is None and (self._dist.is_zero3 or self._dist.is_fsdp):
             graphs = False  # parameters are gathered into fresh storage each generation: graphs would go stale
+        if graphs is None and self._cuda_graphs_failed:
+            graphs = False  # an earlier engine's capture failed in this process (logged there)
         self._backend = NativeBackend(model, self._tokenizer, block_size=self.args.kv_block_size,
                                       kv_cache_memory=self.args.engine_kv_cache_memory, use_cuda_graphs=graphs,
                                       compile_layers=self.args.engine_compile_layers, seed=self.args.seed)
