@@ -8,11 +8,14 @@ from pathlib import Path
 
 
 def git_commit() -> str | None:
-    """HEAD of this checkout, or $THAW_COMMIT where the tree was copied without .git (the GPU machines)."""
+    """$THAW_COMMIT if set (the GPU machines get a copy of the tree whose .git, if any, is not this checkout's),
+    else HEAD of this checkout."""
+    if os.environ.get("THAW_COMMIT"):
+        return os.environ["THAW_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
         if out.returncode == 0:
             return out.stdout.strip()
     except OSError:
         pass
-    return os.environ.get("THAW_COMMIT")
+    return None
