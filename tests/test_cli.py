@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from thaw_rl import cli
+from thaw_rl.testing import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "tests" / "recipes" / "tiny_grpo.yaml"
@@ -108,17 +108,12 @@ def test_accelerate_configs_load(config):
         assert loaded.fsdp_config["fsdp_version"] == 2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_accelerate_launch_on_two_cpu_processes(tmp_path):
     """The README's command with configs/cpu.yaml: two gloo ranks, one prompt each per step, metrics summed."""
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "configs" / "cpu.yaml"),
-           "--num_processes", "2", "--main_process_port", str(_free_port()), "-m", "thaw_rl.train",
+           "--num_processes", "2", "--main_process_port", str(free_port()), "-m", "thaw_rl.train",
            "--config", str(TINY), "--output_dir", str(out)]
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                PYTHONPATH=str(ROOT))

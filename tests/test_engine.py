@@ -351,3 +351,27 @@ def test_cuda_graphs_and_triton_attention_match_generate(family):
         lp = forward_logprobs(model, p + o.token_ids, len(p))
         torch.testing.assert_close(torch.tensor(o.logprobs), lp, atol=1e-4, rtol=0)
     assert len(engine.runner.graphs.graphs) >= 1  # decode steps really replayed a graph
+
+
+class _CaptureFailsGraphs:
+    """Stands in for DecodeGraphs whose capture fails (as under DeepSpeed ZeRO-2 on an H100; CPU has no graphs)."""
+
+    capture_error = "AcceleratorError: CUDA error: operation failed due to a previous error during capture"
+
+    def fits(self, num_seqs: int) -> bool:
+        return True
+
+    def forward(self, chunks):
+        return None
+
+
+def test_a_failed_graph_capture_falls_back_to_eager_decode_and_says_so(caplog):
+    model, tok = tiny_model_and_tokenizer("qwen2")
+    engine = ThawEngine(model, tok, kv_cache_memory=16 << 20)
+    engine.runner.graphs = _CaptureFailsGraphs()
+    prompt = random_prompts([9], model.config.vocab_size, seed=3)[0]
+    with caplog.at_level("WARNING"):
+        (out,) = engine.generate([engine.prefill(prompt)], GREEDY)
+    assert out.token_ids == hf_greedy(model, prompt, GREEDY.max_tokens)
+    assert engine.runner.graphs is None and "previous error during capture" in engine.runner.graphs_failed
+    assert sum("CUDA graph capture failed" in r.getMessage() for r in caplog.records) == 1

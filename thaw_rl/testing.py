@@ -131,3 +131,12 @@ def _randomize_biases_and_norms(model) -> None:
             param.normal_(0.0, 0.1)
         elif "norm" in name:
             param.normal_(1.0, 0.1)
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now, for a test's torch.distributed rendezvous (``--master_port``)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
