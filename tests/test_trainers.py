@@ -386,3 +386,34 @@ def test_two_ranks_train_and_sum_their_thaw_metrics(tmp_path):
         assert h["thaw/prompt_tokens_prefilled"] == sum(m["prefill_tokens"] for m in mine)
         assert h["thaw/prefill_tokens_saved"] == sum(m["flat_prefill_tokens"] - m["prefill_tokens"] for m in mine)
         assert h["thaw/num_forks"] == 2
+
+
+def test_deepspeed_forward_hooks_are_paused_during_generation_and_restored():
+    """Stand-in for DeepSpeedEngine's hook API (DeepSpeed needs CUDA); the H100 receipt checks the real one."""
+    from thaw_rl.trainers.deepspeed_hooks import paused_deepspeed_forward_hooks
+
+    calls = []
+
+    class FakeDeepSpeedEngine:  # the four attributes DeepSpeedEngine has (0.14 - 0.19)
+        def __init__(self, module):
+            self.module = module
+            self.module_forward_pre_hook = self._create_module_forward_pre_hook()
+            self.module_forward_post_hook = self._create_module_forward_post_hook()
+
+        def _create_module_forward_pre_hook(self):
+            return self.module.register_forward_pre_hook(lambda m, a, k: calls.append("pre"), with_kwargs=True)
+
+        def _create_module_forward_post_hook(self):
+            return self.module.register_forward_hook(lambda m, a, o: calls.append("post"))
+
+    module = torch.nn.Linear(2, 2)
+    ds = FakeDeepSpeedEngine(module)
+    x = torch.ones(1, 2)
+    with paused_deepspeed_forward_hooks(ds, zero_stage=2) as paused:
+        module(x)
+    assert paused and calls == []
+    module(x)
+    assert calls == ["pre", "post"]  # restored, once each
+    with paused_deepspeed_forward_hooks(ds, zero_stage=3) as paused:
+        module(x)
+    assert not paused and calls == ["pre", "post"] * 2  # ZeRO-3 keeps them

@@ -73,9 +73,8 @@ class DecodeGraphs:
                 run()
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        # thread_local: under torch.distributed the NCCL watchdog thread polls the events of earlier
-        # collectives (DeepSpeed's gradient all-reduces); in the default "global" mode that poll during a
-        # capture invalidates it (seen on an H100 under ZeRO-2: cudaErrorStreamCaptureInvalidated).
+        # thread_local: what other threads do meanwhile (NCCL's watchdog polling events, a data loader)
+        # cannot invalidate this capture; a sync in this thread still does (see ModelRunner._give_up_graphs).
         with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             logits = run()  # (bs, V)
         if self.pool is None:

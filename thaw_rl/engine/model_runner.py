@@ -172,8 +172,9 @@ class ModelRunner:
         self.graphs = None
         logger.warning(
             "thaw-rl: CUDA graph capture failed (%s); this engine decodes without CUDA graphs from now on (same "
-            "output, slower). Seen under DeepSpeed ZeRO-2; pass use_cuda_graphs=False (ThawGRPOConfig."
-            "engine_cuda_graphs=False) to skip the attempt.", self.graphs_failed)
+            "output, slower). Usually something synchronizes the device inside the model's forward (a forward "
+            "hook: DeepSpeed's are paused by the thaw-rl trainers); use_cuda_graphs=False (ThawGRPOConfig."
+            "engine_cuda_graphs=False) skips the attempt.", self.graphs_failed)
 
     def forward(self, chunks: list[Chunk]) -> torch.Tensor:
         """Logits (S, V) float32 at the last new token of each chunk."""

@@ -48,6 +48,7 @@ from thaw_rl.backends.native import NativeBackend
 from thaw_rl.engine.engine import SUPPORTED_MODEL_TYPES
 from thaw_rl.engine.sampling import SamplingParams, derive_seed
 from thaw_rl.rollout import RolloutBatch, RolloutStats, TreeSampler, TreeSpec
+from thaw_rl.trainers.deepspeed_hooks import paused_deepspeed_forward_hooks
 from thaw_rl.trainers.grpo_config import ThawGRPOConfig
 from thaw_rl.trainers.group_fill import add_stats, complete_groups
 from thaw_rl.trainers.rollout_metrics import local_vector, reduce_rollout_metrics
@@ -159,8 +160,15 @@ class ThawGRPOTrainer(GRPOTrainer):
             ) as unwrapped_model,
             torch.no_grad(),
             self._dist.summon_full_params(self.model_wrapped, recurse=False),
+            paused_deepspeed_forward_hooks(self._deepspeed_engine(), self._dist.zero_stage),
         ):
             yield unwrapped_model
+
+    def _deepspeed_engine(self):
+        """The ``DeepSpeedEngine`` wrapping the policy, or None without DeepSpeed."""
+        if not self.is_deepspeed_enabled:
+            return None
+        return self.model_wrapped if hasattr(self.model_wrapped, "module_forward_pre_hook") else None
 
     def _backend_for(self, model: torch.nn.Module):
         if self.args.rollout_backend == "vllm":
