@@ -248,3 +248,18 @@ def test_shortened_quickstart_learns(tmp_path):
     """
     first, last = reward_ends(short_quickstart(tmp_path))
     assert last > first + 0.05, (first, last)
+
+
+# -- the summary's token totals are exact ------------------------------------------------------------------------
+def test_ppo_summary_counts_each_rollout_once(tmp_path):
+    """PPO logs a rollout's metrics once and then takes num_ppo_epochs x num_mini_batches = 4 optimizer steps
+    on it; the summary's token totals must be that rollout's own counts, not a per-step share of them."""
+    recipe = parse_recipe(["--config", str(ROOT / "recipes" / "ppo_quickstart_cpu.yaml"), "--output_dir",
+                           str(tmp_path), "--model_name_or_path", "tiny-qwen2", "--max_steps", "4",
+                           "--report_to", "none", "--save_final_model", "false", "--kv_cache_memory", "16777216"])
+    trainer = train.run(recipe)
+    stats = trainer.last_rollout.stats  # one rollout in 4 steps, one rank
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["num_steps"] == 4
+    assert summary["tokens_computed"] == stats.prefill_tokens + stats.decode_tokens > 0
+    assert summary["tokens_flat"] == stats.flat_prefill_tokens + stats.flat_decode_tokens > summary["tokens_computed"]

@@ -2,9 +2,12 @@
 
 Everything is read back from ``trainer.state.log_history``, the same numbers W&B shows: TRL's ``reward``
 and ``rewards/<func>/mean`` per logged step, and thaw-rl's ``thaw/...`` rollout metrics (see
-``thaw_rl.trainers.rollout_metrics``). TRL averages a metric over the generations inside one logging
-window, so totals multiply each logged value by the generations it stands for (``generations_per_step``
-x the steps in the window).
+``thaw_rl.trainers.rollout_metrics``). Token and generation-time totals come from the trainer's exact
+``rollout_totals`` (summed over all ranks at each generation) when the trainer is at hand; from a log
+alone they are estimated: TRL averages a metric over the generations inside one logging window, so each
+logged value is multiplied by the generations it stands for (``generations_per_step`` x the steps in the
+window), which is exact for GRPO with one generation per logged window and not for PPO, which logs a
+rollout's metrics once and then takes several optimizer steps on it.
 
 - rollout tokens: computed = ``prompt_tokens_prefilled + decode_tokens``; a flat sampler (every sample
   prefilled and decoded on its own, as ``model.generate(num_return_sequences=G)``) would have computed
@@ -61,7 +64,10 @@ def train_steps(log_history: list[dict]) -> list[dict]:
             and not any(k.startswith("eval_") for k in h)]
 
 
-def summarize(log_history: list[dict], generations_per_step: float = 1.0, num_processes: int = 1) -> RunSummary:
+def summarize(log_history: list[dict], generations_per_step: float = 1.0, num_processes: int = 1,
+              rollout_totals: dict[str, float] | None = None) -> RunSummary:
+    """What a run did. Token and generation-time totals come from ``rollout_totals`` (the trainer's exact
+    sums, ``ThawGRPOTrainer.rollout_totals``) when given, else are estimated from the logged averages."""
     steps = train_steps(log_history)
     out = RunSummary(num_processes=num_processes, num_logged_steps=len(steps))
     out.num_steps = max([int(h["step"]) for h in log_history if "step" in h], default=0)
@@ -86,6 +92,11 @@ def summarize(log_history: list[dict], generations_per_step: float = 1.0, num_pr
         out.tokens_computed += gens * computed
         out.tokens_flat += gens * (computed + saved)
         out.generation_seconds += gens * h.get("thaw/rollout_seconds", 0.0)
+    if rollout_totals:
+        t = lambda key: rollout_totals.get(f"thaw/{key}", 0.0)  # noqa: E731
+        out.tokens_computed = t("prompt_tokens_prefilled") + t("decode_tokens")
+        out.tokens_flat = out.tokens_computed + t("prefill_tokens_saved") + t("decode_tokens_saved")
+        out.generation_seconds = t("rollout_seconds")
     return out
 
 

@@ -356,7 +356,8 @@ def run(recipe: Recipe):
         trainer.save_model(config.output_dir)
     if trainer.is_world_process_zero() and recipe.script_args.write_summary:
         history = trainer.state.log_history
-        result = run_summary.summarize(history, generations_per_step(config), trainer.accelerator.num_processes)
+        result = run_summary.summarize(history, generations_per_step(config), trainer.accelerator.num_processes,
+                                       getattr(trainer, "rollout_totals", None))
         run_summary.print_summary(result, title=f"thaw-rl: {Path(recipe.path).name if recipe.path else 'run'}")
         files = run_summary.write_outputs(history, result, config.output_dir)
         print(f"thaw-rl: wrote {files['summary']}" + (f" and {files['plot']}" if files["plot"] else

@@ -51,7 +51,7 @@ from thaw_rl.rollout import RolloutBatch, RolloutStats, TreeSampler, TreeSpec
 from thaw_rl.trainers.deepspeed_hooks import paused_deepspeed_forward_hooks
 from thaw_rl.trainers.grpo_config import ThawGRPOConfig
 from thaw_rl.trainers.group_fill import add_stats, complete_groups
-from thaw_rl.trainers.rollout_metrics import local_vector, reduce_rollout_metrics
+from thaw_rl.trainers.rollout_metrics import TOTALLED_METRICS, local_vector, reduce_rollout_metrics
 from thaw_rl.trainers.tree_advantages import tree_advantages
 
 logger = logging.getLogger(__name__)
@@ -99,6 +99,9 @@ class ThawGRPOTrainer(GRPOTrainer):
         self.vllm_backend = None  # VLLMBackend, built at the first generation when rollout_backend="vllm"
         self._vllm_synced_step: int | None = None
         self._pending_stats: list[tuple[RolloutStats, int]] = []
+        # exact run totals of the count/time metrics (all ranks), for the end-of-run summary: the logged
+        # values are averages over each logging window, which cannot be summed back exactly
+        self.rollout_totals: dict[str, float] = {}
         self._rewards_per_func: torch.Tensor | None = None
         self._seed_step, self._seed_calls = -1, 0
 
@@ -300,6 +303,8 @@ class ThawGRPOTrainer(GRPOTrainer):
         vector = local_vector(stats, filled, diff, self.accelerator.device)
         for key, value in reduce_rollout_metrics(self.accelerator.gather(vector)).items():
             self._metrics[mode][key].append(value)
+            if mode == "train" and key in TOTALLED_METRICS:
+                self.rollout_totals[key] = self.rollout_totals.get(key, 0.0) + value
 
 
 def unique_prompts(prompt_ids: list[list[int]], group_size: int) -> list[list[int]]:

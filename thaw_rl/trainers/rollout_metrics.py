@@ -40,6 +40,10 @@ FIELDS = (
     "leaves_filled", "logp_diff_sum", "logp_diff_count", "logp_diff_max",
 )
 PREFIX = "thaw/"
+# the metrics that add up over generations (a run's totals: ThawGRPOTrainer.rollout_totals)
+TOTALLED_METRICS = tuple(PREFIX + k for k in (
+    "prompt_tokens_prefilled", "prompt_tokens_reused", "prefill_tokens_saved", "decode_tokens",
+    "decode_tokens_saved", "num_forks", "rollout_seconds"))
 
 
 def local_vector(stats: RolloutStats | None, leaves_filled: int, logp_diff: torch.Tensor | None,
