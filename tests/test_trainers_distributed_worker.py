@@ -29,7 +29,7 @@ class _Recorder:
         return output
 
 
-def main(out_dir: str) -> None:
+def main(out_dir: str):
     import torch
     from datasets import Dataset
 
@@ -59,7 +59,12 @@ def main(out_dir: str) -> None:
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump({"rank": rank, "world_size": trainer.accelerator.num_processes,
                    "rollouts": trainer.local_rollouts, "log_history": trainer.state.log_history}, f)
+    return trainer  # kept alive by the caller until os._exit
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    _trainer = main(sys.argv[1])
+    # leave without destructors: freeing the DDP model's gloo process group can deadlock (see thaw_rl.train._exit)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -369,15 +369,40 @@ def run(recipe: Recipe):
     return trainer
 
 
+# A distributed rank's trainer is kept until the process exits, and the process leaves with os._exit: freeing
+# a DDP model frees its gloo process group, whose destructor joins a worker thread that may still need the
+# GIL to drop its last work item, held by the destructor's caller: a deadlock (seen on CPU under load, the
+# rank hanging after its run had finished and written everything).
+_DISTRIBUTED_TRAINERS: list = []
+
+
+def _is_distributed_rank() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         recipe = parse_recipe(argv)
-        run(recipe)
+        trainer = run(recipe)
     except RecipeError as err:
         print(f"thaw_rl.train: error: {err}", file=sys.stderr, flush=True)
         return 2
+    if _is_distributed_rank():
+        _DISTRIBUTED_TRAINERS.append(trainer)
     return 0
 
 
+def _exit(code: int) -> None:
+    """Leave the process; a distributed rank skips the destructors (see ``_DISTRIBUTED_TRAINERS``)."""
+    if not _is_distributed_rank():
+        sys.exit(code)
+    import logging
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    _exit(main())
