@@ -398,6 +398,9 @@ def _exit(code: int) -> None:
         sys.exit(code)
     import logging
 
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:  # transformers < 5.18 has no Trainer.end() to finish it
+        wandb.finish()
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
