@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import platform
 import statistics
 import sys
 import tempfile
@@ -37,7 +35,7 @@ import time
 from pathlib import Path
 
 import torch
-from receipt_utils import git_commit  # noqa: E402
+from receipt_utils import receipt, write_receipt  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
@@ -231,22 +229,6 @@ def table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def receipt(args, rows: list[dict]) -> dict:
-    import transformers
-    import trl
-
-    on_cuda = args.device == "cuda"
-    return {
-        "benchmark": "grpo_step",
-        "device": torch.cuda.get_device_name() if on_cuda else (platform.processor() or platform.machine()),
-        "torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
-        "torch_threads": torch.get_num_threads(), "git_commit": git_commit(),
-        "command": " ".join([sys.executable, *sys.argv]), "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "results": rows,
-    }
-
-
 def main() -> None:
     args = parse_args()
     if args.threads:
@@ -257,10 +239,7 @@ def main() -> None:
             print(f"== {kind}: {args.prompts} prompts x {args.num_generations} generations, "
                   f"{args.max_completion_length} new tokens, {args.warmup} + {args.steps} steps", flush=True)
             rows.append(run(kind, args, out_dir))
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(receipt(args, rows), indent=2) + "\n")
-        print(f"wrote {args.out}")
+    write_receipt(args.out, receipt("grpo_step", args, rows))
     print(table(rows))
 
 

@@ -27,8 +27,6 @@ On CPU run it with nothing else on the machine. Table last; ``--out`` writes a J
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import sys
 import tempfile
@@ -38,7 +36,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-from receipt_utils import git_commit  # noqa: E402
+from receipt_utils import receipt, write_receipt  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -183,22 +181,6 @@ def table(rows: list[dict]) -> str:
     return "\n".join(text[:1] + ["-" * len(text[0])] + text[1:])
 
 
-def receipt(args, rows: list[dict]) -> dict:
-    import transformers
-    import trl
-
-    return {
-        "benchmark": "ppo_vs_grpo",
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else (platform.processor()
-                                                                                    or platform.machine()),
-        "torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
-        "torch_threads": torch.get_num_threads(), "git_commit": git_commit(),
-        "command": " ".join([sys.executable, *sys.argv]), "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "results": rows,
-    }
-
-
 def main() -> None:
     args = parse_args()
     if args.threads:
@@ -209,10 +191,7 @@ def main() -> None:
             print(f"== {kind}: {args.prompts} prompts x {args.num_generations} samples, "
                   f"{args.max_completion_length} new tokens, {args.budget:.0f} {args.clock} s", flush=True)
             rows.append(run(kind, args, out_dir))
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(receipt(args, rows), indent=2) + "\n")
-        print(f"wrote {args.out}")
+    write_receipt(args.out, receipt("ppo_vs_grpo", args, rows))
     print(table(rows))
 
 

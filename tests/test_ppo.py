@@ -10,11 +10,8 @@ checkpoint restores policy and value head; two ranks train in lockstep.
 from __future__ import annotations
 
 import inspect
-import json
 import math
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,7 +21,7 @@ from safetensors.torch import load_file
 from trl import GRPOTrainer
 
 from thaw_rl.rollout import Leaf, Node, RolloutBatch, RolloutStats
-from thaw_rl.testing import free_port, tiny_model_and_tokenizer
+from thaw_rl.testing import tiny_model_and_tokenizer, torchrun_ranks
 from thaw_rl.trainers import ThawGRPOConfig, ThawPPOConfig, ThawPPOTrainer
 from thaw_rl.trainers.ppo_objective import (
     explained_variance,
@@ -303,16 +300,9 @@ def test_checkpoint_restores_policy_and_value_head(tmp_path):
 
 
 # -- two ranks -------------------------------------------------------------------------------------------------
-
 def test_two_ranks_train_in_lockstep(tmp_path):
     """torchrun, 2 CPU ranks (gloo), 2 rollouts: DDP keeps policy and value head identical on both ranks."""
-    worker = Path(__file__).with_name("test_ppo_distributed_worker.py")
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), str(worker), str(tmp_path)]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    ranks = torchrun_ranks(Path(__file__).with_name("test_ppo_distributed_worker.py"), tmp_path)
     assert [r["world_size"] for r in ranks] == [2, 2]
     assert ranks[0]["prompts"] != ranks[1]["prompts"]  # each rank rolled out its own prompts
     assert ranks[0]["checksums"] == ranks[1]["checksums"]  # ... and the gradients were averaged

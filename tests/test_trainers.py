@@ -13,7 +13,6 @@ import glob
 import inspect
 import json
 import math
-import os
 import struct
 import subprocess
 import sys
@@ -26,7 +25,7 @@ from datasets import Dataset
 from trl import GRPOConfig, GRPOTrainer
 
 from thaw_rl.rollout import Leaf, Node, RolloutBatch, RolloutStats
-from thaw_rl.testing import free_port, tiny_model_and_tokenizer
+from thaw_rl.testing import tiny_model_and_tokenizer, torchrun_ranks
 from thaw_rl.trainers import (
     ThawBestOfNConfig,
     ThawBestOfNTrainer,
@@ -366,16 +365,9 @@ def test_thaw_metrics_reach_an_offline_wandb_run(tmp_path, monkeypatch, fresh_wa
             assert row["train/" + key] == pytest.approx(h[key]), key
 
 
-
 def test_two_ranks_train_and_sum_their_thaw_metrics(tmp_path):
     """torchrun, 2 CPU ranks (gloo), 2 steps; each rank rolls out its own prompt, the logs hold the sums."""
-    worker = Path(__file__).with_name("test_trainers_distributed_worker.py")
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), str(worker), str(tmp_path)]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    ranks = torchrun_ranks(Path(__file__).with_name("test_trainers_distributed_worker.py"), tmp_path)
     assert [r["world_size"] for r in ranks] == [2, 2]
     assert ranks[0]["log_history"][-1]["train_loss"] is not None
     logged = [h for h in ranks[0]["log_history"] if "thaw/savings" in h]

@@ -140,3 +140,22 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def torchrun_ranks(worker, out_dir, nproc: int = 2, timeout: int = 400) -> list[dict]:
+    """Run ``worker OUT_DIR`` under torchrun on ``nproc`` CPU ranks (gloo, one thread each) and return each
+    rank's ``OUT_DIR/rank<r>.json``; a failed run raises with the end of its output."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
+           "127.0.0.1", "--master_port", str(free_port()), str(worker), str(out_dir)]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    if out.returncode != 0:
+        raise AssertionError(f"torchrun {Path(worker).name} failed ({out.returncode}):\n"
+                             f"{out.stdout[-3000:]}\n{out.stderr[-5000:]}")
+    return [json.loads((Path(out_dir) / f"rank{r}.json").read_text()) for r in range(nproc)]
