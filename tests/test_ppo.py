@@ -22,6 +22,7 @@ from trl import GRPOTrainer
 
 from thaw_rl.rollout import Leaf, Node, RolloutBatch, RolloutStats
 from thaw_rl.testing import tiny_model_and_tokenizer, torchrun_ranks
+from tiny_training import PROMPTS, reward_chars, tiny_training_fields
 from thaw_rl.trainers import ThawGRPOConfig, ThawPPOConfig, ThawPPOTrainer
 from thaw_rl.trainers.ppo_objective import (
     explained_variance,
@@ -35,25 +36,15 @@ from thaw_rl.trainers.ppo_objective import (
 )
 from thaw_rl.trainers.value_head import VALUE_HEAD_FILE
 
-PROMPTS = ["abc", "hello there", "xyz 12", "the cat sat on"]
 PPO_KEYS = ("loss/policy_avg", "loss/value_avg", "policy/approxkl_avg", "policy/clipfrac_avg", "val/clipfrac_avg",
             "policy/entropy_avg", "val/ratio")
 ROLLOUT_KEYS = ("objective/kl", "objective/scores", "objective/rlhf_reward", "val/explained_variance", "reward",
                 "thaw/savings", "thaw/prefill_tokens_saved")
 
 
-def reward_chars(completions, **kwargs):
-    """Deterministic, with spread across samples."""
-    return [float(sum(map(ord, c)) % 7) for c in completions]
-
-
 def make_config(tmp_path, **overrides) -> ThawPPOConfig:
-    fields = dict(output_dir=str(tmp_path / "out"), use_cpu=True, bf16=False, report_to="none",
-                  per_device_train_batch_size=4, num_generations=4, max_completion_length=8, max_steps=4,
-                  logging_steps=1, save_strategy="no", gradient_checkpointing=False, learning_rate=1e-2, seed=0,
-                  kv_cache_memory=8 * 2**20, num_mini_batches=2, num_ppo_epochs=2)
-    fields.update(overrides)
-    return ThawPPOConfig(**fields)
+    return ThawPPOConfig(**tiny_training_fields(tmp_path / "out", **{
+        "max_steps": 4, "kv_cache_memory": 8 * 2**20, "num_mini_batches": 2, "num_ppo_epochs": 2, **overrides}))
 
 
 def make_trainer(tmp_path, model=None, **overrides) -> ThawPPOTrainer:

@@ -26,21 +26,15 @@ def main(out_dir: str):
     from datasets import Dataset
 
     from thaw_rl.testing import tiny_model_and_tokenizer
+    from tiny_training import WORKER_PROMPTS, reward_chars, tiny_training_fields
     from thaw_rl.trainers import ThawPPOConfig, ThawPPOTrainer
 
     torch.set_num_threads(1)
     model, tokenizer = tiny_model_and_tokenizer("qwen2")
-    dataset = Dataset.from_dict({"prompt": ["abc", "hello there", "xyz 12", "the cat sat", "one two", "q"]})
+    dataset = Dataset.from_dict({"prompt": WORKER_PROMPTS})
 
-    def reward_chars(completions, **kwargs):
-        return [float(sum(map(ord, c)) % 7) for c in completions]
-
-    args = ThawPPOConfig(
-        output_dir=os.path.join(out_dir, "trainer"), use_cpu=True, bf16=False, report_to="none",
-        per_device_train_batch_size=4, num_generations=4, max_completion_length=8, max_steps=4, logging_steps=1,
-        save_strategy="no", gradient_checkpointing=False, learning_rate=1e-2, kv_cache_memory=8 * 2**20, seed=3,
-        num_mini_batches=1, num_ppo_epochs=2,
-    )
+    args = ThawPPOConfig(**tiny_training_fields(os.path.join(out_dir, "trainer"), max_steps=4, kv_cache_memory=8 * 2**20,
+                                                seed=3, num_mini_batches=1, num_ppo_epochs=2))
     trainer = ThawPPOTrainer(model=model, reward_funcs=reward_chars, args=args, train_dataset=dataset,
                              processing_class=tokenizer)
     prompts = []

@@ -26,6 +26,7 @@ from trl import GRPOConfig, GRPOTrainer
 
 from thaw_rl.rollout import Leaf, Node, RolloutBatch, RolloutStats
 from thaw_rl.testing import tiny_model_and_tokenizer, torchrun_ranks
+from tiny_training import PROMPTS, reward_chars, tiny_training_fields
 from thaw_rl.trainers import (
     ThawBestOfNConfig,
     ThawBestOfNTrainer,
@@ -36,24 +37,13 @@ from thaw_rl.trainers import (
 )
 from thaw_rl.trainers.best_of_n_trainer import select_best
 
-PROMPTS = ["abc", "hello there", "xyz 12", "the cat sat on"]
 THAW_KEYS = ("thaw/prompt_tokens_prefilled", "thaw/prefill_tokens_saved", "thaw/decode_tokens", "thaw/savings",
              "thaw/kv_bytes_shared", "thaw/fork_ms", "thaw/rollout_tokens_per_s")
 
 
-def reward_chars(completions, **kwargs):
-    """A deterministic reward with spread (so group advantages are not all zero)."""
-    return [float(sum(map(ord, c)) % 7) for c in completions]
-
-
 def make_config(tmp_path, cls=ThawGRPOConfig, **overrides):
-    fields = dict(output_dir=str(tmp_path / "out"), use_cpu=True, bf16=False, report_to="none",
-                  per_device_train_batch_size=4, num_generations=4, max_completion_length=8, max_steps=3,
-                  logging_steps=1, save_strategy="no", gradient_checkpointing=False, learning_rate=1e-2, seed=0)
-    if issubclass(cls, ThawGRPOConfig):
-        fields["kv_cache_memory"] = 8 * 2**20
-    fields.update(overrides)
-    return cls(**fields)
+    engine = dict(kv_cache_memory=8 * 2**20) if issubclass(cls, ThawGRPOConfig) else {}
+    return cls(**tiny_training_fields(tmp_path / "out", **{"max_steps": 3, **engine, **overrides}))
 
 
 def make_trainer(tmp_path, cls=ThawGRPOTrainer, config_cls=ThawGRPOConfig, model_seed=0, model_overrides=None,

@@ -34,6 +34,7 @@ def main(out_dir: str):
     from datasets import Dataset
 
     from thaw_rl.testing import tiny_model_and_tokenizer
+    from tiny_training import WORKER_PROMPTS, reward_chars, tiny_training_fields
     from thaw_rl.trainers import ThawGRPOConfig, ThawGRPOTrainer
 
     class RecordingTrainer(_Recorder, ThawGRPOTrainer):
@@ -41,16 +42,10 @@ def main(out_dir: str):
 
     torch.set_num_threads(1)
     model, tokenizer = tiny_model_and_tokenizer("qwen2")
-    dataset = Dataset.from_dict({"prompt": ["abc", "hello there", "xyz 12", "the cat sat", "one two", "q"]})
+    dataset = Dataset.from_dict({"prompt": WORKER_PROMPTS})
 
-    def reward_chars(completions, **kwargs):
-        return [float(sum(map(ord, c)) % 7) for c in completions]
-
-    args = ThawGRPOConfig(
-        output_dir=os.path.join(out_dir, "trainer"), use_cpu=True, bf16=False, report_to="none",
-        per_device_train_batch_size=4, num_generations=4, max_completion_length=8, max_steps=2, logging_steps=1,
-        save_strategy="no", gradient_checkpointing=False, learning_rate=1e-2, kv_cache_memory=8 * 2**20, seed=3,
-    )
+    args = ThawGRPOConfig(**tiny_training_fields(os.path.join(out_dir, "trainer"), max_steps=2,
+                                                 kv_cache_memory=8 * 2**20, seed=3))
     trainer = RecordingTrainer(model=model, reward_funcs=reward_chars, args=args, train_dataset=dataset,
                                processing_class=tokenizer)
     trainer.local_rollouts = []
