@@ -65,6 +65,10 @@ class ThawBestOfNTrainer(ThawGRPOTrainer):
         self._metrics[mode]["best_of_n/kept_reward"].append(float(gathered.mean()))
         return output
 
+    def _training_group_size(self) -> int:
+        """Only the kept rows of each group reach training: they are the groups to shuffle together."""
+        return min(self.args.best_of_n_keep, self.num_generations)
+
     def _compute_loss(self, model, inputs):
         prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
         completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]

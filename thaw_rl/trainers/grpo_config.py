@@ -98,6 +98,24 @@ class ThawGRPOConfig(GRPOConfig):
         metadata={"help": "Regional torch.compile of the decoder layers for the engine's forwards only (the model "
                           "trains uncompiled). Costs about a minute at the first generation; measured 2x faster "
                           "pure decode on an H100 (benchmarks/results). Use with release_kv_cache=False."})
+    shared_prefix_training: bool = field(
+        default=True,
+        metadata={"help": "Compute each shared prefix once in training too: the training forward/backward and the "
+                          "no-grad logprob passes (old policy, reference model) run each micro-batch as packed token "
+                          "trees (a group's prompt and every shared tree node once, a tree attention mask, positions "
+                          "along each row's own path) instead of one padded row per sample. Same logprobs, "
+                          "entropies, losses and gradients as the flat path. Generation batches are shuffled by "
+                          "whole groups so a group's rows share a micro-batch. False: TRL's flat path."})
+    shared_prefix_max_tokens: int | None = field(
+        default=None,
+        metadata={"help": "Packed tokens per training forward at most (rows are never cut; a longer row gets a "
+                          "forward of its own). None: one packed forward per TRL micro-batch (and per "
+                          "per_device_train_batch_size rows in the no-grad passes, as TRL chunks them)."})
+    shared_prefix_attention: str = field(
+        default="auto",
+        metadata={"help": "Tree mask kind for shared_prefix_training: 'flex' (a FlexAttention block mask, skips the "
+                          "tiles no token attends), 'dense' (an (N, N) bool mask through SDPA; the reference), or "
+                          "'auto' (flex on CUDA, dense elsewhere)."})
     native_importance_sampling_correction: bool = field(
         default=False,
         metadata={"help": "Route the engine's sampling logprobs into TRL's importance-sampling correction (the "
@@ -113,6 +131,11 @@ class ThawGRPOConfig(GRPOConfig):
             raise ValueError(
                 f"kv_cache_memory={self.kv_cache_memory}: give bytes (>= 1), a fraction in (0, 1) of free GPU "
                 f"memory, or None for the engine default.")
+        if self.shared_prefix_attention not in ("auto", "dense", "flex"):
+            raise ValueError(f"shared_prefix_attention={self.shared_prefix_attention!r}: use 'auto', 'dense' or 'flex'.")
+        if self.shared_prefix_max_tokens is not None and self.shared_prefix_max_tokens < 1:
+            raise ValueError(f"shared_prefix_max_tokens={self.shared_prefix_max_tokens}: give a positive token count, "
+                             f"or None for one packed forward per micro-batch.")
         spec = self.build_tree_spec(self.num_generations)
         self._check_tree(spec)
         self._check_groups_stay_on_one_rank()

@@ -52,6 +52,8 @@ from thaw_rl.trainers.deepspeed_hooks import paused_deepspeed_forward_hooks
 from thaw_rl.trainers.grpo_config import ThawGRPOConfig
 from thaw_rl.trainers.group_fill import add_stats, complete_groups
 from thaw_rl.trainers.rollout_metrics import TOTALLED_METRICS, local_vector, reduce_rollout_metrics
+from thaw_rl.trainers.shared_prefix import group_shuffle, packed_logps
+from thaw_rl.trainers.tree_attention import tree_attention_mode
 from thaw_rl.trainers.tree_advantages import tree_advantages
 
 logger = logging.getLogger(__name__)
@@ -104,6 +106,11 @@ class ThawGRPOTrainer(GRPOTrainer):
         self.rollout_totals: dict[str, float] = {}
         self._rewards_per_func: torch.Tensor | None = None
         self._seed_step, self._seed_calls = -1, 0
+        # training tokens of the current optimizer step: [packed, flat], and micro-batches seen
+        self._train_token_counts = [0, 0]
+        self._train_micro_batches = 0
+        self._warned_unpackable = False
+        self.last_packed_batch = None  # the PackedBatch of the last scoring pass (None: it ran flat)
 
     # -- checks ---------------------------------------------------------------------------------------
     @staticmethod
@@ -255,6 +262,70 @@ class ThawGRPOTrainer(GRPOTrainer):
     def _compute_loss(self, model, inputs):
         with self._importance_sampling_switch():
             return super()._compute_loss(model, inputs)
+
+    # -- shared-prefix training (see shared_prefix.py) ----------------------------------------------------
+    def train(self, *args, **kwargs):
+        """TRL's ``train``, with the models in ``thaw_tree`` attention mode throughout (tree_attention.py says why)."""
+        if not self.args.shared_prefix_training:
+            return super().train(*args, **kwargs)
+        models = [self.accelerator.unwrap_model(self.model)]
+        if getattr(self, "ref_model", None) is not None:
+            models.append(self.accelerator.unwrap_model(self.ref_model))
+        with tree_attention_mode(*models):
+            return super().train(*args, **kwargs)
+
+    def _training_group_size(self) -> int:
+        """Rows per group in a generation batch (what ``group_shuffle`` keeps together)."""
+        return self.num_generations
+
+    def _prepare_inputs(self, generation_batch):
+        if not (self.args.shared_prefix_training and self.model.training):
+            return super()._prepare_inputs(generation_batch)
+        with group_shuffle(self._training_group_size()):
+            return super()._prepare_inputs(generation_batch)
+
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
+                                           compute_entropy=False, compute_aux_loss=False, **multimodal):
+        scores = None
+        self.last_packed_batch = None
+        if self.args.shared_prefix_training and not compute_aux_loss and not any(
+                v is not None for v in multimodal.values()):
+            scores = packed_logps(
+                model, self.accelerator.unwrap_model(model), input_ids, attention_mask, logits_to_keep,
+                max_rows=batch_size, max_tokens=self.args.shared_prefix_max_tokens,
+                mask_kind=self.args.shared_prefix_attention, compute_entropy=compute_entropy,
+                autocast=self.accelerator.autocast)
+            if scores is None and not self._warned_unpackable:
+                logger.warning("shared_prefix_training: a batch's attention mask is not TRL's padding layout (left-"
+                               "padded prompt, right-padded completion); it is scored with the flat path.")
+                self._warned_unpackable = True
+        if self.model.training and torch.is_grad_enabled():  # the loss forward
+            flat = input_ids.numel()
+            self._train_token_counts[0] += scores.batch.num_tokens if scores is not None else flat
+            self._train_token_counts[1] += flat
+        if scores is not None:
+            self.last_packed_batch = scores.batch  # PPO reads its value capture back through it
+            return scores.logps, scores.entropies, None
+        return super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep,
+                                                          batch_size, compute_entropy, compute_aux_loss, **multimodal)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self._train_micro_batches += 1
+        if self._train_micro_batches >= getattr(self, "current_gradient_accumulation_steps",
+                                                self.args.gradient_accumulation_steps):
+            self._log_train_tokens()
+        return loss
+
+    def _log_train_tokens(self) -> None:
+        """``thaw/train_tokens`` and ``thaw/train_tokens_flat`` of the optimizer step just finished (all ranks)."""
+        local = torch.tensor(self._train_token_counts, dtype=torch.float64, device=self.accelerator.device)
+        packed, flat = self.accelerator.gather(local).view(-1, 2).sum(dim=0).tolist()
+        self._train_token_counts, self._train_micro_batches = [0, 0], 0
+        self._metrics["train"]["thaw/train_tokens"].append(packed)
+        self._metrics["train"]["thaw/train_tokens_flat"].append(flat)
+        self.rollout_totals["train_tokens"] = self.rollout_totals.get("train_tokens", 0.0) + packed
+        self.rollout_totals["train_tokens_flat"] = self.rollout_totals.get("train_tokens_flat", 0.0) + flat
 
     # -- tree credit ------------------------------------------------------------------------------------
     def _local_rewards(self, num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,16 +15,16 @@ checkpointing, and ``accelerate launch`` (DDP, ZeRO-2). Three seams change:
   ``loss/...``, ``policy/...`` and ``val/...`` metrics.
 - ``_get_per_token_logps_and_entropies`` opens a value capture around the parent's call for the policy,
   so every policy forward (old logprobs at rollout time, the loss forward) also yields values from the
-  same backbone pass (see ``value_head.py``).
+  same backbone pass (see ``value_head.py``). With ``shared_prefix_training`` that pass runs over packed
+  token trees, and the values are read back per row at each token's predictor, like the logprobs.
 
 Batches: a rollout batch is ``per_device_train_batch_size * gradient_accumulation_steps *
 num_mini_batches`` completions per rank; it is shuffled once and split into mini-batches by TRL's
 buffer, and the same split is reused by every PPO epoch (TRL PPO drew a new permutation per epoch).
 
 Values at shared tree nodes: with ``tree_gae`` the tokens of a node shared by several leaves take one
-value and one advantage (GAE runs once per node, see ``ppo_objective.tree_gae``). The value *forward*
-still runs one row per leaf: the engine's packed rollout forward computes each shared token once, but
-does not expose hidden states to a value head.
+value and one advantage (GAE runs once per node, see ``ppo_objective.tree_gae``). With
+``shared_prefix_training`` (default) the policy/value forward also computes each shared token once.
 
 Checkpoints: the policy is saved as a plain causal LM and the value head beside it as
 ``value_head.safetensors``; ``resume_from_checkpoint`` restores both, and ``ThawPPOTrainer(model=<that
@@ -171,6 +171,10 @@ class ThawPPOTrainer(ThawGRPOTrainer):
         if not captured:
             raise RuntimeError("the policy forward did not run its backbone through the value head's hook "
                                "(TRL's fused LM head no longer calls model.base_model?)")
+        if self.last_packed_batch is not None:
+            # packed token trees: each completion token's value is read at its predictor, like its logprob
+            self._captured_values = self.last_packed_batch.unpack([v[0] for v in captured])  # (B, T)
+            return out
         # position j's hidden state is the state before token j + 1: keep the T states before the completion tokens
         self._captured_values = torch.cat([v[:, :-1][:, -logits_to_keep:] for v in captured], dim=0)  # (B, T)
         return out

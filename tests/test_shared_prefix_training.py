@@ -1,0 +1,339 @@
+"""Shared-prefix training: each shared prefix computed once in the training forward, same numbers as flat.
+
+The story: the packed layout's mask is exactly each row's own ancestry (never a sibling's token); packed
+logprobs, entropies and gradients equal TRL's flat scoring pass on tiny Llama/Qwen2/Qwen3 models with
+unequal lengths, early EOS, shared completion prefixes and duplicate rows; each trainer's loss and
+gradients (GRPO under every loss type with old and reference logprobs, segment trees, best-of-N, PPO with
+its values) equal the flat path's; gradient checkpointing still gives the flat gradients; training logs
+``thaw/train_tokens`` below ``thaw/train_tokens_flat`` and generation batches are shuffled by group.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from datasets import Dataset
+from trl.trainer.utils import add_fused_lm_head
+
+from thaw_rl.testing import tiny_model, tiny_model_and_tokenizer
+from thaw_rl.trainers import ThawBestOfNConfig, ThawBestOfNTrainer, ThawGRPOConfig, ThawGRPOTrainer
+from thaw_rl.trainers.ppo_config import ThawPPOConfig
+from thaw_rl.trainers.ppo_trainer import ThawPPOTrainer
+from thaw_rl.trainers.prefix_packing import pack_rows
+from thaw_rl.trainers.shared_prefix import packed_logps, shuffle_groups
+from thaw_rl.trainers.tree_attention import tree_attention_mask, tree_attention_mode
+from tiny_training import PROMPTS, reward_chars, tiny_training_fields
+
+PAD = 0
+
+
+def padded_rows(prompts: list[list[int]], completions: list[list[int]], completion_width: int):
+    """TRL's layout: left-padded prompts, right-padded completions -> (input_ids, attention_mask) (B, L)."""
+    width = max(len(p) for p in prompts)
+    ids, mask = [], []
+    for p, c in zip(prompts, completions):
+        ids.append([PAD] * (width - len(p)) + p + c + [PAD] * (completion_width - len(c)))
+        mask.append([0] * (width - len(p)) + [1] * len(p) + [1] * len(c) + [0] * (completion_width - len(c)))
+    return torch.tensor(ids), torch.tensor(mask)
+
+
+def tree_batch(vocab_size: int, seed: int = 0):
+    """Two prompts of different lengths; a group of 4 whose completions share prefixes (a segment tree), of
+    unequal lengths (early EOS); a plain group of 3; and one row repeated exactly."""
+    g = torch.Generator().manual_seed(seed)
+
+    def tokens(n):
+        return torch.randint(3, vocab_size, (n,), generator=g).tolist()
+
+    p1, p2 = tokens(6), tokens(3)
+    trunk = tokens(3)
+    tree = [trunk + tokens(4), trunk + tokens(2), trunk[:1] + tokens(5), tokens(1)]
+    plain = [tokens(7), tokens(4), tokens(6)]
+    prompts = [p1] * 4 + [p2] * 3 + [p1]
+    completions = tree + plain + [tree[0]]
+    return padded_rows(prompts, completions, completion_width=7), prompts, completions
+
+
+def flat_scores(model, input_ids, attention_mask, width):
+    """TRL 1.16's flat scoring call (``_get_per_token_logps_and_entropies``'s body for one chunk)."""
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    labels[:, :-width] = -100
+    out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, fused_lm_head=True)
+    return out.log_probs[:, -width:], None if out.entropy is None else out.entropy[:, -width:]
+
+
+# -- the layout -----------------------------------------------------------------------------------------------
+def test_each_token_sees_exactly_its_own_ancestors():
+    (ids, mask), prompts, completions = tree_batch(vocab_size=50)
+    batch = pack_rows(ids, mask, 7)
+    (chunk,) = batch.chunks
+    rows = [p + c for p, c in zip(prompts, completions)]
+    # prompt 1 (6) + trunk (3) + tails 4, 2, 5, 1 + prompt 2 (3) + plain 7, 4, 6, plus one re-appended
+    # divergence token for every row after the first of its prompt (3 + 2) and for the duplicate (1)
+    assert chunk.num_tokens == 6 + 3 + 4 + 2 + 5 + 1 + 3 + 7 + 4 + 6 + 3 + 2 + 1 == 47
+    assert chunk.num_flat_tokens == 8 * ids.size(1)
+    visible = tree_attention_mask(chunk.subtree_end, "dense")[0, 0]  # (N, N)
+    assert torch.equal(visible, chunk.ancestors_mask())
+    # rebuild each row's path from the gather (its predictors) and check it against the mask row by row
+    order = chunk.rows.tolist()
+    paths = {}
+    for r, row in enumerate(order):
+        tokens, p_len = rows[row], len(prompts[row])
+        preds = chunk.gather[r, :len(completions[row])].tolist()
+        last = preds[-1]
+        path = visible[last].nonzero().flatten().tolist()  # what the last predictor may see
+        assert chunk.input_ids[path].tolist() == tokens[:len(path)]  # ... is exactly its own prefix, in order
+        assert chunk.position_ids[path].tolist() == list(range(len(path)))
+        assert len(path) == len(tokens) - 1 and path[-1] == last
+        assert preds == path[p_len - 1:]
+        paths[row] = set(path)
+    # a sibling's own tokens are never visible: rows 0 and 1 share the prompt and trunk, not their tails
+    for a, b in [(0, 1), (0, 2), (1, 2), (4, 5)]:
+        for q in paths[a] - paths[b]:
+            assert not visible[q, list(paths[b] - paths[a])].any()
+    # labels: each predictor carries the token its rows score next
+    for r, row in enumerate(order):
+        c = completions[row]
+        assert chunk.shift_labels[chunk.gather[r, :len(c)]].tolist() == c
+
+
+def test_chunks_respect_row_and_token_budgets():
+    (ids, mask), _, _ = tree_batch(vocab_size=50)
+    by_rows = pack_rows(ids, mask, 7, max_rows=3)
+    assert [c.rows.numel() for c in by_rows.chunks] == [3, 3, 2]
+    by_tokens = pack_rows(ids, mask, 7, max_tokens=20)
+    assert all(c.num_tokens <= 20 for c in by_tokens.chunks)
+    assert sorted(torch.cat([c.rows for c in by_tokens.chunks]).tolist()) == list(range(8))
+    one = pack_rows(ids, mask, 7, max_tokens=1)  # rows are never cut: one row per chunk
+    assert len(one.chunks) == 8
+
+
+def test_a_mask_with_holes_is_not_packed():
+    (ids, mask), _, _ = tree_batch(vocab_size=50)
+    holed = mask.clone()
+    holed[0, -7 + 1] = 0  # a hole inside row 0's completion
+    assert pack_rows(ids, holed, 7) is None
+
+
+# -- the numbers ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_packed_logprobs_entropies_and_gradients_equal_flat(family):
+    model = tiny_model(family)
+    add_fused_lm_head(model, temperature=0.7, outputs=("log_probs", "entropy"))
+    (ids, mask), _, _ = tree_batch(model.config.vocab_size)
+    valid = mask[:, -7:].bool()
+    flat_logps, flat_entropy = flat_scores(model, ids, mask, 7)
+    scores = packed_logps(model, model, ids, mask, 7, max_rows=None, max_tokens=None, mask_kind="dense",
+                          compute_entropy=True)
+    assert scores.batch.num_tokens < scores.batch.num_flat_tokens / 2
+    torch.testing.assert_close(scores.logps[valid], flat_logps[valid], atol=1e-5, rtol=0)
+    torch.testing.assert_close(scores.entropies[valid], flat_entropy[valid], atol=1e-5, rtol=0)
+    assert torch.all(scores.logps[~valid] == 0)  # padding columns read 0, as TRL's masked labels give
+    weights = torch.randn(valid.shape, generator=torch.Generator().manual_seed(1)) * valid
+
+    def grads(logps):
+        model.zero_grad()
+        (logps * weights).sum().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    expected = grads(flat_scores(model, ids, mask, 7)[0])
+    got = grads(packed_logps(model, model, ids, mask, 7, max_rows=None, max_tokens=None, mask_kind="dense",
+                             compute_entropy=False).logps)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_budgeted_chunks_give_the_same_logprobs():
+    model = tiny_model("qwen2")
+    add_fused_lm_head(model)
+    (ids, mask), _, _ = tree_batch(model.config.vocab_size)
+    whole = packed_logps(model, model, ids, mask, 7, max_rows=None, max_tokens=None, mask_kind="dense",
+                         compute_entropy=False).logps
+    split = packed_logps(model, model, ids, mask, 7, max_rows=None, max_tokens=16, mask_kind="dense",
+                         compute_entropy=False)
+    assert len(split.batch.chunks) > 1
+    torch.testing.assert_close(split.logps, whole, atol=1e-5, rtol=0)
+
+
+def test_gradient_checkpointing_recomputes_with_the_tree_mask():
+    """Checkpointed layers rerun in backward, after the packed call returned: the attention must still be the tree's."""
+    model = tiny_model("llama")
+    add_fused_lm_head(model)
+    (ids, mask), _, _ = tree_batch(model.config.vocab_size)
+    valid = mask[:, -7:].bool().float()
+    model.zero_grad()
+    (flat_scores(model, ids, mask, 7)[0] * valid).sum().backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    model.zero_grad()
+    with tree_attention_mode(model):  # what ThawGRPOTrainer.train() holds for the whole run
+        logps = packed_logps(model, model, ids, mask, 7, max_rows=None, max_tokens=None, mask_kind="dense",
+                             compute_entropy=False).logps
+        (logps * valid).sum().backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], atol=1e-5, rtol=1e-4, msg=name)
+    assert model.config._attn_implementation != "thaw_tree"  # restored
+
+
+@pytest.mark.slow  # compiles FlexAttention for the CPU (~1 min on 2 cores)
+def test_flex_block_mask_forward_equals_dense():
+    model = tiny_model("qwen2")
+    add_fused_lm_head(model)
+    (ids, mask), _, _ = tree_batch(model.config.vocab_size)
+    with torch.no_grad():
+        dense = packed_logps(model, model, ids, mask, 7, max_rows=None, max_tokens=None, mask_kind="dense",
+                             compute_entropy=False).logps
+        try:
+            flex = packed_logps(model, model, ids, mask, 7, max_rows=None, max_tokens=None, mask_kind="flex",
+                                compute_entropy=False).logps
+        except Exception as err:  # FlexAttention needs a working torch.compile backend for the host
+            pytest.skip(f"FlexAttention does not run here: {type(err).__name__}: {str(err)[:200]}")
+    torch.testing.assert_close(flex, dense, atol=1e-5, rtol=0)
+
+
+# -- the trainers ---------------------------------------------------------------------------------------------
+def trainer_for(tmp_path, cls=ThawGRPOTrainer, config_cls=ThawGRPOConfig, model=None, **overrides):
+    tiny, tokenizer = tiny_model_and_tokenizer("qwen2")
+    fields = tiny_training_fields(tmp_path / "out", **{"max_steps": 2, "kv_cache_memory": 8 * 2**20, **overrides})
+    trainer = cls(model=model if model is not None else tiny, reward_funcs=reward_chars, args=config_cls(**fields),
+                  train_dataset=Dataset.from_dict({"prompt": PROMPTS}), processing_class=tokenizer)
+    trainer.current_gradient_accumulation_steps = 1  # set by the training loop; these tests call the loss directly
+    return trainer
+
+
+def loss_and_grads(trainer, inputs, packed: bool):
+    trainer.args.shared_prefix_training = packed
+    model = trainer.model
+    model.zero_grad()
+    with tree_attention_mode(model):
+        loss = trainer._compute_loss(model, inputs)
+        loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_same_loss_and_grads(trainer, inputs):
+    flat_loss, flat_grads = loss_and_grads(trainer, inputs, packed=False)
+    packed_loss, packed_grads = loss_and_grads(trainer, inputs, packed=True)
+    assert flat_loss.abs() > 0 and any(g.abs().sum() > 0 for g in flat_grads.values())
+    torch.testing.assert_close(packed_loss, flat_loss, atol=1e-5, rtol=1e-5)
+    assert packed_grads.keys() == flat_grads.keys()
+    for name in flat_grads:
+        torch.testing.assert_close(packed_grads[name], flat_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def generation_batch(trainer, prompts=PROMPTS[:2]):
+    trainer.model.train()
+    return trainer._generate_and_score_completions(
+        [{"prompt": p} for p in prompts for _ in range(trainer.num_generations)])
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo", "bnpo"])
+def test_grpo_loss_and_gradients_equal_flat(tmp_path, loss_type):
+    # steps_per_generation 2: TRL computes old-policy logprobs (packed too); top_entropy_quantile: entropy filter
+    trainer = trainer_for(tmp_path, loss_type=loss_type, steps_per_generation=2, top_entropy_quantile=0.5,
+                          max_completion_length=10)
+    inputs = generation_batch(trainer)
+    assert inputs["completion_mask"].sum(dim=1).unique().numel() > 1 or loss_type != "grpo"  # unequal lengths
+    assert "old_per_token_logps" in inputs
+    assert_same_loss_and_grads(trainer, inputs)
+
+
+def test_old_and_reference_logprobs_equal_flat(tmp_path):
+    tiny, tokenizer = tiny_model_and_tokenizer("qwen2")
+    tiny.save_pretrained(tmp_path / "policy")
+    tokenizer.save_pretrained(tmp_path / "policy")
+    trainer = trainer_for(tmp_path, model=str(tmp_path / "policy"), beta=0.1, steps_per_generation=2)
+    trainer.args.shared_prefix_training = True
+    packed = generation_batch(trainer)
+    assert trainer.last_packed_batch is not None  # the reference pass ran packed
+    ids = torch.cat([packed["prompt_ids"], packed["completion_ids"]], dim=1)
+    mask = torch.cat([packed["prompt_mask"], packed["completion_mask"]], dim=1)
+    valid = packed["completion_mask"].bool()
+    trainer.args.shared_prefix_training = False
+    with torch.no_grad():
+        for key, model in (("old_per_token_logps", trainer.model), ("ref_per_token_logps", trainer.ref_model)):
+            flat, _, _ = trainer._get_per_token_logps_and_entropies(model, ids, mask, valid.size(1))
+            torch.testing.assert_close(packed[key][valid], flat[valid], atol=1e-5, rtol=0, msg=key)
+    assert_same_loss_and_grads(trainer, packed)
+
+
+def test_segment_tree_loss_equals_flat_and_packs_shared_segments(tmp_path):
+    trainer = trainer_for(tmp_path, tree_spec="segments", tree_branching=[2, 2], tree_segment_tokens=3)
+    inputs = generation_batch(trainer)
+    assert_same_loss_and_grads(trainer, inputs)
+    batch = trainer.last_packed_batch
+    rollout = trainer.last_rollout
+    tree_tokens = sum(len(trainer.processing_class(p)["input_ids"]) for p in PROMPTS[:2]) + sum(
+        n.num_tokens for n in rollout.nodes.values())
+    # each prompt and tree node once, plus at most one re-appended token per row
+    assert batch.num_tokens <= tree_tokens + len(rollout.leaves)
+
+
+def test_best_of_n_loss_equals_flat(tmp_path):
+    trainer = trainer_for(tmp_path, ThawBestOfNTrainer, ThawBestOfNConfig, best_of_n_keep=2)
+    inputs = generation_batch(trainer)
+    assert_same_loss_and_grads(trainer, inputs)
+
+
+def test_ppo_policy_and_value_losses_equal_flat(tmp_path):
+    trainer = trainer_for(tmp_path, ThawPPOTrainer, ThawPPOConfig, kl_coef=0.0)
+    inputs = generation_batch(trainer)
+    assert_same_loss_and_grads(trainer, inputs)
+    values_packed = trainer._captured_values.detach().clone()
+    trainer.args.shared_prefix_training = False
+    trainer._compute_loss(trainer.model, inputs)
+    valid = inputs["completion_mask"].bool()
+    torch.testing.assert_close(values_packed[valid], trainer._captured_values.detach()[valid], atol=1e-5, rtol=0)
+
+
+def test_training_logs_fewer_packed_tokens_and_changes_every_parameter(tmp_path):
+    trainer = trainer_for(tmp_path, gradient_checkpointing=True)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    attention = trainer.model.config._attn_implementation
+    trainer.train()
+    assert trainer.model.config._attn_implementation == attention  # restored after train()
+    steps = [h for h in trainer.state.log_history if "thaw/train_tokens" in h]
+    assert len(steps) == 2
+    for h in steps:
+        assert 0 < h["thaw/train_tokens"] < h["thaw/train_tokens_flat"]
+    for name, p in trainer.model.named_parameters():
+        assert not torch.equal(before[name], p.detach()), name
+    assert trainer.rollout_totals["train_tokens"] == sum(h["thaw/train_tokens"] for h in steps)
+
+
+def test_flat_path_logs_equal_token_counts(tmp_path):
+    trainer = trainer_for(tmp_path, shared_prefix_training=False, max_steps=1)
+    trainer.train()
+    (h,) = [h for h in trainer.state.log_history if "thaw/train_tokens" in h]
+    assert h["thaw/train_tokens"] == h["thaw/train_tokens_flat"] > 0
+
+
+def test_generation_batches_are_shuffled_by_whole_groups():
+    rows = torch.arange(12)
+    shuffled = shuffle_groups({"x": rows, "names": [str(i) for i in range(12)], "n": torch.tensor(3)}, 4)
+    groups = shuffled["x"].view(3, 4)
+    assert sorted(groups[:, 0].tolist()) == [0, 4, 8]
+    assert torch.equal(groups - groups[:, :1], torch.arange(4).expand(3, 4))  # each group intact and in order
+    assert shuffled["names"] == [str(i) for i in shuffled["x"].tolist()] and shuffled["n"].item() == 3
+    odd = shuffle_groups({"x": torch.arange(10)}, 4)["x"]  # not whole groups: TRL's row shuffle
+    assert sorted(odd.tolist()) == list(range(10))
+
+
+def test_config_rejects_bad_shared_prefix_fields(tmp_path):
+    with pytest.raises(ValueError, match="shared_prefix_attention='sparse'"):
+        ThawGRPOConfig(**tiny_training_fields(tmp_path, shared_prefix_attention="sparse"))
+    with pytest.raises(ValueError, match="shared_prefix_max_tokens=0"):
+        ThawGRPOConfig(**tiny_training_fields(tmp_path, shared_prefix_max_tokens=0))
+
+
+def test_a_copy_of_the_mode_is_reentrant():
+    model = tiny_model("qwen2")
+    before = model.config._attn_implementation
+    with tree_attention_mode(model):
+        with tree_attention_mode(copy.copy(model)):
+            assert model.config._attn_implementation == "thaw_tree"
+        assert model.config._attn_implementation == "thaw_tree"
+    assert model.config._attn_implementation == before

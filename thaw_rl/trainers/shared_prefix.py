@@ -1,0 +1,105 @@
+"""Shared-prefix training: TRL's per-token scoring pass over packed token trees instead of padded rows.
+
+Every training-side forward of GRPOTrainer goes through one method,
+``_get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep, batch_size, ...)``:
+the loss forward (with grad), the old-policy logprobs and the reference model's. ``packed_logps`` is
+its packed equivalent: the rows are packed into token trees (``prefix_packing.pack_rows``), each tree
+runs once through the model's own forward with the tree mask (``tree_attention``) and TRL's fused LM
+head scoring each packed position against its one next token (``shift_labels``), and the per-position
+log-probabilities and entropies are read back into TRL's ``(B, T)`` layout. The loss code downstream
+(every loss type, importance sampling, masking, entropy filtering) is TRL's, on the same numbers.
+
+``GroupShuffle``: TRL shuffles a generation batch row by row before splitting it into micro-batches,
+which would scatter a group's rows over micro-batches and leave little to share. With packing on, the
+trainer shuffles whole groups instead (the order of groups is random; a group's rows stay together).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from thaw_rl.trainers.prefix_packing import PackedBatch, pack_rows
+from thaw_rl.trainers.tree_attention import resolve_mask_kind, tree_attention_mask, tree_attention_mode
+
+
+@dataclass
+class PackedScores:
+    logps: torch.Tensor  # (B, T)
+    entropies: torch.Tensor | None  # (B, T)
+    batch: PackedBatch
+
+
+def packed_logps(
+    model: torch.nn.Module,
+    config_model: torch.nn.Module,
+    input_ids: torch.Tensor,  # (B, L)
+    attention_mask: torch.Tensor,  # (B, L)
+    logits_to_keep: int,
+    *,
+    max_rows: int | None,
+    max_tokens: int | None,
+    mask_kind: str,
+    compute_entropy: bool,
+    autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
+) -> PackedScores | None:
+    """Per-token logprobs (and entropies) of the completion columns, one packed forward per chunk.
+
+    ``model`` is what TRL would call (possibly DDP/DeepSpeed-wrapped, with TRL's fused LM head);
+    ``config_model`` the unwrapped module whose config selects the attention; ``autocast`` makes the
+    context each forward runs in (TRL's ``accelerator.autocast``). None when the batch is not in TRL's
+    padding layout (the caller keeps the flat path).
+    """
+    batch = pack_rows(input_ids, attention_mask, logits_to_keep, max_rows=max_rows, max_tokens=max_tokens)
+    if batch is None:
+        return None
+    kind = resolve_mask_kind(mask_kind, input_ids.device)
+    logps, entropies = [], []
+    with tree_attention_mode(config_model):
+        for chunk in batch.chunks:
+            mask = tree_attention_mask(chunk.subtree_end, kind)
+            with autocast() if autocast is not None else contextlib.nullcontext():
+                out = model(input_ids=chunk.input_ids[None], position_ids=chunk.position_ids[None],
+                            attention_mask=mask, shift_labels=chunk.shift_labels[None], fused_lm_head=True)
+            logps.append(out.log_probs[0])  # (N,)
+            if compute_entropy:
+                entropies.append(out.entropy[0])
+    return PackedScores(batch.unpack(logps), batch.unpack(entropies) if compute_entropy else None, batch)
+
+
+def shuffle_groups(seq_dict: dict, group_size: int) -> dict:
+    """TRL's ``shuffle_sequence_dict``, permuting whole groups of ``group_size`` consecutive rows.
+
+    Rows that do not split into whole groups (a batch TRL's sampler did not lay out) are shuffled row by
+    row, as TRL does.
+    """
+    batch_size = len(next(v for v in seq_dict.values() if v is not None))
+    if group_size <= 1 or batch_size % group_size:
+        group_size = 1
+    groups = torch.randperm(batch_size // group_size)
+    permutation = (groups[:, None] * group_size + torch.arange(group_size)[None, :]).reshape(-1)  # (B,)
+
+    def permute(v):
+        if v is None or (isinstance(v, torch.Tensor) and v.ndim == 0):
+            return v
+        if isinstance(v, torch.Tensor):
+            return v[permutation.to(v.device)]
+        return [v[i] for i in permutation.tolist()]
+
+    return {key: permute(value) for key, value in seq_dict.items()}
+
+
+@contextlib.contextmanager
+def group_shuffle(group_size: int):
+    """Inside the block, TRL's GRPO trainer shuffles generation batches group-wise (see module docstring)."""
+    import trl.trainer.grpo_trainer as trl_grpo
+
+    original = trl_grpo.shuffle_sequence_dict
+    trl_grpo.shuffle_sequence_dict = lambda seq_dict: shuffle_groups(seq_dict, group_size)
+    try:
+        yield
+    finally:
+        trl_grpo.shuffle_sequence_dict = original

@@ -1,0 +1,102 @@
+"""The training attention for packed token trees, registered with transformers' ``AttentionInterface``.
+
+``thaw_tree`` is SDPA for every ordinary forward and takes a tree mask when one is passed as the 4D
+``attention_mask`` of a packed forward (transformers returns a prepared 4D mask or ``BlockMask`` as is):
+
+- a dense ``(1, 1, N, N)`` bool mask runs through SDPA (the CPU path, and the reference);
+- a FlexAttention ``BlockMask`` runs through transformers' own flex integration (the CUDA path: the
+  block mask skips the tiles a token tree never attends, e.g. sibling completions).
+
+Why a registered implementation rather than switching the model to ``flex_attention`` around the packed
+call: with gradient checkpointing the decoder layers run their forward again during backward, after any
+``with`` block around the call has closed, and they look the attention function up by
+``config._attn_implementation`` at that moment. So the trainer sets ``thaw_tree`` for the whole of
+``train()`` (``tree_attention_mode``); ``thaw_tree`` behaves as SDPA (with SDPA's mask function) for
+everything that is not a packed tree, so nothing else changes while it is set.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Iterator
+
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+ATTENTION_NAME = "thaw_tree"
+MASK_KINDS = ("auto", "dense", "flex")
+
+_mode_lock = threading.Lock()
+
+
+def thaw_tree_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """SDPA, or FlexAttention when ``attention_mask`` is a ``BlockMask`` (query ``(B, H, T, D)``)."""
+    if _is_block_mask(attention_mask):
+        return ALL_ATTENTION_FUNCTIONS["flex_attention"](
+            module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+    return ALL_ATTENTION_FUNCTIONS["sdpa"](
+        module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+
+
+def _is_block_mask(mask) -> bool:
+    return type(mask).__name__ == "BlockMask"
+
+
+AttentionInterface.register(ATTENTION_NAME, thaw_tree_attention)
+AttentionMaskInterface.register(ATTENTION_NAME, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+
+
+@contextlib.contextmanager
+def tree_attention_mode(*models: torch.nn.Module) -> Iterator[None]:
+    """Route the models' attention through ``thaw_tree`` inside the block, then restore each one.
+
+    Re-entrant: a model already in ``thaw_tree`` mode is left as it is (and not restored by the inner block).
+    """
+    changed = []
+    with _mode_lock:
+        for model in models:
+            config = getattr(model, "config", None)
+            if config is None or config._attn_implementation == ATTENTION_NAME:
+                continue
+            changed.append((config, config._attn_implementation))
+            config._attn_implementation = ATTENTION_NAME
+    try:
+        yield
+    finally:
+        with _mode_lock:
+            for config, previous in reversed(changed):
+                config._attn_implementation = previous
+
+
+def resolve_mask_kind(kind: str, device: torch.device) -> str:
+    """``auto`` -> ``flex`` on CUDA (measured faster, see benchmarks/results), ``dense`` elsewhere."""
+    if kind not in MASK_KINDS:
+        raise ValueError(f"shared_prefix_attention={kind!r}: use one of {MASK_KINDS}.")
+    if kind == "auto":
+        return "flex" if device.type == "cuda" else "dense"
+    return kind
+
+
+def tree_attention_mask(subtree_end: torch.Tensor, kind: str):
+    """The 4D mask of a pre-order token tree: key k is visible to query q iff ``k <= q < subtree_end[k]``.
+
+    ``dense``: ``(1, 1, N, N)`` bool for SDPA. ``flex``: a FlexAttention ``BlockMask`` built from the same rule.
+    """
+    n = subtree_end.numel()
+    if kind == "dense":
+        idx = torch.arange(n, device=subtree_end.device)
+        visible = (idx[None, :] <= idx[:, None]) & (idx[:, None] < subtree_end[None, :])  # (N, N)
+        return visible[None, None]
+    if kind == "flex":
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        end = subtree_end
+
+        def ancestor_or_self(b, h, q_idx, kv_idx):
+            return (kv_idx <= q_idx) & (q_idx < end[kv_idx])
+
+        return create_block_mask(ancestor_or_self, B=None, H=None, Q_LEN=n, KV_LEN=n, device=subtree_end.device)
+    raise ValueError(f"mask kind {kind!r}: use 'dense' or 'flex'.")
