@@ -5,7 +5,11 @@ Same model weights, data, reward, seeds and TRL config for both; only the genera
 - ``trl``: GRPOTrainer's own transformers path (``model.generate`` on the left-padded rows: every
   sample's prompt is computed again).
 - ``thaw``: ThawGRPOTrainer (default ``tree_spec="grpo"``): each prompt prefilled once and forked into
-  its group on thaw-rl's paged engine, over the same live model object.
+  its group on thaw-rl's paged engine, over the same live model object, and trained with shared-prefix
+  packing (each prompt, and each shared tree node, once in the training forward/backward too).
+- ``thaw-flat``: the same with ``shared_prefix_training=False`` (TRL's flat training forward).
+
+``--tree-branching 4,2,2 --tree-segment-tokens 64`` makes the thaw trainers sample segment trees.
 
 Per optimizer step (one generation per step: ``per_device_train_batch_size = prompts x
 num_generations``, no accumulation) we time the whole step (callback from step begin to step end,
@@ -50,7 +54,10 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2", choices=["smollm2", "tiny", "qwen2.5-1.5b"],
                    help="smollm2: SmolLM2-135M-Instruct offline; tiny: thaw_rl.testing's tiny Qwen2")
-    p.add_argument("--trainers", default="trl,thaw", help="comma list of trl, thaw (run in this order)")
+    p.add_argument("--trainers", default="trl,thaw", help="comma list of trl, thaw-flat, thaw (run in this order)")
+    p.add_argument("--tree-branching", default=None, help="thaw: segment tree, e.g. 4,2,2 (product = generations)")
+    p.add_argument("--tree-segment-tokens", type=int, default=None)
+    p.add_argument("--shared-prefix-attention", default="auto", help="thaw: auto, dense or flex")
     p.add_argument("--prompts", type=int, default=4, help="prompts per step")
     p.add_argument("--num-generations", type=int, default=8)
     p.add_argument("--max-completion-length", type=int, default=64)
@@ -176,8 +183,12 @@ def run(kind: str, args, out_dir: str) -> dict:
         save_strategy="no", gradient_checkpointing=on_gpu, learning_rate=1e-6, seed=args.seed,
         temperature=args.temperature, shuffle_dataset=False,
     )
-    if kind == "thaw":
+    if kind.startswith("thaw"):
         config_cls, trainer_cls = ThawGRPOConfig, ThawGRPOTrainer
+        fields.update(shared_prefix_training=kind == "thaw", shared_prefix_attention=args.shared_prefix_attention)
+        if args.tree_branching:
+            fields.update(tree_spec="segments", tree_segment_tokens=args.tree_segment_tokens,
+                          tree_branching=[int(b) for b in args.tree_branching.split(",")])
         if on_gpu:  # keep the engine (and its CUDA graphs) between generations, with a bounded KV pool
             fields.update(release_kv_cache=False, kv_cache_memory=args.kv_cache_memory or 8e9,
                           engine_compile_layers=args.compile_layers)
@@ -207,8 +218,10 @@ def run(kind: str, args, out_dir: str) -> dict:
         "mean_completion_length": statistics.mean(h["completions/mean_length"] for h in history),
         "per_step": {"step_seconds": steps, "generation_seconds": gens, "generated_tokens": tokens},
     }
-    if kind == "thaw":
-        row["thaw"] = {k: statistics.mean(h[k] for h in history) for k in history[0] if k.startswith("thaw/")}
+    if kind.startswith("thaw"):
+        logged = [h for h in trainer.state.log_history if any(k.startswith("thaw/") for k in h)][timed]
+        keys = {k for h in logged for k in h if k.startswith("thaw/")}
+        row["thaw"] = {k: statistics.mean(h[k] for h in logged if k in h) for k in sorted(keys)}
     return row
 
 
@@ -221,11 +234,16 @@ def table(rows: list[dict]) -> str:
     text = ["  ".join(cell.rjust(w) for cell, w in zip(line, widths)) for line in lines]
     out = text[:1] + ["-" * len(text[0])] + text[1:]
     by = {r["trainer"]: r for r in rows}
-    if "trl" in by and "thaw" in by:
-        t, h = by["trl"], by["thaw"]
-        out.append(f"trl/thaw: step {t['step_seconds'] / h['step_seconds']:.2f}x, generation "
-                   f"{t['generation_seconds'] / h['generation_seconds']:.2f}x, generation tok/s "
-                   f"{h['generation_tokens_per_second'] / t['generation_tokens_per_second']:.2f}x")
+    for base in ("trl", "thaw-flat"):
+        if base in by and "thaw" in by:
+            t, h = by[base], by["thaw"]
+            out.append(f"{base}/thaw: step {t['step_seconds'] / h['step_seconds']:.2f}x, generation "
+                       f"{t['generation_seconds'] / h['generation_seconds']:.2f}x, training "
+                       f"{t['training_seconds'] / h['training_seconds']:.2f}x")
+    if "thaw" in by and "thaw/train_tokens" in by["thaw"].get("thaw", {}):
+        m = by["thaw"]["thaw"]
+        out.append(f"thaw training tokens per step: {m['thaw/train_tokens']:,.0f} packed vs "
+                   f"{m['thaw/train_tokens_flat']:,.0f} flat ({m['thaw/train_tokens_flat'] / m['thaw/train_tokens']:.2f}x)")
     return "\n".join(out)
 
 

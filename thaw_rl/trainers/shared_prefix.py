@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 
 from thaw_rl.trainers.prefix_packing import PackedBatch, pack_rows
-from thaw_rl.trainers.tree_attention import resolve_mask_kind, tree_attention_mask, tree_attention_mode
+from thaw_rl.trainers.tree_attention import FLEX_PAD, resolve_mask_kind, tree_attention_mask, tree_attention_mode
 
 
 @dataclass
@@ -60,14 +60,31 @@ def packed_logps(
     logps, entropies = [], []
     with tree_attention_mode(config_model):
         for chunk in batch.chunks:
-            mask = tree_attention_mask(chunk.subtree_end, kind)
+            n = chunk.num_tokens
+            ids, positions, labels, subtree_end = padded_tree(chunk, FLEX_PAD if kind == "flex" else 1)
+            mask = tree_attention_mask(subtree_end, kind)
             with autocast() if autocast is not None else contextlib.nullcontext():
-                out = model(input_ids=chunk.input_ids[None], position_ids=chunk.position_ids[None],
-                            attention_mask=mask, shift_labels=chunk.shift_labels[None], fused_lm_head=True)
-            logps.append(out.log_probs[0])  # (N,)
+                out = model(input_ids=ids[None], position_ids=positions[None], attention_mask=mask,
+                            shift_labels=labels[None], fused_lm_head=True)
+            logps.append(out.log_probs[0, :n])  # (N,)
             if compute_entropy:
-                entropies.append(out.entropy[0])
+                entropies.append(out.entropy[0, :n])
     return PackedScores(batch.unpack(logps), batch.unpack(entropies) if compute_entropy else None, batch)
+
+
+def padded_tree(chunk, multiple: int):
+    """The chunk's (ids, positions, labels, subtree_end) padded to a multiple of ``multiple`` tokens.
+
+    Padding tokens are isolated nodes (each sees only itself, nothing sees them, nothing is scored), so
+    they change no real token; they keep FlexAttention's shapes to a few sizes.
+    """
+    n = chunk.num_tokens
+    extra = -n % multiple
+    if not extra:
+        return chunk.input_ids, chunk.position_ids, chunk.shift_labels, chunk.subtree_end
+    pad = torch.arange(n, n + extra, device=chunk.input_ids.device)
+    return (torch.cat([chunk.input_ids, torch.zeros_like(pad)]), torch.cat([chunk.position_ids, torch.zeros_like(pad)]),
+            torch.cat([chunk.shift_labels, torch.full_like(pad, -100)]), torch.cat([chunk.subtree_end, pad + 1]))
 
 
 def shuffle_groups(seq_dict: dict, group_size: int) -> dict:

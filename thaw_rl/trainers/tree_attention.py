@@ -35,14 +35,36 @@ _mode_lock = threading.Lock()
 def thaw_tree_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """SDPA, or FlexAttention when ``attention_mask`` is a ``BlockMask`` (query ``(B, H, T, D)``)."""
     if _is_block_mask(attention_mask):
-        return ALL_ATTENTION_FUNCTIONS["flex_attention"](
-            module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+        out = _compiled_flex_attention()(query, key, value, block_mask=attention_mask, scale=scaling,
+                                         enable_gqa=query.shape[1] != key.shape[1])  # (B, H, T, D)
+        return out.transpose(1, 2).contiguous(), None  # (B, T, H, D)
     return ALL_ATTENTION_FUNCTIONS["sdpa"](
         module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
 
 
 def _is_block_mask(mask) -> bool:
     return type(mask).__name__ == "BlockMask"
+
+
+_flex = None
+
+
+def _compiled_flex_attention():
+    """``flex_attention`` compiled once with automatic dynamic shapes.
+
+    Not transformers' wrapper: it compiles with ``dynamic=False``, and a packed tree's length changes with
+    every micro-batch, so each batch would recompile until dynamo's recompile limit sends it to the
+    eager fallback (which materializes the scores). Lengths are also padded to ``FLEX_PAD`` tokens.
+    """
+    global _flex
+    if _flex is None:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _flex = torch.compile(flex_attention)
+    return _flex
+
+
+FLEX_PAD = 128  # flex's block size: packed lengths are padded to a multiple of it on the flex path
 
 
 AttentionInterface.register(ATTENTION_NAME, thaw_tree_attention)
@@ -98,5 +120,6 @@ def tree_attention_mask(subtree_end: torch.Tensor, kind: str):
         def ancestor_or_self(b, h, q_idx, kv_idx):
             return (kv_idx <= q_idx) & (q_idx < end[kv_idx])
 
-        return create_block_mask(ancestor_or_self, B=None, H=None, Q_LEN=n, KV_LEN=n, device=subtree_end.device)
+        return create_block_mask(ancestor_or_self, B=None, H=None, Q_LEN=n, KV_LEN=n, device=subtree_end.device,
+                                 _compile=subtree_end.is_cuda)
     raise ValueError(f"mask kind {kind!r}: use 'dense' or 'flex'.")
