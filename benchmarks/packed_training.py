@@ -10,7 +10,8 @@ time, on the model TRL trains (fused LM head, gradient checkpointing, bf16):
 
 and report the packed/flat token counts and the bf16 logprob differences packed - flat over the valid
 completion tokens (median, p99, max), which is rounding of a different reduction order, nothing else
-(fp32 agreement is a CPU test). Table last; ``--out`` writes a receipt.
+(fp32 agreement is a CPU test). The flat row's own difference is the bf16 floor: the same rows scored
+flat again in another batch order and size. Table last; ``--out`` writes a receipt.
 
     python benchmarks/packed_training.py --out benchmarks/results/packed_training_h200.json
 """
@@ -145,6 +146,16 @@ def main():
             t_nograd, _ = timed(lambda: score(False, entropy=False), args.repeats)
             logps[path] = lp.float()
             result[path] = {"fwd_bwd_ms": t_train * 1e3, "no_grad_ms": t_nograd * 1e3, "peak_gib": peak}
+        if "flat" in logps:  # the bf16 floor: the same flat rows scored in reverse order, in two halves
+            with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
+                rev = torch.arange(len(prompts) - 1, -1, -1, device="cuda")
+                half = len(prompts) // 2
+                parts = [flat_scores(model, ids[rev[i:i + half]], mask[rev[i:i + half]], width, False)[0]
+                         for i in (0, half)]
+            again = torch.cat(parts)[rev.argsort()].float()
+            d = (again - logps["flat"])[valid].abs()
+            result["flat"]["logp_diff_vs_flat"] = {
+                "median": d.median().item(), "p99": d.quantile(0.99).item(), "max": d.max().item()}
         for path in logps:
             if path != "flat" and "flat" in logps:
                 d = (logps[path] - logps["flat"])[valid].abs()

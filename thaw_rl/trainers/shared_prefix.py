@@ -56,11 +56,11 @@ def packed_logps(
     batch = pack_rows(input_ids, attention_mask, logits_to_keep, max_rows=max_rows, max_tokens=max_tokens)
     if batch is None:
         return None
-    kind = resolve_mask_kind(mask_kind, input_ids.device)
     logps, entropies = [], []
     with tree_attention_mode(config_model):
         for chunk in batch.chunks:
             n = chunk.num_tokens
+            kind = resolve_mask_kind(mask_kind, input_ids.device, n)
             ids, positions, labels, subtree_end = padded_tree(chunk, FLEX_PAD if kind == "flex" else 1)
             mask = tree_attention_mask(subtree_end, kind)
             with autocast() if autocast is not None else contextlib.nullcontext():

@@ -3,9 +3,10 @@
 ``thaw_tree`` is SDPA for every ordinary forward and takes a tree mask when one is passed as the 4D
 ``attention_mask`` of a packed forward (transformers returns a prepared 4D mask or ``BlockMask`` as is):
 
-- a dense ``(1, 1, N, N)`` bool mask runs through SDPA (the CPU path, and the reference);
-- a FlexAttention ``BlockMask`` runs through transformers' own flex integration (the CUDA path: the
-  block mask skips the tiles a token tree never attends, e.g. sibling completions).
+- a dense ``(1, 1, N, N)`` bool mask runs through SDPA (the CPU path, the reference, and short packs on
+  CUDA);
+- a FlexAttention ``BlockMask`` runs through ``flex_attention`` (long packs on CUDA: the block mask skips
+  the tiles a token tree never attends, e.g. sibling completions; ``FLEX_MIN_TOKENS`` says where).
 
 Why a registered implementation rather than switching the model to ``flex_attention`` around the packed
 call: with gradient checkpointing the decoder layers run their forward again during backward, after any
@@ -93,12 +94,19 @@ def tree_attention_mode(*models: torch.nn.Module) -> Iterator[None]:
                 config._attn_implementation = previous
 
 
-def resolve_mask_kind(kind: str, device: torch.device) -> str:
-    """``auto`` -> ``flex`` on CUDA (measured faster, see benchmarks/results), ``dense`` elsewhere."""
+# Measured on an H200 (benchmarks/results/packed_training_h200.json, Qwen2.5-1.5B shape, bf16, forward +
+# backward with checkpointing): at 4,228 packed tokens the dense mask ran 202 ms and flex 241 ms; at 9,918
+# tokens dense 615 ms and flex 409 ms. Flex skips the tiles a tree never attends, which pays once the
+# attention's N^2 term matters; below that its block-sparse launch costs more than SDPA's masked kernel.
+FLEX_MIN_TOKENS = 6144
+
+
+def resolve_mask_kind(kind: str, device: torch.device, num_tokens: int = 0) -> str:
+    """``auto``: ``flex`` on CUDA for packs of ``FLEX_MIN_TOKENS`` tokens or more, else ``dense``."""
     if kind not in MASK_KINDS:
         raise ValueError(f"shared_prefix_attention={kind!r}: use one of {MASK_KINDS}.")
     if kind == "auto":
-        return "flex" if device.type == "cuda" else "dense"
+        return "flex" if device.type == "cuda" and num_tokens >= FLEX_MIN_TOKENS else "dense"
     return kind
 
 
