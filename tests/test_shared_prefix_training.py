@@ -337,3 +337,36 @@ def test_a_copy_of_the_mode_is_reentrant():
             assert model.config._attn_implementation == "thaw_tree"
         assert model.config._attn_implementation == "thaw_tree"
     assert model.config._attn_implementation == before
+
+
+def test_block_mask_from_subtree_ends_equals_flex_own_construction():
+    """The analytic block mask (no compile) marks the same blocks as flex's create_block_mask, full ones too."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    from thaw_rl.trainers.shared_prefix import padded_tree
+    from thaw_rl.trainers.tree_attention import tree_block_mask
+
+    g = torch.Generator().manual_seed(3)
+    prompts, completions = [], []
+    for p_len in (300, 40):  # a long prompt (full blocks) and a short one; completions of mixed lengths
+        prompt = torch.randint(3, 50, (p_len,), generator=g).tolist()
+        trunk = torch.randint(3, 50, (70,), generator=g).tolist()
+        for i in range(4):
+            tail = torch.randint(3, 50, (int(torch.randint(1, 200, (), generator=g)),), generator=g).tolist()
+            prompts.append(prompt)
+            completions.append((trunk if i % 2 else []) + tail)
+    ids, mask = padded_rows(prompts, completions, max(len(c) for c in completions))
+    (chunk,) = pack_rows(ids, mask, ids.size(1) - max(len(p) for p in prompts)).chunks
+    _, _, _, ends = padded_tree(chunk, 128)
+    ours = tree_block_mask(ends)
+
+    def rule(b, h, q, k):
+        return (k <= q) & (q < ends[k])
+
+    theirs = create_block_mask(rule, B=None, H=None, Q_LEN=ends.numel(), KV_LEN=ends.numel(), device="cpu")
+    assert torch.equal(ours.to_dense(), theirs.to_dense())  # which blocks are computed at all
+    full = lambda m: torch.zeros(m.full_kv_num_blocks.shape[-1], m.full_kv_num_blocks.shape[-1], dtype=torch.bool) \
+        .scatter_(1, m.full_kv_indices[0, 0].long(), torch.arange(m.full_kv_indices.shape[-1])[None, :]
+                  < m.full_kv_num_blocks[0, 0, :, None])  # noqa: E731
+    assert torch.equal(full(ours), full(theirs))  # and which of them need no per-element mask
+    assert full(ours).any() and (ours.to_dense().sum() < ours.to_dense().numel() / 2)  # sparse, with full blocks

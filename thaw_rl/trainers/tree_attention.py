@@ -121,13 +121,45 @@ def tree_attention_mask(subtree_end: torch.Tensor, kind: str):
         visible = (idx[None, :] <= idx[:, None]) & (idx[:, None] < subtree_end[None, :])  # (N, N)
         return visible[None, None]
     if kind == "flex":
-        from torch.nn.attention.flex_attention import create_block_mask
-
-        end = subtree_end
-
-        def ancestor_or_self(b, h, q_idx, kv_idx):
-            return (kv_idx <= q_idx) & (q_idx < end[kv_idx])
-
-        return create_block_mask(ancestor_or_self, B=None, H=None, Q_LEN=n, KV_LEN=n, device=subtree_end.device,
-                                 _compile=subtree_end.is_cuda)
+        return tree_block_mask(subtree_end)
     raise ValueError(f"mask kind {kind!r}: use 'dense' or 'flex'.")
+
+
+def tree_block_mask(subtree_end: torch.Tensor, block_size: int = 128):
+    """The tree's FlexAttention ``BlockMask``, computed from ``subtree_end`` per block, with no compile.
+
+    ``create_block_mask`` evaluates the mask for every (q, k) pair, and compiled it recompiled inside
+    training (seen on the H200: minutes per micro-batch). A pre-order tree needs only two numbers per key
+    block j: the keys of block j are visible exactly to queries in ``[j * bs, max(subtree_end[block j]))``
+    (each key sees its own subtree, and consecutive keys' subtrees leave no gap), and to all of query
+    block i when ``j < i`` and ``min(subtree_end[block j]) >= (i + 1) * bs``. Partial blocks apply the
+    same rule per element through ``mask_mod``. ``N`` must be a multiple of ``block_size``.
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
+    n = subtree_end.numel()
+    if n % block_size:
+        raise ValueError(f"{n} tokens: pad the packed tree to a multiple of {block_size} for a block mask")
+    blocks = n // block_size
+    ends = subtree_end.view(blocks, block_size)
+    reach, floor = ends.max(dim=1).values, ends.min(dim=1).values  # (nb,): per key block
+    q_block = torch.arange(blocks, device=subtree_end.device)[:, None]  # (nb, 1)
+    k_block = q_block.T  # (1, nb)
+    any_visible = (k_block <= q_block) & (reach[None, :] > q_block * block_size)  # (nb, nb)
+    full = (k_block < q_block) & (floor[None, :] >= (q_block + 1) * block_size)
+    partial = any_visible & ~full
+
+    def listed(flags):  # (nb, nb) bool -> counts (1, 1, nb), indices (1, 1, nb, nb), flagged columns first
+        counts = flags.sum(dim=1).to(torch.int32)
+        order = torch.argsort((~flags).to(torch.int8), dim=1, stable=True).to(torch.int32)
+        return counts[None, None], order[None, None]
+
+    end = subtree_end
+
+    def ancestor_or_self(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & (q_idx < end[kv_idx])
+
+    kv_num, kv_idx = listed(partial)
+    full_num, full_idx = listed(full)
+    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block_size,
+                                    mask_mod=ancestor_or_self, seq_lengths=(n, n))
