@@ -16,6 +16,7 @@ import math
 import struct
 import subprocess
 import sys
+import time
 import zlib
 from pathlib import Path
 
@@ -343,12 +344,18 @@ def test_thaw_metrics_reach_an_offline_wandb_run(tmp_path, monkeypatch, fresh_wa
     finally:
         wandb.finish()
     (path,) = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "run-*.wandb"))
-    rows_ = []
-    for record in read_wandb_records(path):
-        if record.WhichOneof("record_type") == "history":
-            rows_.append({(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in record.history.item})
-    logged = [r for r in rows_ if "train/thaw/prompt_tokens_prefilled" in r]
     expected = [h for h in trainer.state.log_history if "thaw/savings" in h]
+    # wandb's service process writes the log: after finish() its last records can still be on their way
+    deadline = time.monotonic() + 60
+    while True:
+        rows_ = []
+        for record in read_wandb_records(path):
+            if record.WhichOneof("record_type") == "history":
+                rows_.append({(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in record.history.item})
+        logged = [r for r in rows_ if "train/thaw/prompt_tokens_prefilled" in r]
+        if len(logged) >= len(expected) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     assert len(logged) == len(expected) == 2
     for row, h in zip(logged, expected):
         for key in THAW_KEYS:
