@@ -17,6 +17,7 @@ import torch
 from datasets import Dataset
 from trl.trainer.utils import add_fused_lm_head
 
+from thaw_rl.summary import summarize
 from thaw_rl.testing import tiny_model, tiny_model_and_tokenizer
 from thaw_rl.trainers import ThawBestOfNConfig, ThawBestOfNTrainer, ThawGRPOConfig, ThawGRPOTrainer
 from thaw_rl.trainers.ppo_config import ThawPPOConfig
@@ -301,7 +302,9 @@ def test_training_logs_fewer_packed_tokens_and_changes_every_parameter(tmp_path)
         assert 0 < h["thaw/train_tokens"] < h["thaw/train_tokens_flat"]
     for name, p in trainer.model.named_parameters():
         assert not torch.equal(before[name], p.detach()), name
-    assert trainer.rollout_totals["train_tokens"] == sum(h["thaw/train_tokens"] for h in steps)
+    assert trainer.rollout_totals["thaw/train_tokens"] == sum(h["thaw/train_tokens"] for h in steps)
+    summary = summarize(trainer.state.log_history, rollout_totals=trainer.rollout_totals)
+    assert summary.train_tokens == trainer.rollout_totals["thaw/train_tokens"] < summary.train_tokens_flat
 
 
 def test_flat_path_logs_equal_token_counts(tmp_path):

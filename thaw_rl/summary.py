@@ -40,6 +40,8 @@ class RunSummary:
     rewards: dict[str, tuple[float, float]] = field(default_factory=dict)  # per reward function, first -> last
     tokens_computed: float = 0.0
     tokens_flat: float = 0.0
+    train_tokens: float = 0.0  # tokens through the training forward (shared-prefix packing)
+    train_tokens_flat: float = 0.0  # what TRL's padded rows would have run
     generation_seconds: float = 0.0
     total_seconds: float | None = None
     num_processes: int = 1
@@ -85,18 +87,23 @@ def summarize(log_history: list[dict], generations_per_step: float = 1.0, num_pr
                 out.rewards[key[len("rewards/"):-len("/mean")]] = (_mean(values[:w]), _mean(values[-w:]))
     previous = 0
     for h in steps:
-        gens = max(int(h["step"]) - previous, 1) * generations_per_step
+        span = max(int(h["step"]) - previous, 1)  # optimizer steps since the previous log
+        gens = span * generations_per_step
         previous = int(h["step"])
         computed = h.get("thaw/prompt_tokens_prefilled", 0.0) + h.get("thaw/decode_tokens", 0.0)
         saved = h.get("thaw/prefill_tokens_saved", 0.0) + h.get("thaw/decode_tokens_saved", 0.0)
         out.tokens_computed += gens * computed
         out.tokens_flat += gens * (computed + saved)
         out.generation_seconds += gens * h.get("thaw/rollout_seconds", 0.0)
+        # training tokens are logged per optimizer step (averaged over the steps since the last log)
+        out.train_tokens += span * h.get("thaw/train_tokens", 0.0)
+        out.train_tokens_flat += span * h.get("thaw/train_tokens_flat", 0.0)
     if rollout_totals:
         t = lambda key: rollout_totals.get(f"thaw/{key}", 0.0)  # noqa: E731
         out.tokens_computed = t("prompt_tokens_prefilled") + t("decode_tokens")
         out.tokens_flat = out.tokens_computed + t("prefill_tokens_saved") + t("decode_tokens_saved")
         out.generation_seconds = t("rollout_seconds")
+        out.train_tokens, out.train_tokens_flat = t("train_tokens"), t("train_tokens_flat")
     return out
 
 
@@ -120,6 +127,12 @@ def print_summary(summary: RunSummary, console=None, title: str = "thaw-rl run s
         table.add_row("rollout tokens computed", f"{summary.tokens_computed:,.0f}")
         table.add_row("  a flat sampler would compute", f"{summary.tokens_flat:,.0f}")
         table.add_row("  saved", f"{summary.savings:.1%} ({summary.tokens_flat / summary.tokens_computed:.2f}x fewer)")
+    if summary.train_tokens_flat:
+        table.add_row("training tokens (forward + backward)", f"{summary.train_tokens:,.0f}")
+        table.add_row("  TRL's padded rows would run", f"{summary.train_tokens_flat:,.0f}")
+        if summary.train_tokens < summary.train_tokens_flat:
+            table.add_row("  saved", f"{1 - summary.train_tokens / summary.train_tokens_flat:.1%} "
+                                     f"({summary.train_tokens_flat / summary.train_tokens:.2f}x fewer)")
     if summary.total_seconds is not None:
         total = summary.total_seconds
         table.add_row("wall time (train)", _duration(total))

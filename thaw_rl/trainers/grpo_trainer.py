@@ -324,8 +324,8 @@ class ThawGRPOTrainer(GRPOTrainer):
         self._train_token_counts, self._train_micro_batches = [0, 0], 0
         self._metrics["train"]["thaw/train_tokens"].append(packed)
         self._metrics["train"]["thaw/train_tokens_flat"].append(flat)
-        self.rollout_totals["train_tokens"] = self.rollout_totals.get("train_tokens", 0.0) + packed
-        self.rollout_totals["train_tokens_flat"] = self.rollout_totals.get("train_tokens_flat", 0.0) + flat
+        for key, value in (("thaw/train_tokens", packed), ("thaw/train_tokens_flat", flat)):
+            self.rollout_totals[key] = self.rollout_totals.get(key, 0.0) + value
 
     # -- tree credit ------------------------------------------------------------------------------------
     def _local_rewards(self, num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
