@@ -63,20 +63,20 @@ def main():
                 engine.free(s)
         phases = collections.Counter()
         runner, graphs = engine.runner, engine.runner.graphs
-        originals = (graphs._fill, graphs.forward, engine._sample, engine._schedule, engine_mod.sample)
+        originals = (graphs._fill, graphs.forward, engine._sample, engine.scheduler.schedule, engine_mod.sample)
         graphs._fill = timed(phases, "fill static buffers", graphs._fill)
         orig_replay_forward = graphs.forward
         graphs.forward = timed(phases, "graph forward (fill+replay)", orig_replay_forward)
         engine._sample = timed(phases, "_sample (build+sample+tolist)", engine._sample)
         engine_mod.sample = timed(phases, "sample() kernels", engine_mod.sample)
-        engine._schedule = timed(phases, "schedule", engine._schedule)
+        engine.scheduler.schedule = timed(phases, "schedule", engine.scheduler.schedule)
         sessions = engine.prefill_many(prompts)
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         engine.generate(sessions, params)
         torch.cuda.synchronize()
         total = time.perf_counter() - t0
-        graphs._fill, graphs.forward, engine._sample, engine._schedule, engine_mod.sample = originals
+        graphs._fill, graphs.forward, engine._sample, engine.scheduler.schedule, engine_mod.sample = originals
         for s in sessions:
             engine.free(s)
         print(f"\nbatch {b}: plain step {plain / args.steps * 1e3:.2f} ms, instrumented {total / args.steps * 1e3:.2f} ms")

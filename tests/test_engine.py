@@ -138,8 +138,8 @@ def test_refcounts_and_free_blocks_are_exact_through_fork_generate_free(tiny):
     full, partial = parent.block_table[:2], parent.block_table[2]
     assert engine.stats.num_used_blocks == 3
     kids = engine.fork(parent, 4)
-    assert [engine.pool.ref_count(b) for b in full] == [5, 5]
-    assert engine.pool.ref_count(partial) == 1
+    assert [engine.block_manager.ref_count(b) for b in full] == [5, 5]
+    assert engine.block_manager.ref_count(partial) == 1
     assert all(k.block_table[:2] == full and k.block_table[2] != partial for k in kids)
     assert engine.stats.num_used_blocks == 3 + 4  # one copied partial block per child
     # 37 prompt tokens + 11 generated, of which 10 computed: 47 tokens -> 3 blocks per child
@@ -148,7 +148,7 @@ def test_refcounts_and_free_blocks_are_exact_through_fork_generate_free(tiny):
     assert engine.stats.num_used_blocks == 7
     for k in kids:
         engine.free(k)
-    assert [engine.pool.ref_count(b) for b in full] == [1, 1]
+    assert [engine.block_manager.ref_count(b) for b in full] == [1, 1]
     assert engine.stats.num_used_blocks == 3
     engine.free(parent)
     assert engine.stats.num_used_blocks == 0 and engine.stats.num_free_blocks == total

@@ -14,7 +14,6 @@ from thaw_rl.snapshot import (
     SnapshotCorruptedError,
     SnapshotMismatchError,
     SnapshotTruncatedError,
-    restore_session,
 )
 
 BS = 16
@@ -52,7 +51,7 @@ def trunk(qwen3):
 
 
 def pool_state(engine: ThawEngine) -> tuple[int, int, int]:
-    return engine.pool.num_used_blocks, engine.pool.num_free_blocks, engine.pool.num_cached_blocks
+    return engine.block_manager.num_used_blocks, engine.block_manager.num_free_blocks, engine.block_manager.num_cached_blocks
 
 
 def assert_same_snapshot(a: KVSnapshot, b: KVSnapshot) -> None:
@@ -76,7 +75,7 @@ def test_snapshot_holds_exactly_the_sessions_computed_blocks(trunk):
     expected = source.kv_cache.kv[:, :, session.block_table].permute(2, 0, 1, 3, 4, 5)  # (3, L, 2, BS, KVH, D)
     assert torch.equal(snap.kv, expected)
     assert snap.nbytes == snap.kv.numel() * 4 + snap.next_logits.numel() * 4
-    assert source.pool.ref_count(session.block_table[0]) == 1  # the blocks held during the copy were given back
+    assert source.block_manager.ref_count(session.block_table[0]) == 1  # the blocks held during the copy were given back
 
 
 def test_snapshot_async_holds_the_blocks_until_wait(qwen3):
@@ -88,7 +87,7 @@ def test_snapshot_async_holds_the_blocks_until_wait(qwen3):
     engine.free(s)
     snap = handle.wait()
     assert handle.done() and handle.wait() is snap
-    assert engine.pool.num_used_blocks == 0
+    assert engine.block_manager.num_used_blocks == 0
     assert snap.num_computed == 20 and snap.kv.shape[0] == 2
 
 
@@ -97,7 +96,7 @@ def test_pooled_host_buffer_goes_back_when_the_snapshot_dies_or_is_released(qwen
     engine = ThawEngine(model, tok, block_size=BS, kv_cache_memory=8 << 20)
     s = engine.prefill(random_prompt(20, model.config.vocab_size, 2))
     snap = engine.snapshot(s)
-    pool = engine._kv_transfer.pool
+    pool = engine.kv_transfer.pool
     assert pool.num_lent == 1
     kv = snap.kv
     del snap
@@ -121,10 +120,10 @@ def test_restored_prefill_continues_token_for_token_in_another_engine(qwen3, tru
     (ref,) = source.generate(source.fork(session, 1), GREEDY)
 
     target = busy_engine(model, tok)
-    used = target.pool.num_used_blocks
-    restored, num_shared = restore_session(target, snap)
+    used = target.block_manager.num_used_blocks
+    restored, num_shared = target.restore_with_stats(snap)
     assert num_shared == 0
-    assert target.pool.num_used_blocks == used + 3
+    assert target.block_manager.num_used_blocks == used + 3
     assert not set(restored.block_table) & set(session.block_table)  # other ids: the busy blocks came first
     assert restored.num_computed == 37 and restored.next_logits is not None
     (out,) = target.generate([restored], GREEDY)
@@ -165,14 +164,14 @@ def test_restore_shares_blocks_the_target_already_caches(qwen3, trunk):
     prompt, _, session, snap = trunk
     target = busy_engine(model, tok)
     first = target.restore(snap)
-    used = target.pool.num_used_blocks
-    second, num_shared = restore_session(target, snap)
+    used = target.block_manager.num_used_blocks
+    second, num_shared = target.restore_with_stats(snap)
     assert num_shared == 2 and second.block_table[:2] == first.block_table[:2]
-    assert [target.pool.ref_count(b) for b in first.block_table] == [2, 2, 1]
-    assert target.pool.num_used_blocks == used + 1  # only the partial block was written
+    assert [target.block_manager.ref_count(b) for b in first.block_table] == [2, 2, 1]
+    assert target.block_manager.num_used_blocks == used + 1  # only the partial block was written
     target.free(first)
     target.free(second)
-    third, num_shared = restore_session(target, snap)  # freed cached blocks come back from the free queue
+    third, num_shared = target.restore_with_stats(snap)  # freed cached blocks come back from the free queue
     assert num_shared == 2
 
 

@@ -8,11 +8,11 @@ from thaw_rl.engine import (
     Completion,
     EngineStats,
     KVCacheExhaustedError,
+    KVSnapshot,
     SamplingParams,
     Session,
     ThawEngine,
 )
-from thaw_rl.snapshot import KVSnapshot
 from thaw_rl.backends import NativeBackend
 from thaw_rl.rollout import RolloutBatch, RolloutStats, TreeSampler, TreeSpec
 from thaw_rl.pool import ForkPool

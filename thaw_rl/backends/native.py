@@ -2,7 +2,8 @@
 
 Handles are engine ``Session`` objects; every call is the engine call of the same name. The engine
 runs the caller's model object, so after an optimizer step the weights are already live and
-``update_weights`` only has to drop the prefix cache (cached KV was computed with the old weights).
+``update_weights`` only has to move the engine to the next weight version, which drops the prefix cache
+(cached KV was computed with the old weights) and makes older snapshots unrestorable here.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ class NativeBackend:
     def update_weights(self, state_dict: dict | None = None) -> None:
         if state_dict is not None:
             self.engine.model.load_state_dict(state_dict)
-        self.engine.reset_prefix_cache()
+        self.engine.set_weight_version(self.engine.weight_version + 1)
 
     def reset_prefix_cache(self) -> None:
         self.engine.reset_prefix_cache()

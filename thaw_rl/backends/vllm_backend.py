@@ -25,9 +25,9 @@ What differs from the native engine (``NativeBackend``):
 - vLLM returns no entropies. They are NaN unless ``entropy_top_k > 0``: then vLLM also returns the top-k
   processed logprobs of each step and the entropy is computed over them, the remaining mass counted as
   one more outcome, which is a lower bound of the true entropy (tight when the top-k hold nearly all mass).
-- Seeds: request i of a call samples with vLLM seed ``derive_seed(params.seed, i)`` (the native rule,
-  so a tree sampler's per-node seeds give distinct children), but vLLM's random stream differs from the
-  native engine's, so seeded samples are reproducible per backend, not across backends. Greedy agrees.
+- Seeds: the native rule (``sampling.params_per_session``): a list of params is used as given, one
+  ``SamplingParams`` with a seed gives request i ``derive_seed(seed, i)``; but vLLM's random stream differs
+  from the native engine's, so seeded samples are reproducible per backend, not across backends. Greedy agrees.
 - KV bytes are vLLM's; ``kv_bytes_per_token`` is computed from the model config and the KV dtype.
 
 Weights: ``update_weights(state_dict)`` loads the named parameters into vLLM's model and resets the
@@ -55,7 +55,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from thaw_rl.backends.base import COUNTER_KEYS
-from thaw_rl.engine.sampling import SamplingParams, derive_seed
+from thaw_rl.engine.sampling import SamplingParams, params_per_session
 
 logger = logging.getLogger(__name__)
 
@@ -227,15 +227,13 @@ class VLLMBackend:
         handles = list(handles)
         if len({id(h) for h in handles}) != len(handles):
             raise ValueError("generate() got the same handle twice; fork it to get independent children.")
-        plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(handles)
-        if len(plist) != len(handles):
-            raise ValueError(f"generate() got {len(plist)} SamplingParams for {len(handles)} handles.")
+        plist = params_per_session(params, len(handles))
         for h, p in zip(handles, plist):
             self._check_handle(h)
             self._check_length(h, p.max_tokens)
         if not handles:
             return []
-        vparams = [self.vllm_sampling_params(p, i) for i, p in enumerate(plist)]
+        vparams = [self.vllm_sampling_params(p) for p in plist]
         outs = self.llm.generate([self._prompt(h) for h in handles], vparams, use_tqdm=False)
         return [self._completion(h, out) for h, out in zip(handles, outs)]
 
@@ -295,7 +293,7 @@ class VLLMBackend:
         (``num_computed``), so a restore recomputes the tail, as a fork does.
         """
         from thaw_rl.backends.vllm_kv_connector import SNAPSHOT_FLAG, chained_hashes, snapshot_path
-        from thaw_rl.snapshot import KVSnapshot
+        from thaw_rl.engine.snapshot import KVSnapshot
 
         self._check_handle(handle)
         directory = self._require_snapshot_dir()
@@ -355,9 +353,9 @@ class VLLMBackend:
         worker = self.llm.llm_engine.model_executor.driver_worker
         return hasattr(getattr(worker, "worker", worker), "reload_weights")
 
-    def vllm_sampling_params(self, p: SamplingParams, index: int = 0):
-        """vLLM's SamplingParams for request ``index`` of a call (seed derived as the native engine does)."""
-        seed = None if p.seed is None else derive_seed(p.seed, index) & _SEED_MASK
+    def vllm_sampling_params(self, p: SamplingParams):
+        """vLLM's SamplingParams for one request (its seed used as given)."""
+        seed = None if p.seed is None else p.seed & _SEED_MASK
         return self._vllm.SamplingParams(
             temperature=p.temperature, top_p=p.top_p, top_k=p.top_k if p.top_k > 0 else 0, min_p=p.min_p,
             repetition_penalty=p.repetition_penalty, max_tokens=p.max_tokens,

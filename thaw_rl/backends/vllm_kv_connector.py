@@ -30,7 +30,6 @@ hybrid models); tensor parallel size 1.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -44,8 +43,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
 )
 
-from thaw_rl.engine.block_pool import hash_block_tokens
-from thaw_rl.snapshot import KVSnapshot
+from thaw_rl.engine.block_manager import hash_block_tokens, prefix_salt
+from thaw_rl.engine.snapshot import KVSnapshot
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -74,8 +73,8 @@ def vllm_fingerprint(vllm_config: "VllmConfig") -> dict[str, str | int]:
 
 
 def chained_hashes(token_ids: list[int], block_size: int, fingerprint: dict, num_blocks: int) -> list[bytes]:
-    """Chained hashes of the first ``num_blocks`` full blocks, salted with the fingerprint."""
-    salt = json.dumps(fingerprint, sort_keys=True).encode()
+    """Chained hashes of the first ``num_blocks`` full blocks, salted as a native engine at weight version 0."""
+    salt = prefix_salt(fingerprint, 0)
     hashes, parent = [], None
     for b in range(num_blocks):
         parent = hash_block_tokens(parent, token_ids[b * block_size:(b + 1) * block_size], salt)

@@ -2,40 +2,55 @@
 
 The engine runs the caller's own HF model object (no weight copy: a trainer generates with its live
 weights) through transformers' attention hook (``attention.py``) over a paged KV cache
-(``kv_cache.py``) whose blocks are refcounted by ``BlockPool``. A fork shares every full block of the
-parent and copies only its partial last block, so it costs O(blocks), not O(tokens x layers).
+(``kv_cache.py``). This class is the public API; the work is split one noun per file and flows one way:
 
-Scheduling is continuous batching in one loop: each step packs prefill chunks and decode tokens of many
-sessions into one forward (bounded by ``max_num_batched_tokens``), then samples for every session whose
-logits are ready. When the KV pool is full, the most recently admitted session of the call is
-preempted (its blocks released) and recomputed later; its sampled tokens are kept and, because the
-sampling noise is a function of (seed, position), it continues exactly as it would have. A single
-session that cannot fit even alone raises ``KVCacheExhaustedError``: nothing is truncated silently.
+- ``Scheduler`` (scheduler.py) picks what runs in each step: prefill chunks and decode rows of many
+  sessions in one forward, within a token budget, preempting a session when blocks run out;
+- ``BlockManager`` (block_manager.py) is the only code that changes block tables, refcounts and prefix
+  hashes: a fork shares every full block of the parent and copies only its partial last block, so it
+  costs O(blocks), not O(tokens x layers);
+- ``ModelRunner`` (model_runner.py) runs the model over the packed step; ``sample`` draws the tokens.
+
+A preempted session keeps its sampled tokens and, because the sampling noise is a function of (seed,
+position), continues exactly as it would have. A session that cannot fit even alone raises
+``KVCacheExhaustedError`` before anything is sampled: nothing is truncated silently.
+
+Weights: ``weight_version`` names the weights the KV was computed with; prefix-cache hashes are salted
+with it and snapshots carry it (plus a sampled digest of the weights, ``weights.py``), so KV computed
+with other weights is refused on restore and never matched by a later prefill.
 """
 
 from __future__ import annotations
 
-import json
+import numbers
 import random
 import time
+import weakref
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-from thaw_rl.engine.block_pool import BlockPool, hash_block_tokens
+from thaw_rl.engine.block_manager import BlockManager, KVCacheExhaustedError, prefix_salt
 from thaw_rl.engine.kv_cache import KVCacheSpec, PagedKVCache
-from thaw_rl.engine.model_runner import Chunk, ModelRunner
-from thaw_rl.engine.sampling import SamplingBatch, SamplingParams, derive_seed, sample
+from thaw_rl.engine.model_runner import ModelRunner
+from thaw_rl.engine.sampling import SamplingBatch, SamplingParams, check_token_ids, params_per_session, sample
+from thaw_rl.engine.scheduler import Scheduler
 from thaw_rl.engine.session import Session
 from thaw_rl.engine.sharding import compute_dtype
+from thaw_rl.engine.snapshot import KVSnapshot, check_fingerprint
+from thaw_rl.engine.weights import weights_digest
+
+if TYPE_CHECKING:
+    from thaw_rl_kernels.host_transfer import KVTransfer, TransferHandle
+
+__all__ = ["SUPPORTED_MODEL_TYPES", "Completion", "EngineStats", "KVCacheExhaustedError", "SnapshotHandle",
+           "ThawEngine"]
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
-
-
-class KVCacheExhaustedError(ValueError):
-    """The KV pool cannot hold what was asked, even after preempting everything it may preempt."""
+CPU_KV_CACHE_LIMIT = 512 * 2**20  # the most a default CPU pool grows to (bytes)
+CPU_KV_CACHE_INITIAL_BLOCKS = 64  # a default CPU pool starts this small and grows with what calls need
 
 
 @dataclass
@@ -87,6 +102,12 @@ def _model_dims(config) -> tuple[int, int, int]:
     return config.num_hidden_layers, num_kv_heads, head_dim
 
 
+def _positive_int(name: str, value, example: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name}={value!r} must be an int >= 1 (e.g. {name}={example}).")
+    return int(value)
+
+
 class ThawEngine:
     """Paged-KV generation with copy-on-write fork over an unmodified HF causal LM."""
 
@@ -102,6 +123,7 @@ class ThawEngine:
         use_cuda_graphs: bool | None = None,
         compile_layers: bool = False,
         seed: int | None = None,
+        weight_version: int = 0,
     ) -> None:
         config = model.config
         if config.model_type not in SUPPORTED_MODEL_TYPES:
@@ -115,8 +137,12 @@ class ThawEngine:
                 f"{config.model_type} with use_sliding_window=True is not supported (the paged kernel attends "
                 f"to the full context). Set config.use_sliding_window=False."
             )
-        if block_size < 1 or block_size & (block_size - 1):
+        block_size = _positive_int("block_size", block_size, 16)
+        if block_size & (block_size - 1):
             raise ValueError(f"block_size={block_size} must be a power of two (e.g. 16).")
+        max_num_seqs = _positive_int("max_num_seqs", max_num_seqs, 256)
+        if max_num_batched_tokens is not None:
+            max_num_batched_tokens = _positive_int("max_num_batched_tokens", max_num_batched_tokens, 2048)
         self.model = model
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
@@ -126,11 +152,14 @@ class ThawEngine:
         self.block_size = block_size
         self.max_model_len = int(getattr(config, "max_position_embeddings", 1 << 30))
         self.vocab_size = config.vocab_size
-        num_blocks = self._num_blocks(kv_cache_memory)
-        self.pool = BlockPool(num_blocks)
+        num_blocks, self._max_num_blocks = self._pool_size(kv_cache_memory)
+        self.fingerprint = self._fingerprint(config)
+        self.weight_version = int(weight_version)
+        self.block_manager = BlockManager(num_blocks, block_size, prefix_salt(self.fingerprint, self.weight_version))
         self.kv_cache = PagedKVCache(self.spec, num_blocks, self.device, layout)
         self.max_num_batched_tokens = max_num_batched_tokens or (8192 if self.device.type == "cuda" else 2048)
         self.max_num_seqs = max_num_seqs
+        self.scheduler = Scheduler(self.block_manager, self.max_num_batched_tokens, max_num_seqs)
         if use_cuda_graphs is None:
             use_cuda_graphs = self.device.type == "cuda"
         self.runner = ModelRunner(
@@ -138,17 +167,29 @@ class ThawEngine:
             max_blocks_per_seq=-(-self.max_model_len // block_size), compile_layers=compile_layers,
         )
         self.eos_token_ids = self._eos_ids(model, tokenizer)
-        self.fingerprint = self._fingerprint(config)
-        self._hash_salt = json.dumps(self.fingerprint, sort_keys=True).encode()
+        self._weights_digest = weights_digest(model)
         self._rng = random.Random(seed)
         self._engine_id = id(self)
         self._stats = EngineStats()
+        self._transfer: KVTransfer | None = None
 
     # -- construction helpers -------------------------------------------------------------------------
-    def _num_blocks(self, kv_cache_memory: int | float | None) -> int:
+    def _pool_size(self, kv_cache_memory: int | float | None) -> tuple[int, int]:
+        """(blocks to allocate now, the most the pool may grow to).
+
+        A byte count or a fraction of free CUDA memory is allocated up front, once. The CPU default
+        (None) starts at ``CPU_KV_CACHE_INITIAL_BLOCKS`` and doubles, up to ``CPU_KV_CACHE_LIMIT``, as
+        calls need more (``_reserve``): a CPU engine for a few short rollouts costs kilobytes, not 512 MiB.
+        """
         bytes_per_block = self.spec.bytes_per_block
+        if kv_cache_memory is None and self.device.type != "cuda":
+            limit = max(2, CPU_KV_CACHE_LIMIT // bytes_per_block)
+            return min(limit, CPU_KV_CACHE_INITIAL_BLOCKS), limit
         if kv_cache_memory is None:
-            kv_cache_memory = 0.5 if self.device.type == "cuda" else 512 * 2**20
+            kv_cache_memory = 0.5
+        if isinstance(kv_cache_memory, bool) or not isinstance(kv_cache_memory, numbers.Real):
+            raise ValueError(f"kv_cache_memory={kv_cache_memory!r}: give a byte count (int) or a fraction of free "
+                             f"CUDA memory (float in (0, 1)).")
         if isinstance(kv_cache_memory, float):
             if not 0.0 < kv_cache_memory < 1.0:
                 raise ValueError(f"kv_cache_memory={kv_cache_memory}: a float is a fraction in (0, 1) of free memory.")
@@ -162,7 +203,7 @@ class ThawEngine:
                 f"kv_cache_memory={kv_cache_memory} bytes holds {num_blocks} KV blocks of {bytes_per_block} bytes; "
                 f"give at least {2 * bytes_per_block} bytes."
             )
-        return num_blocks
+        return num_blocks, num_blocks
 
     @staticmethod
     def _eos_ids(model, tokenizer) -> set[int]:
@@ -180,7 +221,7 @@ class ThawEngine:
         return ids
 
     def _fingerprint(self, config) -> dict[str, str | int]:
-        """What KV computed by this engine depends on; snapshots carry it and restores compare it."""
+        """What KV computed by this engine depends on besides the weights; snapshots carry it."""
         s = self.spec
         arch = (getattr(config, "architectures", None) or [type(self.model).__name__])[0]
         return {
@@ -189,31 +230,71 @@ class ThawEngine:
             "vocab_size": config.vocab_size, "dtype": str(s.dtype).replace("torch.", ""), "block_size": s.block_size,
         }
 
-    # -- public surface -----------------------------------------------------------------------------------
+    # -- public surface: state ------------------------------------------------------------------------
     @property
     def stats(self) -> EngineStats:
-        st = self._stats
-        st.num_blocks = self.pool.num_blocks - 1
-        st.num_free_blocks = self.pool.num_free_blocks
-        st.num_used_blocks = self.pool.num_used_blocks
-        st.num_cached_blocks = self.pool.num_cached_blocks
+        st, bm = self._stats, self.block_manager
+        st.num_blocks = bm.num_blocks - 1
+        st.num_free_blocks = bm.num_free_blocks
+        st.num_used_blocks = bm.num_used_blocks
+        st.num_cached_blocks = bm.num_cached_blocks
         return EngineStats(**vars(st))
+
+    @property
+    def max_num_blocks(self) -> int:
+        """Usable blocks the pool holds at most (a default CPU pool grows up to this)."""
+        return self._max_num_blocks - 1
 
     def reset_stats(self) -> None:
         self._stats = EngineStats()
 
     def reset_prefix_cache(self) -> None:
-        """Call after the weights change: cached KV was computed with the old weights."""
-        self.pool.reset_prefix_cache()
+        """Drop every prefix-cache entry (call after the weights change; ``set_weight_version`` also names them)."""
+        self.block_manager.reset_prefix_cache()
+        self._weights_digest = weights_digest(self.model)
 
+    def set_weight_version(self, version: int) -> None:
+        """Declare the weights' version (e.g. the optimizer step); a new version drops the prefix cache.
+
+        Snapshots carry the version their KV was computed with, and a restore into an engine of another
+        version is refused. Bump it after every weight update (``NativeBackend.update_weights`` and the
+        ForkPool workers do).
+        """
+        if isinstance(version, bool) or not isinstance(version, numbers.Integral):
+            raise ValueError(f"set_weight_version({version!r}): the version is an int (e.g. the optimizer step).")
+        version = int(version)
+        if version != self.weight_version:
+            self.weight_version = version
+            self.block_manager.reset_prefix_cache(salt=prefix_salt(self.fingerprint, version))
+        self._weights_digest = weights_digest(self.model)
+
+    # -- public surface: sessions -----------------------------------------------------------------------
     def prefill(self, prompt_token_ids: Sequence[int]) -> Session:
         """Compute a prompt's KV (reusing cached prefix blocks) and keep the next-token logits."""
         return self.prefill_many([prompt_token_ids])[0]
 
     def prefill_many(self, prompts: Sequence[Sequence[int]], progress: bool = False) -> list[Session]:
         """Prefill several prompts in packed steps (one forward can hold many prompts)."""
-        sessions = [self._new_session(p) for p in prompts]
-        self._run(sessions, requests=None, progress=progress, desc="prefill")
+        if isinstance(prompts, (str, bytes)) or hasattr(prompts, "keys") or (
+                isinstance(prompts, torch.Tensor) and prompts.ndim != 2):
+            raise ValueError("prefill_many takes a list of prompts, each a list of int token ids "
+                             "(e.g. tokenizer(texts)[\"input_ids\"]).")
+        ids = [check_token_ids(p, f"prompt {i}") for i, p in enumerate(prompts)]
+        for p in ids:
+            self._check_prompt(p)
+        self._check_weights()
+        self._reserve(sum(self.block_manager.blocks_for(len(p)) for p in ids))
+        sessions = [Session(engine_id=self._engine_id, token_ids=p, num_prompt_tokens=len(p),
+                            weight_version=self.weight_version) for p in ids]
+        for s in sessions:
+            self._stats.prompt_tokens_reused += self.block_manager.match_prefix(s)
+        try:
+            self._run(sessions, requests=None, progress=progress, desc="prefill")
+        except KVCacheExhaustedError:
+            for s in sessions:
+                self.block_manager.free(s)
+                s.freed = True
+            raise
         return sessions
 
     def fork(self, session: Session, n: int, at: int | None = None) -> list[Session]:
@@ -225,37 +306,28 @@ class ThawEngine:
         writing into a block that other sessions share.
         """
         self._check_session(session)
-        if n < 1:
-            raise ValueError(f"fork(n={n}): n must be >= 1.")
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+            raise ValueError(f"fork(n={n!r}): n is the number of children, an int >= 1.")
         at = session.num_tokens if at is None else at
-        if not 1 <= at <= session.num_tokens:
-            raise ValueError(f"fork(at={at}) must be in [1, {session.num_tokens}] (the session's token count).")
+        if isinstance(at, bool) or not isinstance(at, numbers.Integral) or not 1 <= at <= session.num_tokens:
+            raise ValueError(f"fork(at={at!r}) must be an int in [1, {session.num_tokens}] (the session's token count).")
+        n, at = int(n), int(at)
         start = time.perf_counter()
-        bs = self.block_size
         keep_logits = at == session.num_tokens and session.next_logits is not None
         computed = min(at, session.num_computed)
         if computed == at and not keep_logits:
             computed = at - 1
-        num_full, partial = divmod(computed, bs)
-        if partial and not self.pool.can_allocate(n):
-            raise KVCacheExhaustedError(
-                f"fork(n={n}) needs {n} free KV blocks for the children's partial blocks but only "
-                f"{self.pool.num_free_blocks} are free. Free sessions you no longer need or raise kv_cache_memory."
-            )
-        children = []
-        for _ in range(n):
-            self.pool.share(session.block_table[:num_full])
-            table = list(session.block_table[:num_full])
-            if partial:
-                table.append(self.pool.allocate(1)[0])
-            children.append(Session(
-                engine_id=self._engine_id, token_ids=session.token_ids[:at],
-                num_prompt_tokens=min(session.num_prompt_tokens, at), block_table=table,
-                block_hashes=session.block_hashes[:num_full], num_computed=computed,
-                next_logits=session.next_logits if keep_logits else None, parent_id=session.session_id,
-            ))
-        if partial:
-            self._copy_partial(session.block_table[num_full], [c.block_table[num_full] for c in children], partial)
+        if computed % self.block_size:
+            self._reserve(n)
+        children = [Session(
+            engine_id=self._engine_id, token_ids=session.token_ids[:at],
+            num_prompt_tokens=min(session.num_prompt_tokens, at), num_computed=computed,
+            next_logits=session.next_logits if keep_logits else None, parent_id=session.session_id,
+            weight_version=session.weight_version,
+        ) for _ in range(n)]
+        copies = self.block_manager.fork(session, children, computed)
+        if copies:
+            self._copy_blocks(copies, computed % self.block_size)
         self._stats.num_forks += 1
         self._stats.fork_seconds += time.perf_counter() - start
         return children
@@ -268,60 +340,108 @@ class ThawEngine:
     ) -> list[Completion]:
         """Continue each session until a stop token or max_tokens; sessions keep their new tokens.
 
-        With one ``SamplingParams`` carrying a seed, session i samples with ``derive_seed(seed, i)`` so
-        forked children differ from one another and the call is reproducible.
+        A list of ``SamplingParams`` (one per session) is used as given, seeds included. One
+        ``SamplingParams`` carrying a seed samples session i with ``derive_seed(seed, i)``
+        (``sampling.params_per_session``) so forked children differ and the call is reproducible.
+        Raises ``KVCacheExhaustedError`` before sampling anything when a session's prompt plus
+        ``max_tokens`` cannot fit the KV pool even alone.
         """
         sessions = list(sessions)
         if len({id(s) for s in sessions}) != len(sessions):
             raise ValueError("generate() got the same session twice; fork it to get independent children.")
-        if params is None:
-            params = SamplingParams()
-        plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(sessions)
-        if len(plist) != len(sessions):
-            raise ValueError(f"generate() got {len(plist)} SamplingParams for {len(sessions)} sessions.")
-        requests = []
-        for i, (s, p) in enumerate(zip(sessions, plist)):
+        plist = params_per_session(params, len(sessions))
+        for s, p in zip(sessions, plist):
             self._check_session(s)
-            if s.num_tokens + p.max_tokens > self.max_model_len:
-                raise ValueError(
-                    f"session {s.session_id} has {s.num_tokens} tokens and max_tokens={p.max_tokens}, over the "
-                    f"model's context of {self.max_model_len}. Lower max_tokens to {self.max_model_len - s.num_tokens} "
-                    f"or shorten the prompt."
-                )
-            seed = derive_seed(p.seed, i) if p.seed is not None else self._rng.getrandbits(63)
-            requests.append(_Request(s, p, seed))
+            self._check_fits(s, p.max_tokens)
+        self._check_weights()
+        bm = self.block_manager
+        self._reserve(sum(bm.num_blocks_to_reach(s, s.num_tokens + p.max_tokens - 1) for s, p in zip(sessions, plist)))
+        requests = [_Request(s, p, p.seed if p.seed is not None else self._rng.getrandbits(63))
+                    for s, p in zip(sessions, plist)]
         self._run(sessions, requests=requests, progress=progress, desc="generate")
         return [Completion(r.token_ids, r.logprobs, r.entropies, r.finish_reason or "length", r.session) for r in requests]
 
     def free(self, session: Session) -> None:
         """Release the session's blocks; using it afterwards raises ValueError."""
         self._check_session(session)
-        self.pool.release(session.block_table)
-        session.block_table = []
+        self.block_manager.free(session)
         session.next_logits = None
         session.freed = True
 
-    def snapshot(self, session: Session) -> "KVSnapshot":  # noqa: F821 (thaw_rl.snapshot imports this module)
+    # -- public surface: snapshots ----------------------------------------------------------------------
+    def snapshot(self, session: Session) -> KVSnapshot:
         """The session's tokens and KV in (pinned) host memory, restorable here or in another engine."""
         return self.snapshot_async(session).wait()
 
-    def snapshot_async(self, session: Session) -> "SnapshotHandle":  # noqa: F821
+    def snapshot_async(self, session: Session) -> SnapshotHandle:
         """Start the copy on the engine's copy stream; ``.wait()`` gives the KVSnapshot (the blocks are held till then)."""
-        from thaw_rl.snapshot import snapshot_session_async
+        self._check_session(session)
+        bs = self.block_size
+        num_blocks, num_full = -(-session.num_computed // bs), session.num_computed // bs
+        block_ids = list(session.block_table[:num_blocks])
+        if len(block_ids) != num_blocks or len(session.block_hashes) < num_full:
+            raise RuntimeError(
+                f"{session!r}: {session.num_computed} computed tokens need {num_blocks} blocks and {num_full} "
+                f"hashes; it has {len(block_ids)} and {len(session.block_hashes)}."
+            )
+        fields = dict(
+            fingerprint=dict(self.fingerprint), token_ids=list(session.token_ids),
+            num_prompt_tokens=session.num_prompt_tokens, num_computed=session.num_computed,
+            block_hashes=list(session.block_hashes[:num_full]), next_logits=session.next_logits,
+            weight_version=session.weight_version, weights_digest=self._current_digest(),
+        )
+        self.block_manager.hold(block_ids)  # held until the copy has read them
+        try:
+            transfer = self.kv_transfer.snapshot_async(self.kv_cache.kv, block_ids)
+        except Exception:
+            self.block_manager.release(block_ids)
+            raise
+        return SnapshotHandle(transfer, lambda: self.block_manager.release(block_ids), self.kv_transfer.pool, fields)
 
-        return snapshot_session_async(self, session)
-
-    def restore(self, snapshot: "KVSnapshot") -> Session:  # noqa: F821
+    def restore(self, snapshot: KVSnapshot) -> Session:
         """A new session from a snapshot: cached blocks are shared, the rest written, full blocks join the prefix cache.
 
-        Raises ValueError naming the field when the snapshot comes from another model, dtype or block size, and
-        KVCacheExhaustedError when the pool is too small; the pool is unchanged on any error.
+        Raises ValueError naming the field when the snapshot comes from another model, dtype, block size or
+        weights, and KVCacheExhaustedError when the pool is too small; the pool is unchanged on any error.
         """
-        from thaw_rl.snapshot import restore_session
+        return self.restore_with_stats(snapshot)[0]
 
-        return restore_session(self, snapshot)[0]
+    def restore_with_stats(self, snapshot: KVSnapshot) -> tuple[Session, int]:
+        """``restore``, and how many of the session's blocks were shared from the prefix cache."""
+        if not isinstance(snapshot, KVSnapshot):
+            raise ValueError(f"restore() takes a KVSnapshot (from ThawEngine.snapshot or KVSnapshot.load), "
+                             f"got {type(snapshot).__name__}.")
+        snapshot._check_usable()
+        check_fingerprint(snapshot.fingerprint, self.fingerprint)
+        self._check_snapshot_weights(snapshot)
+        if snapshot.num_tokens >= self.max_model_len:
+            raise ValueError(
+                f"the snapshot holds {snapshot.num_tokens} tokens, over the target model's context of "
+                f"{self.max_model_len} (it needs room for one more token)."
+            )
+        num_computed = snapshot.num_computed
+        if snapshot.next_logits is None and num_computed == snapshot.num_tokens:
+            num_computed -= 1  # a live session needs logits or a token to compute; recompute the last one
+        self._reserve(self.block_manager.blocks_for(num_computed))
+        adoption = self.block_manager.adopt(snapshot, num_computed)
+        try:
+            if adoption.fresh_positions:
+                kv = snapshot.kv
+                src = kv if len(adoption.fresh_positions) == snapshot.num_blocks else kv[adoption.fresh_positions]
+                self.kv_transfer.restore_async(src, self.kv_cache.kv, adoption.fresh_block_ids).wait()
+        except Exception:
+            self.block_manager.release(adoption.block_table)
+            raise
+        logits = snapshot.next_logits if num_computed == snapshot.num_tokens else None
+        session = Session(
+            engine_id=self._engine_id, token_ids=list(snapshot.token_ids), num_prompt_tokens=snapshot.num_prompt_tokens,
+            block_table=adoption.block_table, num_computed=num_computed, weight_version=snapshot.weight_version,
+            next_logits=logits.to(self.device, torch.float32, copy=True) if logits is not None else None,
+        )
+        self.block_manager.register_full(session)
+        return session, adoption.num_shared
 
-    # -- internals --------------------------------------------------------------------------------------
+    # -- internals: checks --------------------------------------------------------------------------------
     def _check_session(self, session: Session) -> None:
         if not isinstance(session, Session):
             raise ValueError(f"expected a Session from ThawEngine.prefill or fork, got {type(session).__name__}.")
@@ -330,10 +450,7 @@ class ThawEngine:
         if session.freed:
             raise ValueError(f"{session!r} was freed; fork it before freeing if you need it again.")
 
-    def _new_session(self, prompt: Sequence[int]) -> Session:
-        ids = [int(t) for t in prompt]
-        if not ids:
-            raise ValueError("empty prompt: give at least one token id (e.g. the BOS token or a chat template).")
+    def _check_prompt(self, ids: list[int]) -> None:
         if len(ids) >= self.max_model_len:
             raise ValueError(
                 f"prompt of {len(ids)} tokens does not fit the model's context of {self.max_model_len} "
@@ -342,76 +459,89 @@ class ThawEngine:
         bad = [t for t in ids if not 0 <= t < self.vocab_size]
         if bad:
             raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size}).")
-        session = Session(engine_id=self._engine_id, token_ids=ids, num_prompt_tokens=len(ids))
-        self._match_prefix(session)
-        return session
+        need = self.block_manager.blocks_for(len(ids))
+        if need > self.max_num_blocks:
+            raise KVCacheExhaustedError(
+                f"a prompt of {len(ids)} tokens needs {need} KV blocks of {self.block_size} tokens but the pool holds "
+                f"{self.max_num_blocks} in all; raise kv_cache_memory to at least "
+                f"{(need + 1) * self.spec.bytes_per_block} bytes or shorten the prompt."
+            )
 
-    def _match_prefix(self, session: Session) -> None:
-        """Share the longest run of cached full blocks; the last token is always left to compute."""
-        bs = self.block_size
-        parent = None
-        for i in range((session.num_tokens - 1) // bs):
-            h = hash_block_tokens(parent, session.token_ids[i * bs:(i + 1) * bs], self._hash_salt)
-            block_id = self.pool.lookup(h)
-            if block_id is None:
-                break
-            self.pool.share([block_id])
-            session.block_table.append(block_id)
-            session.block_hashes.append(h)
-            parent = h
-        session.num_computed = len(session.block_table) * bs
-        self._stats.prompt_tokens_reused += session.num_computed
+    def _check_fits(self, s: Session, max_tokens: int) -> None:
+        """Refuse, before sampling, a session whose prompt plus max_tokens cannot fit the context or the pool."""
+        if s.num_tokens + max_tokens > self.max_model_len:
+            raise ValueError(
+                f"session {s.session_id} has {s.num_tokens} tokens and max_tokens={max_tokens}, over the "
+                f"model's context of {self.max_model_len}. Lower max_tokens to {self.max_model_len - s.num_tokens} "
+                f"or shorten the prompt."
+            )
+        need = self.block_manager.blocks_for(s.num_tokens + max_tokens - 1)  # the last sampled token needs no KV
+        if need > self.max_num_blocks:
+            fit = self.max_num_blocks * self.block_size - s.num_tokens + 1
+            lower = f"lower max_tokens to {fit}, " if fit >= 1 else ""
+            raise KVCacheExhaustedError(
+                f"session {s.session_id} has {s.num_tokens} tokens and max_tokens={max_tokens}: it needs {need} KV "
+                f"blocks of {self.block_size} tokens but the pool holds {self.max_num_blocks} in all, so it could "
+                f"never finish. Nothing was sampled; {lower}or raise kv_cache_memory to at least "
+                f"{(need + 1) * self.spec.bytes_per_block} bytes."
+            )
 
-    def _register_full_blocks(self, session: Session) -> None:
-        bs = self.block_size
-        for i in range(len(session.block_hashes), session.num_computed // bs):
-            parent = session.block_hashes[-1] if session.block_hashes else None
-            h = hash_block_tokens(parent, session.token_ids[i * bs:(i + 1) * bs], self._hash_salt)
-            self.pool.register_full(session.block_table[i], h)
-            session.block_hashes.append(h)
+    def _check_weights(self) -> None:
+        """Weights changed in place without ``set_weight_version``: bump the version and drop the cache."""
+        digest = weights_digest(self.model)
+        if digest != self._weights_digest:
+            self.set_weight_version(self.weight_version + 1)
 
-    def _copy_partial(self, src_block: int, dst_blocks: list[int], num_tokens: int) -> None:
+    def _current_digest(self) -> str:
+        self._check_weights()
+        return self._weights_digest
+
+    def _check_snapshot_weights(self, snapshot: KVSnapshot) -> None:
+        digest = self._current_digest()
+        if snapshot.weight_version != self.weight_version:
+            raise ValueError(
+                f"the snapshot's KV was computed with weight version {snapshot.weight_version} but this engine runs "
+                f"weight version {self.weight_version}: its KV is stale for these weights. Take the snapshot again "
+                f"with the current weights (or, if both engines truly hold the same weights, call "
+                f"engine.set_weight_version({snapshot.weight_version}) on this one)."
+            )
+        if snapshot.weights_digest is not None and snapshot.weights_digest != digest:
+            raise ValueError(
+                f"the snapshot's KV was computed with other weights than this engine holds (weights digest "
+                f"{snapshot.weights_digest} != {digest}, both at weight version {self.weight_version}): another "
+                f"checkpoint, or an in-place update. Take the snapshot again from an engine with these weights, and "
+                f"call engine.set_weight_version(...) after every weight update."
+            )
+
+    # -- internals: pool ----------------------------------------------------------------------------------
+    def _reserve(self, num_blocks: int) -> None:
+        """Grow a growable (default CPU) pool so ``num_blocks`` more blocks are free, up to its limit."""
+        bm = self.block_manager
+        if bm.num_free_blocks >= num_blocks or bm.num_blocks >= self._max_num_blocks:
+            return
+        target = max(2 * bm.num_blocks, bm.num_blocks + num_blocks - bm.num_free_blocks)
+        target = min(target, self._max_num_blocks)
+        self.kv_cache.grow(target)
+        bm.grow(target)
+
+    @property
+    def kv_transfer(self) -> KVTransfer:
+        """The engine's one KVTransfer (copy stream + pooled pinned host buffers), made on first use."""
+        if self._transfer is None:
+            from thaw_rl_kernels.host_transfer import KVTransfer
+
+            self._transfer = KVTransfer(self.kv_cache.device)
+        return self._transfer
+
+    def _copy_blocks(self, copies: list[tuple[int, int]], num_tokens: int) -> None:
         from thaw_rl_kernels.block_copy import copy_blocks
 
         dev = self.kv_cache.device
-        src = torch.tensor([src_block] * len(dst_blocks), dtype=torch.int64, device=dev)
-        dst = torch.tensor(dst_blocks, dtype=torch.int64, device=dev)
+        src = torch.tensor([a for a, _ in copies], dtype=torch.int64, device=dev)
+        dst = torch.tensor([b for _, b in copies], dtype=torch.int64, device=dev)
         copy_blocks(self.kv_cache.kv, self.kv_cache.kv, src, dst, num_tokens=num_tokens, check_ids=False)
 
-    def _preempt(self, session: Session) -> None:
-        """Drop a session's KV; its tokens stay and are recomputed later.
-
-        It does not re-match the prefix cache here: its own blocks were just freed and are still
-        cached, so re-sharing them would free nothing and livelock the scheduler.
-        """
-        self.pool.release(session.block_table)
-        session.block_table = []
-        session.block_hashes = []
-        session.num_computed = 0
-        session.next_logits = None
-        self._stats.num_preemptions += 1
-
-    def _schedule(self, pending: list[Session]) -> list[Chunk]:
-        """Pick chunks for one step within the token budget, allocating their blocks (may preempt)."""
-        bs = self.block_size
-        budget = self.max_num_batched_tokens
-        chunks: list[Chunk] = []
-        for s in pending:
-            if budget <= 0 or len(chunks) >= self.max_num_seqs:
-                break
-            n = min(s.num_uncomputed, budget)
-            need = -(-(s.num_computed + n) // bs) - len(s.block_table)
-            if need > self.pool.num_free_blocks:
-                n_fit = (len(s.block_table) + self.pool.num_free_blocks) * bs - s.num_computed
-                if n_fit <= 0:
-                    break
-                n, need = n_fit, self.pool.num_free_blocks
-            if need:
-                s.block_table.extend(self.pool.allocate(need))
-            chunks.append(Chunk(s, n))
-            budget -= n
-        return chunks
-
+    # -- internals: the step loop -------------------------------------------------------------------------
     def _run(self, sessions: list[Session], requests: list[_Request] | None, progress: bool, desc: str) -> None:
         """The step loop shared by prefill and generate."""
         by_session = {id(r.session): r for r in requests} if requests is not None else {}
@@ -431,19 +561,22 @@ class ThawEngine:
             if not pending:
                 break
             # 2) one packed forward over prefill chunks and decode tokens
-            chunks = self._schedule(pending)
+            chunks = self.scheduler.schedule(pending)
             if not chunks:
-                self._make_room(sessions, pending, generating=requests is not None)
+                self.scheduler.make_room(sessions, pending, generating=requests is not None)
+                self._stats.num_preemptions += 1
                 continue
             logits = self.runner.forward(chunks)  # (S, V) float32
             self._stats.num_forward_steps += 1
             finished_rows, finished = [], []
             for row, c in enumerate(chunks):
                 s = c.session
+                if c.start == 0:
+                    s.weight_version = self.weight_version  # all of its KV is (re)computed with these weights
                 self._stats.tokens_computed += c.num_new
                 self._stats.prompt_tokens_computed += max(0, min(c.end, s.num_prompt_tokens) - c.start)
                 s.num_computed = c.end
-                self._register_full_blocks(s)
+                self.block_manager.register_full(s)
                 if s.num_uncomputed == 0:
                     finished_rows.append(row)
                     finished.append(s)
@@ -456,27 +589,6 @@ class ThawEngine:
                 self._sample([by_session[id(s)] for s in finished], logits.index_select(0, rows))
                 bar.update(len(finished))
         bar.close()
-
-    def _make_room(self, sessions: list[Session], pending: list[Session], generating: bool) -> None:
-        """No chunk fit: drop the KV of one session of this call, or give up with a clear error.
-
-        Victims, in order: sessions of a generate call that already finished (their tokens are kept and
-        their KV is recomputed if they are ever continued), then the most recently admitted pending
-        ones. The head of the queue is never preempted, so every round makes progress. A prefill call
-        never drops a finished prompt (its KV is the result), so it raises when the prompts cannot fit.
-        """
-        waiting = {id(s) for s in pending}
-        finished = [s for s in reversed(sessions) if id(s) not in waiting and s.block_table] if generating else []
-        victims = finished + [s for s in reversed(pending[1:]) if s.block_table]
-        if not victims:
-            head = pending[0]
-            need = -(-(head.num_tokens) // self.block_size)
-            raise KVCacheExhaustedError(
-                f"KV pool exhausted: {head!r} needs {need} blocks of {self.block_size} tokens and only "
-                f"{self.pool.num_free_blocks} of {self.pool.num_blocks - 1} are free (the rest are held by other "
-                f"sessions). Free sessions you no longer need, generate fewer sessions at once, or raise kv_cache_memory."
-            )
-        self._preempt(victims[0])
 
     def _sample(self, reqs: list[_Request], logits: torch.Tensor) -> None:
         sessions = [r.session for r in reqs]
@@ -501,3 +613,38 @@ class ThawEngine:
                 r.finish_reason = "stop"
             elif len(r.token_ids) >= r.params.max_tokens:
                 r.finish_reason = "length"
+
+
+class SnapshotHandle:
+    """A snapshot in flight: ``done()`` polls, ``wait()`` blocks and returns the ``KVSnapshot``.
+
+    The session's blocks are held until ``wait()``; always wait (or the blocks stay taken).
+    """
+
+    def __init__(self, transfer: TransferHandle, release_blocks, host_pool, fields: dict) -> None:
+        self._transfer = transfer
+        self._release_blocks = release_blocks
+        self._host_pool = host_pool
+        self._fields = fields
+        self._snapshot: KVSnapshot | None = None
+        if transfer.done():  # a synchronous copy (no CUDA): nothing to hold
+            self._give_back_blocks()
+
+    def done(self) -> bool:
+        return self._snapshot is not None or self._transfer.done()
+
+    def wait(self) -> KVSnapshot:
+        if self._snapshot is None:
+            kv = self._transfer.wait()
+            self._give_back_blocks()
+            fields = dict(self._fields)
+            if fields["next_logits"] is not None:
+                fields["next_logits"] = fields["next_logits"].to("cpu", torch.float32, copy=True)  # (V,)
+            release = weakref.finalize(kv, self._host_pool.release, kv.view(-1)[:0])  # another view: kv may die
+            self._snapshot = KVSnapshot(**fields, kv=kv, _release=release)
+        return self._snapshot
+
+    def _give_back_blocks(self) -> None:
+        if self._release_blocks is not None:
+            self._release_blocks()
+            self._release_blocks = None

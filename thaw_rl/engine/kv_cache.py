@@ -64,18 +64,34 @@ class PagedKVCache:
         self.spec = spec
         self.num_blocks = num_blocks
         self.layout = layout
-        s = spec
-        if layout == "block_major":
-            storage = torch.zeros(  # (NB, L, 2, BS, KVH, D)
+        self.storage = self._zeros(num_blocks, device)
+        self.kv = self._view(self.storage)
+
+    def _zeros(self, num_blocks: int, device) -> torch.Tensor:
+        s = self.spec
+        if self.layout == "block_major":
+            return torch.zeros(  # (NB, L, 2, BS, KVH, D)
                 num_blocks, s.num_layers, 2, s.block_size, s.num_kv_heads, s.head_dim, dtype=s.dtype, device=device
             )
-            self.kv = storage.permute(1, 2, 0, 3, 4, 5)  # (L, 2, NB, BS, KVH, D)
-        else:
-            storage = torch.zeros(  # (L, 2, NB, BS, KVH, D)
-                s.num_layers, 2, num_blocks, s.block_size, s.num_kv_heads, s.head_dim, dtype=s.dtype, device=device
-            )
-            self.kv = storage
-        self.storage = storage
+        return torch.zeros(  # (L, 2, NB, BS, KVH, D)
+            s.num_layers, 2, num_blocks, s.block_size, s.num_kv_heads, s.head_dim, dtype=s.dtype, device=device
+        )
+
+    def _view(self, storage: torch.Tensor) -> torch.Tensor:
+        return storage.permute(1, 2, 0, 3, 4, 5) if self.layout == "block_major" else storage  # (L, 2, NB, BS, KVH, D)
+
+    def grow(self, num_blocks: int) -> None:
+        """Reallocate with ``num_blocks`` blocks, keeping every block's contents and id.
+
+        The tensors move, so whatever captured the old storage (CUDA graphs) is stale: the engine grows
+        only pools without graphs.
+        """
+        if num_blocks < self.num_blocks:
+            raise RuntimeError(f"grow({num_blocks}) would shrink a cache of {self.num_blocks} blocks")
+        storage = self._zeros(num_blocks, self.device)
+        kv = self._view(storage)
+        kv[:, :, : self.num_blocks].copy_(self.kv)
+        self.storage, self.kv, self.num_blocks = storage, kv, num_blocks
 
     @property
     def device(self) -> torch.device:

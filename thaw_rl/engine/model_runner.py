@@ -19,7 +19,7 @@ import torch
 
 from thaw_rl.engine.attention import METADATA_KWARG, AttentionMetadata, paged_attention_mode
 from thaw_rl.engine.kv_cache import PagedKVCache
-from thaw_rl.engine.session import Session
+from thaw_rl.engine.scheduler import Chunk
 from thaw_rl.engine.sharding import fsdp2_modules
 
 logger = logging.getLogger(__name__)
@@ -52,20 +52,6 @@ def _compiled(compiled_layers):
     finally:
         for (layer, _), prev in zip(compiled_layers, previous):
             layer._compiled_call_impl = prev
-
-
-@dataclass
-class Chunk:
-    session: Session
-    num_new: int
-
-    @property
-    def start(self) -> int:
-        return self.session.num_computed
-
-    @property
-    def end(self) -> int:
-        return self.session.num_computed + self.num_new
 
 
 @dataclass

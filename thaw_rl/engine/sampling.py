@@ -9,12 +9,19 @@ Randomness is counter-based: the noise for the token at position ``p`` of a requ
 hash of ``(s, p, token id)``. So a request's tokens do not depend on which other requests share its
 batch, the same seed reproduces the same tokens on any device, the whole batch draws its noise in a
 few vectorised ops (no per-row generator loop), and it is safe under CUDA-graph replay.
+
+Seeds follow one rule: a request's seed is used as given. Only one ``SamplingParams`` for n sessions
+derives per-session seeds, here (``params_per_session``), so forked children differ; nothing downstream
+re-derives or inverts a seed.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import numbers
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 
@@ -38,6 +45,16 @@ class SamplingParams:
     seed: int | None = None  # per request; None draws one from the engine's generator
 
     def __post_init__(self) -> None:
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise ValueError(f"{name}={value!r} must be a finite number.")
+        for name in ("top_k", "max_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise ValueError(f"{name}={value!r} must be an int (e.g. {name}={_int_hint(value)}).")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral)):
+            raise ValueError(f"seed={self.seed!r} must be an int or None.")
         if self.temperature < 0:
             raise ValueError(f"temperature={self.temperature} must be >= 0 (0 means greedy).")
         if not 0.0 < self.top_p <= 1.0:
@@ -50,15 +67,77 @@ class SamplingParams:
             raise ValueError(f"repetition_penalty={self.repetition_penalty} must be > 0 (1.0 is off).")
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens={self.max_tokens} must be >= 1.")
+        self.stop_token_ids = check_token_ids(self.stop_token_ids, "stop_token_ids", allow_empty=True)
+        self.top_k, self.max_tokens = int(self.top_k), int(self.max_tokens)
+        self.seed = None if self.seed is None else int(self.seed)
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
 
-def derive_seed(seed: int, index: int) -> int:
-    """Seed of the index-th request of a call that was given one seed (children must differ)."""
-    return _mix32_int((_mix32_int(seed & _M32) ^ (index * 0x9E3779B1)) & _M32) | ((seed >> 32) << 32)
+def derive_seed(seed: int, *path: int) -> int:
+    """A seed derived from ``seed`` and the indices in ``path`` (``derive_seed(s, a, b)`` is
+    ``derive_seed(derive_seed(s, a), b)``): the index-th session of a call given one seed, a tree node."""
+    for index in path:
+        seed = _mix32_int((_mix32_int(seed & _M32) ^ (index * 0x9E3779B1)) & _M32) | ((seed >> 32) << 32)
+    return seed
+
+
+def params_per_session(params: SamplingParams | Sequence[SamplingParams] | None, n: int) -> list[SamplingParams]:
+    """One ``SamplingParams`` per session, the single place where per-session seeds are derived.
+
+    A sequence is returned as given (each request's seed is its own). One ``SamplingParams`` with a seed
+    becomes n copies, session i seeded ``derive_seed(seed, i)`` so forked children differ and the call
+    reproduces; without a seed the n copies stay unseeded (the engine draws a seed per session).
+    """
+    if params is None:
+        params = SamplingParams()
+    if isinstance(params, SamplingParams):
+        if params.seed is None:
+            return [params] * n
+        return [dataclasses.replace(params, seed=derive_seed(params.seed, i)) for i in range(n)]
+    plist = list(params)
+    bad = [type(p).__name__ for p in plist if not isinstance(p, SamplingParams)]
+    if bad:
+        raise TypeError(f"expected SamplingParams or a list of them, got a list holding {bad[0]}.")
+    if len(plist) != n:
+        raise ValueError(f"got {len(plist)} SamplingParams for {n} sessions; give one, or one per session.")
+    return plist
+
+
+def check_token_ids(token_ids, what: str = "prompt", allow_empty: bool = False) -> list[int]:
+    """A flat list of int token ids, or a ValueError that says what to pass instead."""
+    fix = (f"pass {what} as a flat list of int token ids, e.g. tokenizer(text)[\"input_ids\"] for one text "
+           f"(not the string, the BatchEncoding, or a batch)")
+    if isinstance(token_ids, (str, bytes)):
+        raise ValueError(f"{what} is a string; {fix}.")
+    if isinstance(token_ids, dict) or hasattr(token_ids, "keys"):
+        raise ValueError(f"{what} is a {type(token_ids).__name__} (a mapping); {fix}.")
+    if isinstance(token_ids, torch.Tensor) or hasattr(token_ids, "ndim"):
+        if token_ids.ndim != 1:
+            raise ValueError(f"{what} is a {token_ids.ndim}-D {type(token_ids).__name__} of shape "
+                             f"{tuple(token_ids.shape)}; {fix}; for a (1, T) tensor pass t[0].")
+        if isinstance(token_ids, torch.Tensor) and (token_ids.is_floating_point() or token_ids.is_complex()):
+            raise ValueError(f"{what} is a {token_ids.dtype} tensor; token ids are integers: {fix}.")
+        token_ids = token_ids.tolist()
+    try:
+        ids = list(token_ids)
+    except TypeError:
+        raise ValueError(f"{what} is a {type(token_ids).__name__}; {fix}.") from None
+    for t in ids:
+        if isinstance(t, bool) or not isinstance(t, numbers.Integral):
+            raise ValueError(f"{what} holds {t!r} ({type(t).__name__}); token ids are ints: {fix}.")
+    if not ids and not allow_empty:
+        raise ValueError(f"empty {what}: give at least one token id (e.g. the BOS token or a chat template).")
+    return [int(t) for t in ids]
+
+
+def _int_hint(value) -> str:
+    try:
+        return str(int(value))
+    except (TypeError, ValueError, OverflowError):
+        return "16"
 
 
 def _mix32_int(x: int) -> int:

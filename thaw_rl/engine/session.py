@@ -30,6 +30,7 @@ class Session:
     num_computed: int = 0
     next_logits: torch.Tensor | None = None  # (V,) float32
     parent_id: int | None = None
+    weight_version: int = 0  # the engine's weight version when its oldest KV was computed
     freed: bool = False
     session_id: int = field(default_factory=lambda: next(_session_ids))
 

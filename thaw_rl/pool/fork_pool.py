@@ -16,8 +16,9 @@ current weights, and the part of the call it held is retried once on the replace
 rebuilt from their token ids). A second failure raises ``RuntimeError`` naming both; the pool itself stays
 usable. A request never waits past its deadline and a completion is never dropped silently.
 
-Seeds: request i of a ``generate`` call samples with ``derive_seed(params[i].seed, i)``, i counted over the
-whole call, exactly as one ``ThawEngine`` does, so a pool reproduces a single engine's samples whatever
+Seeds: as in ``ThawEngine.generate`` (``sampling.params_per_session``): a list of params is used as given,
+one ``SamplingParams`` with a seed gives request i ``derive_seed(seed, i)``, i counted over the whole call;
+each worker's engine uses the seed it is handed. So a pool reproduces a single engine's samples whatever
 the placement (sampling noise is a function of seed and position only).
 """
 
@@ -36,10 +37,10 @@ from typing import Any, Callable, Sequence
 import torch
 
 from thaw_rl.backends.base import COUNTER_KEYS
-from thaw_rl.engine.sampling import SamplingParams, derive_seed
+from thaw_rl.engine.sampling import SamplingParams, params_per_session
 from thaw_rl.pool.worker import Fault, PackedWeights
 from thaw_rl.pool.worker_process import Pending, WorkerFailure, WorkerProcess, collect
-from thaw_rl.snapshot import KVSnapshot
+from thaw_rl.engine.snapshot import KVSnapshot
 
 logger = logging.getLogger(__name__)
 
@@ -248,12 +249,8 @@ class ForkPool:
             self._check(h)
         if len({id(h) for h in handles}) != len(handles):
             raise ValueError("generate() got the same handle twice; fork it to get independent children.")
-        params = SamplingParams() if params is None else params
-        plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(handles)
-        if len(plist) != len(handles):
-            raise ValueError(f"generate() got {len(plist)} SamplingParams for {len(handles)} handles.")
-        seeds = [derive_seed(p.seed, i) if p.seed is not None else self._rng.getrandbits(63)
-                 for i, p in enumerate(plist)]
+        plist = params_per_session(params, len(handles))
+        seeds = [p.seed if p.seed is not None else self._rng.getrandbits(63) for p in plist]
         results: list[PoolCompletion | None] = [None] * len(handles)
         first: dict[int, WorkerFailure] = {}
         for attempt in range(2):

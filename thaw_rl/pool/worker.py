@@ -31,12 +31,9 @@ from typing import Any, Callable, NamedTuple
 import torch
 
 from thaw_rl.engine import SamplingParams, Session, ThawEngine
-from thaw_rl.engine.sampling import derive_seed
-from thaw_rl.snapshot import KVSnapshot
+from thaw_rl.engine.snapshot import KVSnapshot
 
 VERSIONED_OPS = frozenset({"prefill", "fork", "generate", "snapshot"})  # read or write KV: weights must match
-_M32 = 0xFFFFFFFF
-_MIX_A, _MIX_B = 0x7FEB352D, 0x846CA68B  # the multipliers of sampling._mix32_int (lowbias32)
 
 
 class WeightVersionError(RuntimeError):
@@ -101,30 +98,6 @@ class PackedWeights:
         for n in shape:
             numel *= n
         return buffer[offset:offset + numel * dtype.itemsize].view(dtype).view(shape)
-
-
-# -- seeds -----------------------------------------------------------------------------------------
-def _unmix32(x: int) -> int:
-    """Inverse of ``sampling._mix32_int`` (xorshifts and odd multiplies are bijections on 32 bits)."""
-    x ^= x >> 16
-    x = (x * pow(_MIX_B, -1, 1 << 32)) & _M32
-    x ^= (x >> 15) ^ (x >> 30)
-    x = (x * pow(_MIX_A, -1, 1 << 32)) & _M32
-    return x ^ (x >> 16)
-
-
-def seed_for_index(target: int, index: int) -> int:
-    """The seed s with ``derive_seed(s, index) == target``.
-
-    ``ThawEngine.generate`` samples request i with ``derive_seed(params[i].seed, i)``. The pool computes
-    each request's seed from its index in the *pool's* call (as one engine would); a worker holds only a
-    share of the call, so it hands its engine the seed that lands on that value at the local index.
-    """
-    low = _unmix32(_unmix32(target & _M32) ^ ((index * 0x9E3779B1) & _M32))
-    seed = low | ((target >> 32) << 32)
-    if derive_seed(seed, index) != target:
-        raise RuntimeError(f"seed inversion failed for target {target} at index {index}: sampling.derive_seed changed")
-    return seed
 
 
 # -- faults (tests) --------------------------------------------------------------------------------
@@ -218,7 +191,7 @@ class Worker:
         return source, [self._keep(s) for s in kids]
 
     def op_generate(self, sids: list[int], params: list[SamplingParams], seeds: list[int]) -> list[tuple]:
-        local = [dataclasses.replace(p, seed=seed_for_index(s, i)) for i, (p, s) in enumerate(zip(params, seeds))]
+        local = [dataclasses.replace(p, seed=s) for p, s in zip(params, seeds)]  # each seed used as given
         outs = self.engine.generate([self._session(sid) for sid in sids], local)
         return [(o.token_ids, o.logprobs, o.entropies, o.finish_reason) for o in outs]
 
@@ -250,7 +223,7 @@ class Worker:
         tensors = weights.tensors()
         with torch.no_grad():
             self.engine.model.load_state_dict(tensors, strict=False)
-        self.engine.reset_prefix_cache()  # cached KV was computed with the old weights
+        self.engine.set_weight_version(weights.version)  # drops the prefix cache; snapshots carry the version
         self.version = weights.version
         self.counters.num_weight_loads += 1
         self.counters.weight_load_seconds += time.perf_counter() - start

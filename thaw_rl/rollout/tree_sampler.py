@@ -10,7 +10,8 @@ its parent's lists up to the fork, so the tokens and logprobs of a shared segmen
 numbers in every leaf below it (they were sampled once).
 
 Seeds: with ``params.seed`` set, each tree node samples with ``derive_seed(params.seed, node_id)``
-(node ids are given out in a fixed order), so siblings differ and a rerun reproduces the batch. Every
+(node ids are given out in a fixed order), so siblings differ and a rerun reproduces the batch; the
+backend uses each node's seed as given. Every
 backend handle is freed before ``rollout`` returns, also when it raises.
 """
 

@@ -229,8 +229,7 @@ class ThawGRPOTrainer(GRPOTrainer):
         if step != self._seed_step:
             self._seed_step, self._seed_calls = step, 0
         self._seed_calls += 1
-        seed = derive_seed(derive_seed(self.args.seed, step), self._seed_calls)
-        return derive_seed(seed, self.accelerator.process_index)
+        return derive_seed(self.args.seed, step, self._seed_calls, self.accelerator.process_index)
 
     # -- wrappers ---------------------------------------------------------------------------------------
     @contextlib.contextmanager

@@ -1,0 +1,90 @@
+"""Scheduler: which sessions run in the next engine step, and which one gives its KV back when none fits.
+
+One step packs prefill chunks and decode tokens of many sessions into one forward, bounded by a token
+budget (``max_num_batched_tokens``) and a row budget (``max_num_seqs``). Sessions are taken in queue
+order; each gets as many of its uncomputed tokens as the budget and the free blocks allow (a prompt
+that does not fit is chunked). When not even the head of the queue can get a block, ``make_room``
+preempts one session: its blocks are released and its tokens recomputed later. Because sampling noise
+is a function of (seed, position), a preempted session continues exactly as it would have.
+
+The scheduler decides; the ``BlockManager`` is what it asks and what it tells to allocate or preempt.
+Neither touches the model, so both are tested step by step without one (tests/test_scheduler.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from thaw_rl.engine.block_manager import BlockManager, KVCacheExhaustedError
+from thaw_rl.engine.session import Session
+
+
+@dataclass
+class Chunk:
+    """``num_new`` tokens of a session, starting at its ``num_computed``, in one step."""
+
+    session: Session
+    num_new: int
+
+    @property
+    def start(self) -> int:
+        return self.session.num_computed
+
+    @property
+    def end(self) -> int:
+        return self.session.num_computed + self.num_new
+
+
+class Scheduler:
+    """Fills one step within the token and row budgets, allocating blocks; preempts when nothing fits."""
+
+    def __init__(self, block_manager: BlockManager, max_num_batched_tokens: int, max_num_seqs: int) -> None:
+        self.block_manager = block_manager
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_num_seqs = max_num_seqs
+
+    def schedule(self, pending: Sequence[Session]) -> list[Chunk]:
+        """Chunks for one step, in queue order; their blocks are allocated when this returns."""
+        bm, bs = self.block_manager, self.block_manager.block_size
+        budget = self.max_num_batched_tokens
+        chunks: list[Chunk] = []
+        for s in pending:
+            if budget <= 0 or len(chunks) >= self.max_num_seqs:
+                break
+            n = min(s.num_uncomputed, budget)
+            if not bm.can_allocate(bm.num_blocks_to_reach(s, s.num_computed + n)):
+                n = (len(s.block_table) + bm.num_free_blocks) * bs - s.num_computed  # what the free blocks hold
+                if n <= 0:
+                    break
+            bm.allocate(s, s.num_computed + n)
+            chunks.append(Chunk(s, n))
+            budget -= n
+        return chunks
+
+    def make_room(self, sessions: Sequence[Session], pending: Sequence[Session], generating: bool) -> Session:
+        """No chunk fit: preempt one session of this call and return it, or raise with a clear error.
+
+        Victims, in order: sessions of a generate call that already finished (their tokens are kept and
+        their KV is recomputed if they are ever continued), then the most recently admitted pending ones.
+        The head of the queue is never preempted, so every round makes progress. A prefill call never
+        drops a finished prompt (its KV is the result), so it raises when the prompts cannot fit.
+        """
+        waiting = {id(s) for s in pending}
+        finished = [s for s in reversed(sessions) if id(s) not in waiting and s.block_table] if generating else []
+        victims = finished + [s for s in reversed(pending[1:]) if s.block_table]
+        if not victims:
+            raise self._exhausted(pending[0])
+        self.block_manager.preempt(victims[0])
+        return victims[0]
+
+    def _exhausted(self, head: Session) -> KVCacheExhaustedError:
+        bm = self.block_manager
+        need = bm.blocks_for(head.num_tokens)
+        others = bm.num_used_blocks - len(head.block_table)
+        held = f"{others} are held by other sessions" if others > 0 else "no other session holds any"
+        return KVCacheExhaustedError(
+            f"KV pool exhausted: {head!r} needs {need} blocks of {bm.block_size} tokens; the pool has "
+            f"{bm.num_blocks - 1} usable blocks, {bm.num_free_blocks} free, and {held}. Free sessions you no "
+            f"longer need, generate fewer sessions at once, or raise kv_cache_memory."
+        )
