@@ -74,17 +74,19 @@ class Scheduler:
         finished = [s for s in reversed(sessions) if id(s) not in waiting and s.block_table] if generating else []
         victims = finished + [s for s in reversed(pending[1:]) if s.block_table]
         if not victims:
-            raise self._exhausted(pending[0])
+            raise self._exhausted(pending[0], sessions)
         self.block_manager.preempt(victims[0])
         return victims[0]
 
-    def _exhausted(self, head: Session) -> KVCacheExhaustedError:
+    def _exhausted(self, head: Session, sessions: Sequence[Session]) -> KVCacheExhaustedError:
         bm = self.block_manager
-        need = bm.blocks_for(head.num_tokens)
-        others = bm.num_used_blocks - len(head.block_table)
-        held = f"{others} are held by other sessions" if others > 0 else "no other session holds any"
+        in_call = {b for s in sessions for b in s.block_table}
+        others_in_call = len(in_call - set(head.block_table))
+        outside = bm.num_used_blocks - len(in_call)
+        held = (f"{others_in_call} by other sessions of this call and {outside} by sessions outside it"
+                if others_in_call or outside else "no other session holds any")
         return KVCacheExhaustedError(
-            f"KV pool exhausted: {head!r} needs {need} blocks of {bm.block_size} tokens; the pool has "
-            f"{bm.num_blocks - 1} usable blocks, {bm.num_free_blocks} free, and {held}. Free sessions you no "
-            f"longer need, generate fewer sessions at once, or raise kv_cache_memory."
+            f"KV pool exhausted: {head!r} needs {bm.blocks_for(head.num_tokens)} blocks of {bm.block_size} tokens; "
+            f"the pool has {bm.num_blocks - 1} usable blocks, {bm.num_free_blocks} free, held: {held}. Free sessions "
+            f"you no longer need, generate fewer sessions at once, or raise kv_cache_memory."
         )

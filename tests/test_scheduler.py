@@ -1,0 +1,86 @@
+"""Scheduler step by step, without a model: token budget, row budget, chunking, preemption order."""
+
+from __future__ import annotations
+
+import pytest
+
+from thaw_rl.engine.block_manager import BlockManager, KVCacheExhaustedError
+from thaw_rl.engine.scheduler import Scheduler
+from thaw_rl.engine.session import Session
+
+BS = 4
+
+
+def session(n: int, start: int = 0) -> Session:
+    return Session(engine_id=0, token_ids=list(range(start, start + n)), num_prompt_tokens=n)
+
+
+def step(sched: Scheduler, pending) -> list[tuple[int, int, int]]:
+    """Schedule one step and run it (mark the chunks computed); returns (session id, start, num_new)."""
+    chunks = sched.schedule(pending)
+    out = [(c.session.session_id, c.start, c.num_new) for c in chunks]
+    for c in chunks:
+        c.session.num_computed = c.end
+    return out
+
+
+def test_the_token_budget_chunks_a_long_prompt_and_packs_the_rest_behind_it():
+    bm = BlockManager(32, BS)
+    sched = Scheduler(bm, max_num_batched_tokens=6, max_num_seqs=8)
+    a, b = session(10), session(3, 100)
+    assert step(sched, [a, b]) == [(a.session_id, 0, 6)]
+    assert a.block_table == [1, 2] and b.block_table == []
+    assert step(sched, [a, b]) == [(a.session_id, 6, 4), (b.session_id, 0, 2)]
+    assert a.block_table == [1, 2, 3] and b.block_table == [4]
+    assert step(sched, [b]) == [(b.session_id, 2, 1)]
+
+
+def test_the_row_budget_caps_the_sessions_per_step():
+    bm = BlockManager(32, BS)
+    sched = Scheduler(bm, max_num_batched_tokens=100, max_num_seqs=2)
+    sessions = [session(3, 10 * i) for i in range(3)]
+    assert [sid for sid, _, _ in step(sched, sessions)] == [s.session_id for s in sessions[:2]]
+    assert sessions[2].block_table == []
+
+
+def test_a_chunk_shrinks_to_what_the_free_blocks_hold():
+    bm = BlockManager(5, BS)  # 4 usable blocks = 16 tokens
+    sched = Scheduler(bm, max_num_batched_tokens=100, max_num_seqs=8)
+    a, b = session(10), session(10, 100)
+    assert step(sched, [a, b]) == [(a.session_id, 0, 10), (b.session_id, 0, 4)]
+    assert (a.block_table, b.block_table, bm.num_free_blocks) == ([1, 2, 3], [4], 0)
+    assert step(sched, [b]) == []  # b's block is full and none is free: nothing fits
+
+
+def test_make_room_preempts_finished_sessions_first_then_the_newest_pending():
+    bm = BlockManager(6, BS)  # 5 usable blocks
+    sched = Scheduler(bm, max_num_batched_tokens=100, max_num_seqs=8)
+    done, head, newest = session(4), session(8, 100), session(8, 200)
+    step(sched, [done, head, newest])
+    assert (done.block_table, head.block_table, newest.block_table) == ([1], [2, 3], [4, 5])
+    head.token_ids.append(7)
+    newest.token_ids.append(8)
+    assert step(sched, [head, newest]) == []  # both need a third block; none is free
+    victim = sched.make_room([done, head, newest], [head, newest], generating=True)
+    assert victim is done and done.block_table == [] and done.num_computed == 0
+    victim = sched.make_room([done, head, newest], [head, newest], generating=True)
+    assert victim is newest and newest.num_computed == 0 and newest.num_tokens == 9 and newest.block_table == []  # tokens are kept
+    assert step(sched, [head, newest]) == [(head.session_id, 8, 1), (newest.session_id, 0, 8)]
+    assert head.block_table == [2, 3, 1]  # freed blocks in the order they were freed: 1, then 5 and 4
+    assert newest.block_table == [5, 4]
+
+
+def test_make_room_never_preempts_the_head_and_says_who_holds_the_pool():
+    bm = BlockManager(3, BS)  # 2 usable blocks
+    sched = Scheduler(bm, max_num_batched_tokens=100, max_num_seqs=8)
+    head = session(12)
+    step(sched, [head])
+    assert head.num_computed == 8
+    with pytest.raises(KVCacheExhaustedError, match="no other session holds any"):
+        sched.make_room([head], [head], generating=True)
+    bm.free(head)
+    other = session(4, 50)
+    bm.allocate(other, 4)
+    head2 = session(12, 100)
+    with pytest.raises(KVCacheExhaustedError, match="0 by other sessions of this call and 1 by sessions outside it"):
+        sched.make_room([head2], [head2], generating=False)
