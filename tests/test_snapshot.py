@@ -12,6 +12,7 @@ from thaw_rl import KVCacheExhaustedError, KVSnapshot, SamplingParams, ThawEngin
 from thaw_rl.snapshot import (
     NotASnapshotFileError,
     SnapshotCorruptedError,
+    SnapshotFileError,
     SnapshotMismatchError,
     SnapshotTruncatedError,
 )
@@ -58,6 +59,7 @@ def assert_same_snapshot(a: KVSnapshot, b: KVSnapshot) -> None:
     assert a.fingerprint == b.fingerprint
     assert (a.token_ids, a.num_prompt_tokens, a.num_computed) == (b.token_ids, b.num_prompt_tokens, b.num_computed)
     assert a.block_hashes == b.block_hashes
+    assert (a.weight_version, a.weights_digest) == (b.weight_version, b.weights_digest)
     assert a.kv.dtype == b.kv.dtype and a.kv.shape == b.kv.shape
     assert torch.equal(a.kv.view(torch.uint8), b.kv.view(torch.uint8))  # bit-exact, NaN payloads included
     assert (a.next_logits is None) == (b.next_logits is None)
@@ -321,3 +323,86 @@ def test_restore_refuses_hashes_that_do_not_match_the_tokens(qwen3, trunk):
     with pytest.raises(ValueError, match="block hashes do not match its token ids"):
         target.restore(edited)
     assert pool_state(target) == state
+
+
+# -- weight versions (#14 item 2) ---------------------------------------------------------------------------
+def test_a_snapshot_from_other_weights_of_the_same_architecture_is_refused(make_tiny_model, tiny_tokenizer, trunk):
+    """Issue #14 scenario 1: same config, other weights, both at weight version 0."""
+    prompt, _, _, snap = trunk
+    other = make_tiny_model("qwen3", seed=1)
+    target = busy_engine(other, tiny_tokenizer)
+    state = pool_state(target)
+    with pytest.raises(ValueError, match="computed with other weights than this engine holds .*weights digest "
+                                         f"{snap.weights_digest} != "):
+        target.restore(snap)
+    assert pool_state(target) == state
+    target.prefill(prompt)
+    assert target.stats.prompt_tokens_reused == 0  # nothing of the snapshot entered the prefix cache
+
+
+def test_a_snapshot_taken_before_an_in_place_update_is_refused_after_reset_prefix_cache(make_tiny_model, tiny_tokenizer):
+    """Issue #14 scenario 2: snapshot, update the weights in place, reset_prefix_cache(), restore."""
+    model = make_tiny_model("qwen3", seed=2)
+    engine = ThawEngine(model, tiny_tokenizer, block_size=BS, kv_cache_memory=8 << 20)
+    prompt = random_prompt(37, model.config.vocab_size, 5)
+    s = engine.prefill(prompt)
+    snap = engine.snapshot(s)
+    engine.free(s)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.5)
+    engine.reset_prefix_cache()
+    with pytest.raises(ValueError, match="computed with weight version 0 but this engine runs weight version 1"):
+        engine.restore(snap)
+    fresh = engine.prefill(prompt)
+    assert engine.stats.prompt_tokens_reused == 0
+    (out,) = engine.generate([fresh], GREEDY)
+    ids = torch.tensor([prompt])
+    ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False, pad_token_id=0)
+    assert out.token_ids == ref[0, 37:].tolist()  # computed with the new weights, not the stale cache
+
+
+def test_an_in_place_update_without_any_call_still_drops_the_prefix_cache(make_tiny_model, tiny_tokenizer):
+    model = make_tiny_model("qwen3", seed=3)
+    engine = ThawEngine(model, tiny_tokenizer, block_size=BS, kv_cache_memory=8 << 20)
+    prompt = random_prompt(37, model.config.vocab_size, 6)
+    engine.free(engine.prefill(prompt))
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.down_proj.weight.mul_(2.0)
+    engine.prefill(prompt)  # the engine sees the weights changed: new version, nothing reused
+    assert engine.weight_version == 1 and engine.stats.prompt_tokens_reused == 0
+
+
+def test_weight_versions_salt_the_prefix_cache_and_must_match_on_restore(qwen3, trunk):
+    model, tok = qwen3
+    prompt, _, _, snap = trunk
+    assert snap.weight_version == 0
+    target = busy_engine(model, tok)
+    target.set_weight_version(3)
+    with pytest.raises(ValueError, match=r"weight version 0 but this engine runs weight version 3.*"
+                                         r"engine.set_weight_version\(0\)"):
+        target.restore(snap)
+    s = target.prefill(prompt)
+    later = target.snapshot(s)
+    assert later.weight_version == 3
+    target.set_weight_version(4)  # e.g. the next optimizer step: the cache is dropped, the snapshot refused
+    assert target.stats.num_cached_blocks == 0
+    target.prefill(prompt)
+    assert target.stats.prompt_tokens_reused == 0
+    with pytest.raises(ValueError, match="weight version 3 but this engine runs weight version 4"):
+        target.restore(later)
+    same = ThawEngine(model, tok, block_size=BS, kv_cache_memory=8 << 20, weight_version=3)
+    assert same.restore(later).token_ids == prompt  # same weights, same version: restored
+
+
+def test_a_format_1_file_names_its_version_and_the_fix(saved):
+    import hashlib
+    import struct
+
+    data = bytearray(saved.read_bytes())
+    fixed = struct.pack("<8sIQQ", *(lambda m, v, j, p: (m, 1, j, p))(*struct.unpack("<8sIQQ", data[:28])))
+    data[:44] = fixed + hashlib.blake2b(fixed, digest_size=16).digest()
+    saved.write_bytes(bytes(data))
+    with pytest.raises(SnapshotFileError, match="format version 1; this thaw-rl reads version 2 .*weight version"):
+        KVSnapshot.load(saved)

@@ -249,9 +249,12 @@ class ThawEngine:
         self._stats = EngineStats()
 
     def reset_prefix_cache(self) -> None:
-        """Drop every prefix-cache entry (call after the weights change; ``set_weight_version`` also names them)."""
+        """Drop every prefix-cache entry; if the weights changed since the version was set, bump the version.
+
+        Call it after the weights change (``set_weight_version`` does this and also names the version).
+        """
+        self._check_weights()
         self.block_manager.reset_prefix_cache()
-        self._weights_digest = weights_digest(self.model)
 
     def set_weight_version(self, version: int) -> None:
         """Declare the weights' version (e.g. the optimizer step); a new version drops the prefix cache.
