@@ -375,3 +375,118 @@ def test_a_failed_graph_capture_falls_back_to_eager_decode_and_says_so(caplog):
     assert out.token_ids == hf_greedy(model, prompt, GREEDY.max_tokens)
     assert engine.runner.graphs is None and "previous error during capture" in engine.runner.graphs_failed
     assert sum("CUDA graph capture failed" in r.getMessage() for r in caplog.records) == 1
+
+
+# -- pool size and bookkeeping cost (#20) -------------------------------------------------------------------
+def test_an_engine_over_a_million_blocks_builds_in_well_under_a_second(make_tiny_model, tiny_tokenizer):
+    """Bookkeeping is O(1) per block touched: no Python object per pool block. The KV tensor itself is
+    kept small (1 layer, 1 KV head of head_dim 2, block_size 1: 8 bytes a block in bfloat16)."""
+    import time
+
+    model = make_tiny_model("llama", dtype=torch.bfloat16, num_hidden_layers=1, hidden_size=2, num_attention_heads=1,
+                            num_key_value_heads=1, intermediate_size=4)
+    bytes_per_block = ThawEngine(model, tiny_tokenizer, block_size=1, kv_cache_memory=1 << 10).spec.bytes_per_block
+    assert bytes_per_block == 8
+    start = time.perf_counter()
+    engine = ThawEngine(model, tiny_tokenizer, block_size=1, kv_cache_memory=(10**6 + 1) * bytes_per_block)
+    built = time.perf_counter() - start
+    assert engine.stats.num_blocks == 10**6
+    assert built < 0.5, f"building took {built:.2f} s"  # ~0.03 s unloaded; the old per-block objects took ~6 s
+    s = engine.prefill([5, 6, 7])
+    engine.generate(engine.fork(s, 3), SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
+    assert engine.stats.num_used_blocks == 3 + 3  # the prompt, shared, plus each child's first sampled token
+
+
+def test_the_default_cpu_pool_starts_small_and_grows_with_what_a_call_needs(tiny):
+    model, tok = tiny
+    engine = ThawEngine(model, tok)  # no kv_cache_memory: CPU default
+    assert engine.stats.num_blocks == 63  # 64 blocks of which one is the null block, a few hundred KiB
+    assert engine.max_num_blocks == (512 << 20) // engine.spec.bytes_per_block - 1
+    prompts = random_prompts([30, 31, 29, 33], model.config.vocab_size, seed=9)
+    params = SamplingParams(temperature=0.9, max_tokens=200, ignore_eos=True, seed=11)
+    sessions = engine.fork(engine.prefill(prompts[0]), 8) + engine.prefill_many(prompts[1:])
+    outs = engine.generate(sessions, params)  # needs 11 x 15 blocks: the pool grows before the call
+    assert engine.stats.num_blocks >= 8 * 15 and engine.stats.num_preemptions == 0
+    roomy = ThawEngine(model, tok, kv_cache_memory=8 << 20)
+    again = roomy.generate(roomy.fork(roomy.prefill(prompts[0]), 8) + roomy.prefill_many(prompts[1:]), params)
+    assert [o.token_ids for o in outs] == [o.token_ids for o in again]  # growing kept every block's KV
+
+
+# -- misuse that used to pass silently or fail obscurely (#14 items 6, 8, 10, 11) ------------------------------
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(temperature=float("nan")), "temperature=nan must be a finite number"),
+    (dict(temperature=float("inf")), "temperature=inf must be a finite number"),
+    (dict(temperature=-0.5), "temperature=-0.5 must be >= 0"),
+    (dict(top_p=float("nan")), "top_p=nan must be a finite number"),
+    (dict(min_p=float("-inf")), "min_p=-inf must be a finite number"),
+    (dict(repetition_penalty=float("nan")), "repetition_penalty=nan"),
+    (dict(max_tokens=2.5), "max_tokens=2.5 must be an int"),
+    (dict(max_tokens=0), "max_tokens=0 must be >= 1"),
+    (dict(top_k=3.0), "top_k=3.0 must be an int"),
+    (dict(seed=1.5), "seed=1.5 must be an int"),
+    (dict(stop_token_ids=[2.0]), "stop_token_ids holds 2.0"),
+])
+def test_sampling_params_refuse_non_finite_and_non_integer_values(kwargs, match):
+    with pytest.raises(ValueError, match=match.replace("(", "\\(")):
+        SamplingParams(**kwargs)
+
+
+def test_token_ids_must_be_a_flat_list_of_ints_and_the_error_says_what_to_pass(tiny):
+    model, tok = tiny
+    engine = ThawEngine(model, tok, kv_cache_memory=8 << 20)
+    fix = 'tokenizer\\(text\\)\\["input_ids"\\]'
+    with pytest.raises(ValueError, match=f"holds 1.7 \\(float\\).*{fix}"):
+        engine.prefill([1.7, 2.2])
+    with pytest.raises(ValueError, match=f"is a string.*{fix}"):
+        engine.prefill("hello")
+    enc = tok("hello")
+    with pytest.raises(ValueError, match=f"is a BatchEncoding.*{fix}"):
+        engine.prefill(enc)
+    with pytest.raises(ValueError, match="2-D Tensor of shape \\(1, 3\\).*t\\[0\\]"):
+        engine.prefill(torch.tensor([[5, 6, 7]]))
+    with pytest.raises(ValueError, match="torch.float32 tensor"):
+        engine.prefill(torch.tensor([5.0, 6.0]))
+    assert engine.stats.num_used_blocks == 0
+    s = engine.prefill(torch.tensor(enc["input_ids"]))  # a 1-D tensor of ints is fine
+    assert s.token_ids == list(enc["input_ids"])
+
+
+def test_fork_and_engine_sizes_refuse_bad_numbers_by_name(tiny):
+    model, tok = tiny
+    engine = ThawEngine(model, tok, kv_cache_memory=8 << 20)
+    s = engine.prefill([5, 6, 7])
+    for n in (1.5, 0, True, "2"):
+        with pytest.raises(ValueError, match="n is the number of children, an int >= 1"):
+            engine.fork(s, n)
+    with pytest.raises(ValueError, match="max_num_seqs=0 must be an int >= 1"):
+        ThawEngine(model, tok, kv_cache_memory=8 << 20, max_num_seqs=0)
+    with pytest.raises(ValueError, match="max_num_batched_tokens=-1 must be an int >= 1"):
+        ThawEngine(model, tok, kv_cache_memory=8 << 20, max_num_batched_tokens=-1)
+    with pytest.raises(ValueError, match="block_size=12 must be a power of two"):
+        ThawEngine(model, tok, block_size=12, kv_cache_memory=8 << 20)
+
+
+def test_a_session_that_cannot_fit_the_pool_fails_before_sampling_and_the_engine_stays_usable(tiny):
+    model, tok = tiny
+    spec = ThawEngine(model, tok, kv_cache_memory=1 << 20).spec
+    engine = ThawEngine(model, tok, kv_cache_memory=5 * spec.bytes_per_block)  # 4 usable blocks = 64 tokens
+    prompt = random_prompts([20], model.config.vocab_size, seed=16)[0]
+    s = engine.prefill(prompt)
+    with pytest.raises(KVCacheExhaustedError, match="needs 5 KV blocks .* holds 4 in all.*Nothing was sampled; "
+                                                     "lower max_tokens to 45"):
+        engine.generate([s], SamplingParams(temperature=0, max_tokens=60, ignore_eos=True))
+    assert s.num_tokens == 20 and engine.stats.tokens_generated == 0  # nothing was sampled
+    (o,) = engine.generate([s], SamplingParams(temperature=0, max_tokens=45, ignore_eos=True))  # the engine works
+    assert o.token_ids == hf_greedy(model, prompt, 45)
+    with pytest.raises(KVCacheExhaustedError, match="a prompt of 70 tokens needs 5 KV blocks"):
+        engine.prefill(random_prompts([70], model.config.vocab_size)[0])
+
+
+def test_prompts_that_cannot_fit_together_say_who_holds_the_blocks_and_leave_nothing_held(tiny):
+    model, tok = tiny
+    spec = ThawEngine(model, tok, kv_cache_memory=1 << 20).spec
+    engine = ThawEngine(model, tok, kv_cache_memory=9 * spec.bytes_per_block)  # 8 usable, prompts need 9
+    with pytest.raises(KVCacheExhaustedError, match="6 by other sessions of this call and 0 by sessions outside"):
+        engine.prefill_many(random_prompts([30, 31, 29, 33], model.config.vocab_size))
+    assert engine.stats.num_used_blocks == 0
+    assert len(engine.prefill_many(random_prompts([30, 31], model.config.vocab_size))) == 2
