@@ -490,3 +490,19 @@ def test_prompts_that_cannot_fit_together_say_who_holds_the_blocks_and_leave_not
         engine.prefill_many(random_prompts([30, 31, 29, 33], model.config.vocab_size))
     assert engine.stats.num_used_blocks == 0
     assert len(engine.prefill_many(random_prompts([30, 31], model.config.vocab_size))) == 2
+
+
+def test_sleep_gives_the_kv_memory_back_and_the_next_call_maps_it_again(tiny):
+    model, tok = tiny
+    engine = ThawEngine(model, tok, kv_cache_memory=8 << 20)
+    prompt = random_prompts([37], model.config.vocab_size, seed=17)[0]
+    s = engine.prefill(prompt)
+    with pytest.raises(ValueError, match="sleep\\(\\) while sessions hold 3 KV blocks: free every session first"):
+        engine.sleep()
+    (first,) = engine.generate([s], GREEDY)
+    engine.free(s)
+    engine.sleep()
+    assert engine.is_sleeping and engine.kv_cache.storage is None and engine.stats.num_cached_blocks == 0
+    again = engine.prefill(prompt)  # wakes up: a zeroed pool of the same size, nothing stale reused
+    assert not engine.is_sleeping and engine.stats.prompt_tokens_reused == 0
+    assert engine.generate([again], GREEDY)[0].token_ids == first.token_ids

@@ -271,6 +271,35 @@ class ThawEngine:
             self.block_manager.reset_prefix_cache(salt=prefix_salt(self.fingerprint, version))
         self._weights_digest = weights_digest(self.model)
 
+    def sleep(self) -> None:
+        """Give the KV pool's memory back (e.g. to training) and keep everything else: the bookkeeping,
+        compiled layers and CUDA graphs. The next call maps a zeroed pool again (``wake_up``); graphs
+        are recaptured only if it lands at another address. The prefix cache is dropped (the KV is gone).
+
+        Refused while sessions hold blocks: free them first (their KV would be lost).
+        """
+        if self.kv_cache.released:
+            return
+        if self.block_manager.num_used_blocks:
+            raise ValueError(f"sleep() while sessions hold {self.block_manager.num_used_blocks} KV blocks: free "
+                             f"every session first (their KV would be lost), or snapshot the ones you need.")
+        self.block_manager.reset_prefix_cache()
+        self.kv_cache.release()
+
+    def wake_up(self) -> None:
+        """Map the KV pool again after ``sleep`` (every call does this itself; a no-op when awake)."""
+        if self.kv_cache.released and not self.kv_cache.reallocate():
+            self.invalidate_cuda_graphs()
+
+    @property
+    def is_sleeping(self) -> bool:
+        return self.kv_cache.released
+
+    def invalidate_cuda_graphs(self) -> None:
+        """Recapture decode graphs at their next use (after the KV pool or parameter tensors moved)."""
+        if self.runner.graphs is not None:
+            self.runner.graphs.graphs.clear()
+
     # -- public surface: sessions -----------------------------------------------------------------------
     def prefill(self, prompt_token_ids: Sequence[int]) -> Session:
         """Compute a prompt's KV (reusing cached prefix blocks) and keep the next-token logits."""
@@ -285,6 +314,7 @@ class ThawEngine:
         ids = [check_token_ids(p, f"prompt {i}") for i, p in enumerate(prompts)]
         for p in ids:
             self._check_prompt(p)
+        self.wake_up()
         self._check_weights()
         self._reserve(sum(self.block_manager.blocks_for(len(p)) for p in ids))
         sessions = [Session(engine_id=self._engine_id, token_ids=p, num_prompt_tokens=len(p),
@@ -320,6 +350,7 @@ class ThawEngine:
         computed = min(at, session.num_computed)
         if computed == at and not keep_logits:
             computed = at - 1
+        self.wake_up()
         if computed % self.block_size:
             self._reserve(n)
         children = [Session(
@@ -356,6 +387,7 @@ class ThawEngine:
         for s, p in zip(sessions, plist):
             self._check_session(s)
             self._check_fits(s, p.max_tokens)
+        self.wake_up()
         self._check_weights()
         bm = self.block_manager
         self._reserve(sum(bm.num_blocks_to_reach(s, s.num_tokens + p.max_tokens - 1) for s, p in zip(sessions, plist)))
@@ -422,6 +454,7 @@ class ThawEngine:
                 f"the snapshot holds {snapshot.num_tokens} tokens, over the target model's context of "
                 f"{self.max_model_len} (it needs room for one more token)."
             )
+        self.wake_up()
         num_computed = snapshot.num_computed
         if snapshot.next_logits is None and num_computed == snapshot.num_tokens:
             num_computed -= 1  # a live session needs logits or a token to compute; recompute the last one

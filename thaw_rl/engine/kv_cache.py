@@ -93,9 +93,25 @@ class PagedKVCache:
         kv[:, :, : self.num_blocks].copy_(self.kv)
         self.storage, self.kv, self.num_blocks = storage, kv, num_blocks
 
+    def release(self) -> None:
+        """Drop the storage (its memory goes back to the allocator); ``reallocate`` brings a zeroed one back."""
+        self._device, self._released_ptr = self.storage.device, self.storage.data_ptr()
+        self.storage, self.kv = None, None
+
+    def reallocate(self) -> bool:
+        """After ``release``: zeroed storage of the same size; True when it landed at the same address."""
+        storage = self._zeros(self.num_blocks, self._device)
+        same = storage.data_ptr() == self._released_ptr
+        self.storage, self.kv = storage, self._view(storage)
+        return same
+
+    @property
+    def released(self) -> bool:
+        return self.storage is None
+
     @property
     def device(self) -> torch.device:
-        return self.storage.device
+        return self._device if self.storage is None else self.storage.device
 
     def key_cache(self, layer: int) -> torch.Tensor:
         return self.kv[layer, 0]  # (NB, BS, KVH, D)
@@ -105,4 +121,4 @@ class PagedKVCache:
 
     @property
     def nbytes(self) -> int:
-        return self.storage.numel() * self.storage.element_size()
+        return self.spec.bytes_per_block * self.num_blocks

@@ -83,12 +83,15 @@ class ThawGRPOConfig(GRPOConfig):
     kv_cache_memory: float | None = field(
         default=None,
         metadata={"help": "Engine KV pool size: bytes when >= 1, a fraction of free GPU memory when in (0, 1). "
-                          "None: the engine default (0.5 of free GPU memory, 512 MiB on CPU)."})
+                          "None: the engine default (0.5 of free GPU memory; on CPU a pool that grows with what a generation "
+                          "needs, up to 512 MiB)."})
     release_kv_cache: bool = field(
         default=True,
-        metadata={"help": "Drop the engine (its KV pool and CUDA graphs) after each generation so training gets "
-                          "the memory back. False keeps it for the next generation (faster; its prefix cache is "
-                          "reset every generation because the weights changed): give a small kv_cache_memory."})
+        metadata={"help": "Release the engine's KV pool after each generation so training gets the memory back "
+                          "(ThawEngine.sleep); the engine, its bookkeeping and CUDA graphs are kept and the pool is "
+                          "mapped again at the next generation. False keeps the pool allocated (no reallocation; "
+                          "give a small kv_cache_memory). Either way the prefix cache is reset every generation "
+                          "because the weights changed."})
     engine_cuda_graphs: bool | None = field(
         default=None,
         metadata={"help": "Replay decode steps as CUDA graphs. None: on CUDA unless ZeRO-3/FSDP gathers fresh "

@@ -26,9 +26,10 @@ its prefix cache is reset (TRL's colocate sync).
 
 Engine lifetime (native): the engine is built lazily at the first generation over ``accelerator.unwrap_model``'s
 module, under the same ``unwrap_model_for_generation`` / ``summon_full_params`` contexts TRL's
-``model.generate`` path uses (ZeRO-3 and FSDP gather the parameters there). With ``release_kv_cache``
-(default) it is dropped after each generation so its KV pool goes back to the allocator for training;
-otherwise it is kept and its prefix cache is reset at every generation (the weights changed).
+``model.generate`` path uses (ZeRO-3 and FSDP gather the parameters there), and kept across generations;
+its prefix cache is reset at every generation (the weights changed). With ``release_kv_cache`` (default)
+only its KV pool is released after each generation (``ThawEngine.sleep``) so training gets the memory back;
+the next generation maps it again.
 """
 
 from __future__ import annotations
@@ -150,8 +151,8 @@ class ThawGRPOTrainer(GRPOTrainer):
                 batch, filled = complete_groups(backend, batch, num_generations, params)
             if backend is self._backend and backend.engine.runner.graphs_failed:
                 self._cuda_graphs_failed = True  # later engines skip the capture that failed
-            if self.args.release_kv_cache:
-                self._backend = None
+            if self.args.release_kv_cache and self._backend is not None:
+                self._backend.engine.sleep()  # KV memory back to training; the engine itself is kept
         if len(batch.leaves) != len(prompt_ids):
             raise RuntimeError(f"rollout returned {len(batch.leaves)} leaves for {len(prompt_ids)} rows")
         self.last_rollout = batch
