@@ -506,3 +506,20 @@ def test_sleep_gives_the_kv_memory_back_and_the_next_call_maps_it_again(tiny):
     again = engine.prefill(prompt)  # wakes up: a zeroed pool of the same size, nothing stale reused
     assert not engine.is_sleeping and engine.stats.prompt_tokens_reused == 0
     assert engine.generate([again], GREEDY)[0].token_ids == first.token_ids
+
+
+def test_a_list_of_params_is_used_as_given_and_one_params_derives_per_session_seeds(tiny):
+    """The one seed rule (#13): only one SamplingParams for n sessions derives seeds, in params_per_session."""
+    from thaw_rl.engine.sampling import derive_seed
+
+    model, tok = tiny
+    engine = ThawEngine(model, tok, kv_cache_memory=8 << 20)
+    parent = engine.prefill(random_prompts([12], model.config.vocab_size, seed=18)[0])
+    p = SamplingParams(temperature=1.0, max_tokens=12, ignore_eos=True, seed=7)
+    same = [o.token_ids for o in engine.generate(engine.fork(parent, 2), [p, p])]
+    assert same[0] == same[1]  # each request's seed as given: not re-derived by its index in the call
+    one = [o.token_ids for o in engine.generate(engine.fork(parent, 2), p)]
+    assert one[0] != one[1]
+    given = [SamplingParams(temperature=1.0, max_tokens=12, ignore_eos=True, seed=derive_seed(7, i)) for i in (0, 1)]
+    assert [o.token_ids for o in engine.generate(engine.fork(parent, 2), given)] == one
+    assert derive_seed(7, 1, 2) == derive_seed(derive_seed(7, 1), 2)

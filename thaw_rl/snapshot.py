@@ -11,3 +11,4 @@ from thaw_rl.engine.snapshot import (  # noqa: F401
     SnapshotTruncatedError,
     check_fingerprint,
 )
+from thaw_rl.engine.engine import SnapshotHandle  # noqa: F401
