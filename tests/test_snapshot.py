@@ -340,7 +340,8 @@ def test_a_snapshot_from_other_weights_of_the_same_architecture_is_refused(make_
     assert target.stats.prompt_tokens_reused == 0  # nothing of the snapshot entered the prefix cache
 
 
-def test_a_snapshot_taken_before_an_in_place_update_is_refused_after_reset_prefix_cache(make_tiny_model, tiny_tokenizer):
+def test_a_snapshot_taken_before_an_in_place_update_is_refused_after_reset_prefix_cache(make_tiny_model,
+                                                                                          tiny_tokenizer):
     """Issue #14 scenario 2: snapshot, update the weights in place, reset_prefix_cache(), restore."""
     model = make_tiny_model("qwen3", seed=2)
     engine = ThawEngine(model, tiny_tokenizer, block_size=BS, kv_cache_memory=8 << 20)

@@ -11,4 +11,4 @@ from thaw_rl.engine.snapshot import (  # noqa: F401
     SnapshotTruncatedError,
     check_fingerprint,
 )
-from thaw_rl.engine.engine import SnapshotHandle  # noqa: F401
+from thaw_rl.engine.snapshot_handle import SnapshotHandle  # noqa: F401

@@ -5,13 +5,13 @@ from thaw_rl.engine.engine import (
     SUPPORTED_MODEL_TYPES,
     Completion,
     EngineStats,
-    SnapshotHandle,
     ThawEngine,
 )
 from thaw_rl.engine.sampling import SamplingParams
 from thaw_rl.engine.scheduler import Scheduler
 from thaw_rl.engine.session import Session
 from thaw_rl.engine.snapshot import KVSnapshot
+from thaw_rl.engine.snapshot_handle import SnapshotHandle
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES",

@@ -272,7 +272,7 @@ class BlockManager:
             self.salt = salt
 
     def grow(self, num_blocks: int) -> None:
-        """Make the pool ``num_blocks`` blocks long: the never-used range ``[next_fresh, num_blocks)`` just gets longer."""
+        """Make the pool ``num_blocks`` long: the never-used range ``[next_fresh, num_blocks)`` gets longer."""
         if num_blocks < self.num_blocks:
             raise RuntimeError(f"grow({num_blocks}) would shrink a pool of {self.num_blocks} blocks")
         self._ref_counts.extend([0] * (num_blocks - self.num_blocks))

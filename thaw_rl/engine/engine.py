@@ -25,7 +25,6 @@ from __future__ import annotations
 import numbers
 import random
 import time
-import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Sequence
 
@@ -40,10 +39,11 @@ from thaw_rl.engine.scheduler import Scheduler
 from thaw_rl.engine.session import Session
 from thaw_rl.engine.sharding import compute_dtype
 from thaw_rl.engine.snapshot import KVSnapshot, check_fingerprint
+from thaw_rl.engine.snapshot_handle import SnapshotHandle
 from thaw_rl.engine.weights import weights_digest
 
 if TYPE_CHECKING:
-    from thaw_rl_kernels.host_transfer import KVTransfer, TransferHandle
+    from thaw_rl_kernels.host_transfer import KVTransfer
 
 __all__ = ["SUPPORTED_MODEL_TYPES", "Completion", "EngineStats", "KVCacheExhaustedError", "SnapshotHandle",
            "ThawEngine"]
@@ -343,7 +343,7 @@ class ThawEngine:
             raise ValueError(f"fork(n={n!r}): n is the number of children, an int >= 1.")
         at = session.num_tokens if at is None else at
         if isinstance(at, bool) or not isinstance(at, numbers.Integral) or not 1 <= at <= session.num_tokens:
-            raise ValueError(f"fork(at={at!r}) must be an int in [1, {session.num_tokens}] (the session's token count).")
+            raise ValueError(f"fork(at={at!r}) must be an int in [1, {session.num_tokens}] (the session's tokens).")
         n, at = int(n), int(at)
         start = time.perf_counter()
         keep_logits = at == session.num_tokens and session.next_logits is not None
@@ -394,7 +394,8 @@ class ThawEngine:
         requests = [_Request(s, p, p.seed if p.seed is not None else self._rng.getrandbits(63))
                     for s, p in zip(sessions, plist)]
         self._run(sessions, requests=requests, progress=progress, desc="generate")
-        return [Completion(r.token_ids, r.logprobs, r.entropies, r.finish_reason or "length", r.session) for r in requests]
+        return [Completion(r.token_ids, r.logprobs, r.entropies, r.finish_reason or "length", r.session)
+                for r in requests]
 
     def free(self, session: Session) -> None:
         """Release the session's blocks; using it afterwards raises ValueError."""
@@ -409,7 +410,7 @@ class ThawEngine:
         return self.snapshot_async(session).wait()
 
     def snapshot_async(self, session: Session) -> SnapshotHandle:
-        """Start the copy on the engine's copy stream; ``.wait()`` gives the KVSnapshot (the blocks are held till then)."""
+        """Start the copy on the engine's copy stream; ``.wait()`` gives the KVSnapshot (blocks are held till then)."""
         self._check_session(session)
         bs = self.block_size
         num_blocks, num_full = -(-session.num_computed // bs), session.num_computed // bs
@@ -650,37 +651,3 @@ class ThawEngine:
             elif len(r.token_ids) >= r.params.max_tokens:
                 r.finish_reason = "length"
 
-
-class SnapshotHandle:
-    """A snapshot in flight: ``done()`` polls, ``wait()`` blocks and returns the ``KVSnapshot``.
-
-    The session's blocks are held until ``wait()``; always wait (or the blocks stay taken).
-    """
-
-    def __init__(self, transfer: TransferHandle, release_blocks, host_pool, fields: dict) -> None:
-        self._transfer = transfer
-        self._release_blocks = release_blocks
-        self._host_pool = host_pool
-        self._fields = fields
-        self._snapshot: KVSnapshot | None = None
-        if transfer.done():  # a synchronous copy (no CUDA): nothing to hold
-            self._give_back_blocks()
-
-    def done(self) -> bool:
-        return self._snapshot is not None or self._transfer.done()
-
-    def wait(self) -> KVSnapshot:
-        if self._snapshot is None:
-            kv = self._transfer.wait()
-            self._give_back_blocks()
-            fields = dict(self._fields)
-            if fields["next_logits"] is not None:
-                fields["next_logits"] = fields["next_logits"].to("cpu", torch.float32, copy=True)  # (V,)
-            release = weakref.finalize(kv, self._host_pool.release, kv.view(-1)[:0])  # another view: kv may die
-            self._snapshot = KVSnapshot(**fields, kv=kv, _release=release)
-        return self._snapshot
-
-    def _give_back_blocks(self) -> None:
-        if self._release_blocks is not None:
-            self._release_blocks()
-            self._release_blocks = None
