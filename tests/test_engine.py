@@ -523,3 +523,19 @@ def test_a_list_of_params_is_used_as_given_and_one_params_derives_per_session_se
     given = [SamplingParams(temperature=1.0, max_tokens=12, ignore_eos=True, seed=derive_seed(7, i)) for i in (0, 1)]
     assert [o.token_ids for o in engine.generate(engine.fork(parent, 2), given)] == one
     assert derive_seed(7, 1, 2) == derive_seed(derive_seed(7, 1), 2)
+
+
+def test_blocks_held_outside_the_call_count_against_what_a_session_may_use(tiny):
+    model, tok = tiny
+    spec = ThawEngine(model, tok, kv_cache_memory=1 << 20).spec
+    engine = ThawEngine(model, tok, kv_cache_memory=5 * spec.bytes_per_block)  # 4 usable blocks = 64 tokens
+    vocab = model.config.vocab_size
+    other = engine.prefill(random_prompts([20], vocab, seed=19)[0])  # holds 2 blocks, not part of the call
+    s = engine.prefill(random_prompts([10], vocab, seed=20)[0])
+    with pytest.raises(KVCacheExhaustedError, match="holds 4 in all of which 2 are held by sessions outside this "
+                                                     "call .*lower max_tokens to 23"):
+        engine.generate([s], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))
+    assert engine.stats.tokens_generated == 0
+    engine.free(other)
+    (o,) = engine.generate([s], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))
+    assert len(o.token_ids) == 30

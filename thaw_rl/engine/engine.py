@@ -384,9 +384,11 @@ class ThawEngine:
         if len({id(s) for s in sessions}) != len(sessions):
             raise ValueError("generate() got the same session twice; fork it to get independent children.")
         plist = params_per_session(params, len(sessions))
-        for s, p in zip(sessions, plist):
+        for s in sessions:
             self._check_session(s)
-            self._check_fits(s, p.max_tokens)
+        outside = self.block_manager.num_used_blocks - len({b for s in sessions for b in s.block_table})
+        for s, p in zip(sessions, plist):
+            self._check_fits(s, p.max_tokens, outside)
         self.wake_up()
         self._check_weights()
         bm = self.block_manager
@@ -504,8 +506,11 @@ class ThawEngine:
                 f"{(need + 1) * self.spec.bytes_per_block} bytes or shorten the prompt."
             )
 
-    def _check_fits(self, s: Session, max_tokens: int) -> None:
-        """Refuse, before sampling, a session whose prompt plus max_tokens cannot fit the context or the pool."""
+    def _check_fits(self, s: Session, max_tokens: int, num_held_outside: int = 0) -> None:
+        """Refuse, before sampling, a session whose prompt plus max_tokens cannot fit the context or the pool.
+
+        ``num_held_outside`` blocks are held by sessions outside the call: the call cannot preempt them.
+        """
         if s.num_tokens + max_tokens > self.max_model_len:
             raise ValueError(
                 f"session {s.session_id} has {s.num_tokens} tokens and max_tokens={max_tokens}, over the "
@@ -513,14 +518,17 @@ class ThawEngine:
                 f"or shorten the prompt."
             )
         need = self.block_manager.blocks_for(s.num_tokens + max_tokens - 1)  # the last sampled token needs no KV
-        if need > self.max_num_blocks:
-            fit = self.max_num_blocks * self.block_size - s.num_tokens + 1
+        room = self.max_num_blocks - num_held_outside
+        if need > room:
+            fit = room * self.block_size - s.num_tokens + 1
             lower = f"lower max_tokens to {fit}, " if fit >= 1 else ""
+            held = (f" of which {num_held_outside} are held by sessions outside this call (free the ones you no "
+                    f"longer need)" if num_held_outside else "")
             raise KVCacheExhaustedError(
                 f"session {s.session_id} has {s.num_tokens} tokens and max_tokens={max_tokens}: it needs {need} KV "
-                f"blocks of {self.block_size} tokens but the pool holds {self.max_num_blocks} in all, so it could "
-                f"never finish. Nothing was sampled; {lower}or raise kv_cache_memory to at least "
-                f"{(need + 1) * self.spec.bytes_per_block} bytes."
+                f"blocks of {self.block_size} tokens but the pool holds {self.max_num_blocks} in all{held}, so it "
+                f"could never finish. Nothing was sampled; {lower}or raise kv_cache_memory to at least "
+                f"{(need + num_held_outside + 1) * self.spec.bytes_per_block} bytes."
             )
 
     def _check_weights(self) -> None:
