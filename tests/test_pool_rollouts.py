@@ -1,0 +1,112 @@
+"""GRPO with rollout_backend="pool" on CPU: 2 worker processes, weights over gloo after every optimizer step.
+
+The story: bad pool fields fail with the fix in the message; GRPO trains 3 steps with rollouts in the
+workers, synchronously and one step ahead; after every step each worker's sampling logprobs for a fixed
+prompt equal the trainer model's own forward (so the weights arrived); asynchronous rollouts are never
+more than max_staleness versions old; a worker killed during a queued rollout is replaced, gets the
+current weights from the other worker, and the rollout is used.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import TrainerCallback
+
+from thaw_rl import SamplingParams
+from thaw_rl.pool.worker import Fault
+from thaw_rl.testing import tiny_model_and_tokenizer
+from thaw_rl.trainers import ThawGRPOConfig, ThawGRPOTrainer
+from tiny_training import PROMPTS, reward_chars, tiny_training_fields
+
+PROBE = [1, 20, 30, 40, 50, 60, 70]  # a fixed prompt whose sampled logprobs each worker reports
+POOL_FIELDS = dict(rollout_backend="pool", pool_num_workers=2, pool_devices=["cpu"], pool_timeout_s=120,
+                   kv_cache_memory=8 << 20, pool_weight_bucket_bytes=32 << 10)
+
+
+def make_trainer(tmp_path, **overrides):
+    model, tokenizer = tiny_model_and_tokenizer("qwen2", seed=0)
+    args = ThawGRPOConfig(**tiny_training_fields(tmp_path / "out", **{"max_steps": 3, **POOL_FIELDS, **overrides}))
+    return ThawGRPOTrainer(model=model, reward_funcs=reward_chars, args=args,
+                           train_dataset=Dataset.from_dict({"prompt": PROMPTS}), processing_class=tokenizer)
+
+
+class CheckWorkers(TrainerCallback):
+    """After each optimizer step (and its weight push): every worker samples like the trainer's model."""
+
+    def __init__(self, trainer, kill_after_step: int | None = None) -> None:
+        self.trainer, self.kill_after_step = trainer, kill_after_step
+        self.gaps: list[float] = []
+        self.versions: list[tuple[int, int]] = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        pool = self.trainer.rollout_pool
+        self.versions.append((pool.version, state.global_step))
+        params = SamplingParams(temperature=1.0, max_tokens=6, ignore_eos=True, seed=state.global_step)
+        for w in range(pool.num_workers):
+            (h,) = pool.prefill([PROBE], worker=w)
+            (out,) = pool.generate([h], params)
+            pool.free(h)
+            with torch.no_grad():
+                ids = torch.tensor([PROBE + out.token_ids])  # (1, P + 6)
+                logits = self.trainer.model(ids).logits[0, len(PROBE) - 1:-1].float()  # (6, V)
+            expected = torch.log_softmax(logits, -1).gather(1, torch.tensor(out.token_ids)[:, None])[:, 0]
+            self.gaps.append(float((expected - torch.tensor(out.logprobs)).abs().max()))
+        if state.global_step == self.kill_after_step:
+            pool._set_faults(1, [Fault("generate", "kill")])  # the next queued rollout's first generate
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (dict(rollout_backend="native", pool_num_workers=2), ["pool_num_workers=2", "rollout_backend='pool'"]),
+    (dict(rollout_backend="native", async_rollouts=True), ["async_rollouts=True", "rollout_backend='pool'"]),
+    (dict(POOL_FIELDS, pool_num_workers=0), ["pool_num_workers=0", ">= 1"]),
+    (dict(POOL_FIELDS, pool_devices="cpu"), ["pool_devices='cpu'", "list"]),
+    (dict(POOL_FIELDS, async_rollouts=True, native_importance_sampling_correction=True, max_staleness=0),
+     ["max_staleness=0", "max_staleness >= 1"]),
+    (dict(POOL_FIELDS, async_rollouts=True), ["native_importance_sampling_correction=True"]),
+])
+def test_bad_pool_fields_name_the_fix(tmp_path, overrides, words):
+    with pytest.raises(ValueError) as err:
+        ThawGRPOConfig(**tiny_training_fields(tmp_path / "out", **overrides))
+    for word in words:
+        assert word in str(err.value), (word, str(err.value))
+
+
+def run(trainer, check):
+    before = {k: v.detach().clone() for k, v in trainer.model.named_parameters()}
+    trainer.add_callback(check)
+    trainer.train()
+    assert trainer.state.global_step == 3
+    moved = [k for k, v in trainer.model.named_parameters() if not torch.equal(v, before[k])]
+    assert len(moved) == len(before)  # every parameter trained
+    assert check.versions == [(1, 1), (2, 2), (3, 3)]  # the pool's version is the trainer's step, after each step
+    assert len(check.gaps) == 6 and max(check.gaps) < 1e-4  # both workers hold the trained weights
+    logged = {k for row in trainer.state.log_history for k in row}
+    assert {"thaw/weight_version", "thaw/weight_sync_ms", "thaw/rollout_staleness"} <= logged
+    assert trainer.rollout_pool is None  # the workers were stopped at the end of training
+
+
+def test_grpo_trains_with_rollouts_in_pool_workers(tmp_path):
+    trainer = make_trainer(tmp_path)
+    check = CheckWorkers(trainer)
+    run(trainer, check)
+    assert trainer._pool_rollouts.staleness_history == [0, 0, 0]  # synchronous: the current weights
+
+
+def test_async_rollouts_run_one_step_ahead_and_survive_a_killed_worker(tmp_path, caplog):
+    trainer = make_trainer(tmp_path, async_rollouts=True, max_staleness=1, native_importance_sampling_correction=True)
+    check = CheckWorkers(trainer, kill_after_step=1)
+    pool_failures = []
+    trainer.add_callback(type("Keep", (TrainerCallback,), {
+        "on_step_end": lambda self, args, state, control, **kw: pool_failures.extend(
+            trainer.rollout_pool.stats()["failures"][len(pool_failures):])})())
+    run(trainer, check)
+    rollouts = trainer._pool_rollouts
+    # step 0 waits for its own rollout (version 0); steps 1 and 2 use rollouts made while the step before trained
+    assert rollouts.staleness_history == [0, 1, 1]
+    assert max(rollouts.staleness_history) <= trainer.args.max_staleness and rollouts.num_dropped == 0
+    # the kill hit the rollout queued for step 3's data (made during step 2); the replacement got version 2
+    # from worker 0, the retried generate was accepted at that version, and the next push reached it too
+    assert len(pool_failures) == 1 and "worker 1" in pool_failures[0] and "SIGKILL" in pool_failures[0]
+    assert "asynchronous rollout failed" not in caplog.text
