@@ -141,10 +141,11 @@ def send_weights(group: TransferGroup, layout: WeightLayout, tensors: Mapping[st
     in_flight = None
     for bucket, nbytes in zip(layout.buckets, layout.bucket_nbytes):
         buffer = torch.empty(nbytes, dtype=torch.uint8, device=group.device)  # (nbytes,)
+        on_cuda = group.device.type == "cuda"
         with torch.no_grad():
             for entry in bucket:
-                _view(buffer, entry).copy_(tensors[entry.name].detach(), non_blocking=True)
-        if group.device.type == "cuda":
+                _view(buffer, entry).copy_(tensors[entry.name].detach(), non_blocking=on_cuda)
+        if on_cuda:  # NCCL runs on its own stream: the packing copies must be done first
             torch.cuda.current_stream(group.device).synchronize()
         work = group.broadcast(buffer, group.spec.rank)
         if in_flight is not None:

@@ -222,18 +222,26 @@ class Lookahead:
 
 
 def pool_devices(args) -> list[str]:
-    """``pool_devices``, or every visible GPU but the trainer's own (the CPU when there are none)."""
-    if args.pool_devices:
-        return list(args.pool_devices)
+    """This rank's workers' devices: ``pool_devices`` (or every visible GPU past the training ranks' GPUs 0..W-1,
+    the CPU when there is none), dealt to the W training ranks round-robin so no two ranks share a worker device."""
     n_gpu = torch.cuda.device_count()
-    if n_gpu == 0 or args.use_cpu:
+    if args.pool_devices:
+        devices = list(args.pool_devices)
+    elif n_gpu == 0 or args.use_cpu:
         return ["cpu"]
-    own = torch.cuda.current_device()
-    others = [f"cuda:{i}" for i in range(n_gpu) if i != own]
-    if not others:
-        raise ValueError("rollout_backend='pool' found one GPU, which trains: set pool_devices (e.g. ['cuda:0'] "
-                         "to share it, with a small kv_cache_memory in bytes) or make more GPUs visible.")
-    return others
+    else:
+        devices = [f"cuda:{i}" for i in range(args.world_size, n_gpu)]
+        if not devices:
+            raise ValueError(f"rollout_backend='pool' found {n_gpu} GPU(s), all training ({args.world_size} "
+                             f"process(es)): set pool_devices (e.g. ['cuda:0'] to share one, with a small "
+                             f"kv_cache_memory in bytes) or make more GPUs visible.")
+    if args.world_size == 1 or devices == ["cpu"]:
+        return devices
+    mine = devices[args.process_index::args.world_size]
+    if not mine:
+        raise ValueError(f"pool_devices={devices} has fewer devices than the {args.world_size} training processes, "
+                         f"each of which runs its own pool: give at least {args.world_size} devices.")
+    return mine
 
 
 def rollout_seed(base_seed: int, step: int, rank: int) -> int:
