@@ -18,6 +18,7 @@ from thaw_rl import SamplingParams
 from thaw_rl.pool.worker import Fault
 from thaw_rl.testing import tiny_model_and_tokenizer
 from thaw_rl.trainers import ThawGRPOConfig, ThawGRPOTrainer
+from thaw_rl.trainers.pool_rollouts import Lookahead
 from tiny_training import PROMPTS, reward_chars, tiny_training_fields
 
 PROBE = [1, 20, 30, 40, 50, 60, 70]  # a fixed prompt whose sampled logprobs each worker reports
@@ -71,6 +72,22 @@ def test_bad_pool_fields_name_the_fix(tmp_path, overrides, words):
         ThawGRPOConfig(**tiny_training_fields(tmp_path / "out", **overrides))
     for word in words:
         assert word in str(err.value), (word, str(err.value))
+
+
+def test_lookahead_hands_out_a_step_and_queues_the_next_steps_generation_batches():
+    items = iter("abcde")
+    ahead = Lookahead(generate_every=1)
+    assert ahead.take(items, 1) == (["a"], [(0, "a"), (1, "b")])  # the first step queues itself and the next
+    assert ahead.take(items, 1) == (["b"], [(2, "c")])
+    # TRL repeats a generation batch steps_per_generation times: only every second item is generated on
+    items = iter("aabbccd")
+    ahead = Lookahead(generate_every=2)
+    assert ahead.take(items, 2) == (["a", "a"], [(0, "a"), (2, "b")])
+    assert ahead.take(items, 2) == (["b", "b"], [(4, "c")])
+    assert ahead.take(items, 2) == (["c", "c"], [(6, "d")])
+    assert ahead.take(items, 2) == (["d"], [])  # the epoch's end: nothing left to read ahead
+    # a new epoch's iterator: items count on from those handed out (TRL's step counter does too)
+    assert ahead.take(iter("xy"), 1) == (["x"], [(8, "y")])
 
 
 def run(trainer, check):

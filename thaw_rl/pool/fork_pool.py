@@ -155,7 +155,7 @@ class ForkPool(PoolWeights):
         self._weights: PackedWeights | None = None  # shared_memory: the latest update, for replacements
         self._group: TransferGroup | None = None  # distributed: the parent's end of the parent+workers group
         self._group_ids = itertools.count()
-        self._stores: list = []  # rendezvous stores of worker-only groups (kept: workers hold clients of them)
+        self._stores: list = []  # stores and groups of one-off transfers (kept: workers hold clients of them)
         self._pushing = False  # inside update_weights: a replacement gets the new weights from its retry
         self._weights_given = False  # distributed: update_weights ran, so replacements need its weights
         self._handle_ids = itertools.count()

@@ -111,24 +111,29 @@ class PoolWeights:
         if root is None:
             on_cuda = on_cuda and next(iter(tensors.values())).device.type == "cuda"
         backend = "nccl" if on_cuda else "gloo"
-        reuse = root is None and self._group is not None and len(targets) == self.num_workers
-        if reuse:
-            spec, store = self._group.spec, self._group.store
+        everyone = root is None and len(targets) == self.num_workers  # the group kept for the next pushes
+        group = self._group if everyone else None
+        if group is not None:
+            spec, store = group.spec, group.store
         else:
             store = new_store(self.timeout_s)
             spec = GroupSpec(next(self._group_ids), "127.0.0.1", store.port, 0, len(members) + offset, backend,
                              self.timeout_s)
-            if root is not None:
-                self._stores = self._stores[-3:] + [store]
+            if not everyone:
+                self._stores = self._stores[-3:] + [store]  # workers keep clients of it: keep it alive a while
         calls = {w: ("transfer_weights", (spec.for_rank(i + offset), layout, 0, version))  # the root is rank 0
                  for i, w in enumerate(members)}
         pending = self._send_all(calls)
         error = None
         if root is None:
             try:
-                if not reuse:
-                    self._group = TransferGroup(spec, next(iter(tensors.values())).device, store)
-                send_weights(self._group, layout, tensors)
+                if group is None:
+                    group = TransferGroup(spec, next(iter(tensors.values())).device, store)
+                    if everyone:
+                        self._group = group
+                    else:
+                        self._stores.append(group)  # not destroyed here: gloo's teardown can wait on peers
+                send_weights(group, layout, tensors)
             except Exception as exc:  # noqa: BLE001 (a member died or hung: the replies below say which)
                 error = exc
         values, errors, failures = self._collect(pending)

@@ -183,6 +183,7 @@ class Lookahead:
         self._iterator_id: int | None = None
         self._buffer: collections.deque = collections.deque()  # (item index, batch) read ahead
         self._next_index = 0  # the index of the next item read from the iterator
+        self._handed_out = 0  # items returned by take (what TRL's step counter counts)
         self._started: set[int] = set()  # generation items whose rollouts were queued
 
     def take(self, iterator, num_batches: int) -> tuple[list, list]:
@@ -190,8 +191,10 @@ class Lookahead:
         if id(iterator) != self._iterator_id:  # a new epoch: what was read ahead came from the old one
             self._iterator_id = id(iterator)
             self._buffer.clear()
+            self._next_index = self._handed_out
         batches = [self._read(iterator) for _ in range(num_batches)]
         batches = [b for b in batches if b is not None]
+        self._handed_out += len(batches)
         ahead = [self._peek(iterator) for _ in range(num_batches)]
         to_start = []
         for index, batch in batches + [a for a in ahead if a is not None]:
