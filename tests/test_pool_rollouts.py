@@ -17,7 +17,7 @@ from transformers import TrainerCallback
 from thaw_rl import SamplingParams
 from thaw_rl.pool.worker import Fault
 from thaw_rl.testing import tiny_model_and_tokenizer
-from thaw_rl.trainers import ThawGRPOConfig, ThawGRPOTrainer
+from thaw_rl.trainers import ThawBestOfNConfig, ThawGRPOConfig, ThawGRPOTrainer, ThawPPOConfig
 from thaw_rl.trainers.pool_rollouts import Lookahead
 from tiny_training import PROMPTS, reward_chars, tiny_training_fields
 
@@ -72,6 +72,17 @@ def test_bad_pool_fields_name_the_fix(tmp_path, overrides, words):
         ThawGRPOConfig(**tiny_training_fields(tmp_path / "out", **overrides))
     for word in words:
         assert word in str(err.value), (word, str(err.value))
+
+
+def test_ppo_and_best_of_n_configs_take_the_pool_fields(tmp_path):
+    """Best-of-N trains plain NLL (no policy ratio), so its async rollouts need no importance sampling; PPO
+    recomputes its old logprobs in the trainer, so it runs the pool synchronously only (for now)."""
+    fields = tiny_training_fields(tmp_path / "out", **POOL_FIELDS, async_rollouts=True)
+    best = ThawBestOfNConfig(**fields, beta=0.0)
+    assert (best.rollout_backend, best.async_rollouts, best.max_staleness) == ("pool", True, 1)
+    with pytest.raises(ValueError, match="async_rollouts=True is not supported by ThawPPOTrainer yet"):
+        ThawPPOConfig(**fields)
+    assert ThawPPOConfig(**dict(fields, async_rollouts=False)).pool_num_workers == 2
 
 
 def test_lookahead_hands_out_a_step_and_queues_the_next_steps_generation_batches():
