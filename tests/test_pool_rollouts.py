@@ -9,16 +9,18 @@ current weights from the other worker, and the rollout is used.
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from datasets import Dataset
 from transformers import TrainerCallback
 
-from thaw_rl import SamplingParams
+from thaw_rl import SamplingParams, TreeSpec
 from thaw_rl.pool.worker import Fault
 from thaw_rl.testing import tiny_model_and_tokenizer
 from thaw_rl.trainers import ThawBestOfNConfig, ThawGRPOConfig, ThawGRPOTrainer, ThawPPOConfig
-from thaw_rl.trainers.pool_rollouts import Lookahead
+from thaw_rl.trainers.pool_rollouts import Lookahead, PoolRollouts
 from tiny_training import PROMPTS, reward_chars, tiny_training_fields
 
 PROBE = [1, 20, 30, 40, 50, 60, 70]  # a fixed prompt whose sampled logprobs each worker reports
@@ -83,6 +85,32 @@ def test_ppo_and_best_of_n_configs_take_the_pool_fields(tmp_path):
     with pytest.raises(ValueError, match="async_rollouts=True is not supported by ThawPPOTrainer yet"):
         ThawPPOConfig(**fields)
     assert ThawPPOConfig(**dict(fields, async_rollouts=False)).pool_num_workers == 2
+
+
+def test_a_rollout_older_than_max_staleness_is_dropped_and_generated_again(tmp_path):
+    """PoolRollouts on its own: a rollout queued at version 0 is used at version 1, dropped at version 2."""
+    model, _ = tiny_model_and_tokenizer("qwen2", seed=0)
+    args = ThawGRPOConfig(**tiny_training_fields(tmp_path / "out", **dict(POOL_FIELDS, pool_num_workers=1)))
+    step = {"now": 0}
+
+    @contextlib.contextmanager
+    def generation_model():
+        yield model
+
+    rollouts = PoolRollouts(args, generation_model, lambda: dict(model.named_parameters()), lambda: step["now"])
+    prompts, params = [PROBE], SamplingParams(temperature=1.0, max_tokens=4, seed=0)
+    try:
+        rollouts.queue(prompts, TreeSpec.grpo(2), 2, params)  # starts the pool: version 0
+        step["now"] = 1
+        used = rollouts.generate(prompts, TreeSpec.grpo(2), 2, params)
+        assert (used.version, rollouts.num_dropped, rollouts.staleness_history) == (0, 0, [1])
+        rollouts.queue(prompts, TreeSpec.grpo(2), 2, params)  # still version 0: no push since
+        step["now"] = 2
+        fresh = rollouts.generate(prompts, TreeSpec.grpo(2), 2, params)
+        assert (fresh.version, rollouts.num_dropped, rollouts.staleness_history) == (2, 1, [1, 0])
+        assert rollouts.pool.version == 2 and rollouts.metrics()["thaw/rollouts_dropped"] == 1.0
+    finally:
+        rollouts.close()
 
 
 def test_lookahead_hands_out_a_step_and_queues_the_next_steps_generation_batches():

@@ -104,7 +104,8 @@ class PoolRollouts:
     def metrics(self) -> dict[str, float]:
         pool = self.pool
         return {} if pool is None else {"thaw/weight_version": float(pool.version),
-                                        "thaw/weight_sync_ms": 1000.0 * pool.last_weight_sync_seconds}
+                                        "thaw/weight_sync_ms": 1000.0 * pool.last_weight_sync_seconds,
+                                        "thaw/rollouts_dropped": float(self.num_dropped)}
 
     # -- generation ---------------------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], spec: TreeSpec, num_generations: int,
