@@ -3,8 +3,9 @@
 The story: bad pool fields fail with the fix in the message; GRPO trains 3 steps with rollouts in the
 workers, synchronously and one step ahead; after every step each worker's sampling logprobs for a fixed
 prompt equal the trainer model's own forward (so the weights arrived); asynchronous rollouts are never
-more than max_staleness versions old; a worker killed during a queued rollout is replaced, gets the
-current weights from the other worker, and the rollout is used.
+more than max_staleness versions old, and an older one is dropped and generated again; a worker killed
+during a queued rollout is replaced, gets the current weights from the other worker, and the rollout is
+used. Best-of-N takes async rollouts without importance sampling; PPO refuses them (for now).
 """
 
 from __future__ import annotations
@@ -162,7 +163,8 @@ def test_async_rollouts_run_one_step_ahead_and_survive_a_killed_worker(tmp_path,
     # step 0 waits for its own rollout (version 0); steps 1 and 2 use rollouts made while the step before trained
     assert rollouts.staleness_history == [0, 1, 1]
     assert max(rollouts.staleness_history) <= trainer.args.max_staleness and rollouts.num_dropped == 0
-    # the kill hit the rollout queued for step 3's data (made during step 2); the replacement got version 2
-    # from worker 0, the retried generate was accepted at that version, and the next push reached it too
+    # the kill hit the rollout of the third step's data, queued at version 1 while the second step trained;
+    # the replacement got version 1 from worker 0, its retried generate was accepted at that version (a
+    # worker refuses other versions), the rollout was used, and the next pushes reached the replacement
     assert len(pool_failures) == 1 and "worker 1" in pool_failures[0] and "SIGKILL" in pool_failures[0]
     assert "asynchronous rollout failed" not in caplog.text
