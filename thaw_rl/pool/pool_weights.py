@@ -107,9 +107,11 @@ class PoolWeights:
         """
         members = ([] if root is None else [root]) + list(targets)
         offset = 1 if root is None else 0  # the parent is rank 0 of a group it sends from
-        on_cuda = all(self._devices[w].startswith("cuda") for w in members)
+        devices = [self._devices[w] for w in members]
         if root is None:
-            on_cuda = on_cuda and next(iter(tensors.values())).device.type == "cuda"
+            devices.append(str(next(iter(tensors.values())).device))
+        # NCCL needs one GPU per rank; members sharing a GPU go through gloo (CUDA IPC there is not built yet)
+        on_cuda = all(d.startswith("cuda") for d in devices) and len(set(devices)) == len(devices)
         backend = "nccl" if on_cuda else "gloo"
         everyone = root is None and len(targets) == self.num_workers  # the group kept for the next pushes
         group = self._group if everyone else None
