@@ -96,7 +96,8 @@ def test_accelerate_configs_load(config):
     from accelerate.commands.config.config_args import load_config_from_file
 
     expected = {"single_gpu": "NO", "multi_gpu": "MULTI_GPU", "deepspeed_zero2": "DEEPSPEED",
-                "deepspeed_zero3": "DEEPSPEED", "fsdp2": "FSDP", "cpu": "MULTI_GPU"}
+                "deepspeed_zero3": "DEEPSPEED", "fsdp2": "FSDP", "cpu": "MULTI_GPU",
+                "pool_1_trainer_n_rollout": "NO"}
     assert config.read_text().startswith("#"), "each config starts with a comment saying when to use it"
     loaded = load_config_from_file(str(config))
     assert str(loaded.distributed_type).split(".")[-1] == expected[config.stem]

@@ -5,16 +5,27 @@ Why: one engine fills one device. A pool runs one ``ThawEngine`` per worker proc
 tree over several devices unchanged. A trunk (a prompt plus a partial answer) lives in one worker; when its
 children do not all fit there, the trunk is snapshotted once into shared memory and each other worker
 that takes children restores it once (the restored copy is kept for later forks of the same trunk).
+Where children go is ``placement.py``'s pure functions; the numbers reported are ``pool_stats.py``'s.
 
 Handles are ``PoolHandle`` objects: the worker that holds the sequence, the worker's session id, and the
 sequence's token ids (the parent mirrors them, so a sequence lost with a worker can be rebuilt by
 prefilling its tokens again).
 
+Weights: ``update_weights`` gives every worker new weights and a new version. ``weight_sync="shared_memory"``
+packs them into one shared-memory buffer (kept for replacement workers); ``"distributed"`` broadcasts
+them in packed buckets over a gloo (CPU) or NCCL (GPU) group of the parent and the workers
+(``weight_sync.py``), and a replacement worker gets the current weights from a worker that holds them (or
+from ``weights_source``). A worker refuses any request that expects another version.
+
 Failures: every request has a deadline (``timeout_s``). A worker that dies (exit code, signal) or misses
 its deadline (killed as hung) is reported with that cause, replaced by a fresh worker that loads the
 current weights, and the part of the call it held is retried once on the replacement (its sequences are
 rebuilt from their token ids). A second failure raises ``RuntimeError`` naming both; the pool itself stays
-usable. A request never waits past its deadline and a completion is never dropped silently.
+usable, also when a replacement could not start (the next call starts that slot again). A request never
+waits past its deadline and a completion is never dropped silently. What a hang costs: the call waits the
+full ``timeout_s`` (default 300 s) before the worker is killed, then a replacement starts (a spawn plus
+the model build, up to ``start_timeout_s``) and redoes that worker's share; lower ``timeout_s`` to the
+longest generate call you expect.
 
 Seeds: as in ``ThawEngine.generate`` (``sampling.params_per_session``): a list of params is used as given,
 one ``SamplingParams`` with a seed gives request i ``derive_seed(seed, i)``, i counted over the whole call;
@@ -31,59 +42,28 @@ import random
 import time
 import weakref
 from collections import Counter
-from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from thaw_rl.backends.base import COUNTER_KEYS
 from thaw_rl.engine.sampling import SamplingParams, params_per_session
+from thaw_rl.pool.handles import PoolCompletion, PoolHandle
+from thaw_rl.pool.placement import PLACEMENTS, blocks_per_child, place_children, spread_prompts
+from thaw_rl.pool.pool_stats import backend_counters, summed, worker_row
+from thaw_rl.pool.pool_weights import Attempt, PoolWeights
+from thaw_rl.pool.weight_sync import DEFAULT_BUCKET_BYTES, TransferGroup
 from thaw_rl.pool.worker import Fault, PackedWeights
 from thaw_rl.pool.worker_process import Pending, WorkerFailure, WorkerProcess, collect
 from thaw_rl.engine.snapshot import KVSnapshot
 
 logger = logging.getLogger(__name__)
 
-PLACEMENTS = ("local_first", "spread")
-_SUMMED_STATUS_KEYS = ("prompt_tokens_computed", "prompt_tokens_reused", "tokens_computed", "tokens_generated",
-                       "num_forks", "num_snapshots", "snapshot_seconds", "export_seconds", "num_restores",
-                       "restore_seconds", "snapshot_bytes", "restore_bytes")
+WEIGHT_SYNCS = ("shared_memory", "distributed")
+
+__all__ = ["PLACEMENTS", "WEIGHT_SYNCS", "ForkPool", "PoolCompletion", "PoolHandle"]
 
 
-@dataclass(eq=False)
-class PoolHandle:
-    """One sequence of the pool: which worker holds it, under which session id, and its tokens."""
-
-    handle_id: int
-    worker: int
-    session_id: int
-    incarnation: int  # the worker process it lives in; a replaced worker's sessions are gone
-    token_ids: list[int]
-    num_prompt_tokens: int
-    pool_id: int
-    freed: bool = False
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.token_ids)
-
-    def __repr__(self) -> str:
-        state = "freed" if self.freed else f"{self.num_tokens} tokens"
-        return f"PoolHandle(id={self.handle_id}, worker={self.worker}, {state})"
-
-
-@dataclass
-class PoolCompletion:
-    """What ``generate`` produced for one handle (the handle keeps the tokens too)."""
-
-    token_ids: list[int]
-    logprobs: list[float]
-    entropies: list[float]
-    finish_reason: str
-    handle: PoolHandle
-
-
-class ForkPool:
+class ForkPool(PoolWeights):
     """A ``RolloutBackend`` over ``num_workers`` worker processes, each holding a ``ThawEngine``.
 
     Args:
@@ -96,7 +76,8 @@ class ForkPool:
             engine's default takes half of the memory free when it starts).
         engine_kwargs: ``ThawEngine`` keyword arguments (block_size, kv_cache_memory, ...).
         timeout_s: the longest any request may take before its worker counts as hung (a whole generate
-            call of one worker's share included: size it to the longest rollout level).
+            call of one worker's share included: size it to the longest rollout level). A hung worker
+            costs this much waiting, then a replacement's start.
         start_timeout_s: the longest a worker may take to build its model and engine.
         start_method: multiprocessing start method; "spawn" is the one that is safe with CUDA.
         placement: "local_first" keeps children in the trunk's worker while it has room (fewest transfers);
@@ -105,10 +86,14 @@ class ForkPool:
             has room for a child while its free blocks cover this for every child forked there since.
         num_threads: torch threads per worker (default on CPU: the cores divided among the workers).
         seed: draws the seeds of requests whose ``SamplingParams.seed`` is None.
+        weight_sync: how ``update_weights`` moves weights: "shared_memory" (one packed copy in /dev/shm,
+            kept for replacements) or "distributed" (packed buckets broadcast over gloo/NCCL; nothing kept).
+        weight_bucket_bytes: "distributed": bytes per broadcast (several parameters packed into each).
+        weights_source: "distributed": ``() -> (version, {name: tensor})``, asked for the current weights
+            when a replacement worker starts and no other worker holds them (e.g. a pool of one worker).
 
-    Use it as a context manager or call ``close()``. One caller at a time (not thread-safe). Snapshots and
-    weights travel through ``/dev/shm``, which must hold a trunk's KV (and, after ``update_weights``, one
-    copy of the weights, kept for replacement workers).
+    Use it as a context manager or call ``close()``. One caller at a time (not thread-safe). Snapshots (and,
+    with "shared_memory", weights) travel through ``/dev/shm``, which must hold a trunk's KV.
     """
 
     def __init__(
@@ -124,15 +109,22 @@ class ForkPool:
         child_reserve_tokens: int = 256,
         num_threads: int | None = None,
         seed: int | None = None,
+        weight_sync: str = "shared_memory",
+        weight_bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+        weights_source: Callable[[], tuple[int, Mapping[str, torch.Tensor]]] | None = None,
     ) -> None:
         import torch.multiprocessing as torch_mp  # registers the shared-memory tensor reductions
 
         if placement not in PLACEMENTS:
             raise ValueError(f"placement={placement!r}: use one of {PLACEMENTS}.")
+        if weight_sync not in WEIGHT_SYNCS:
+            raise ValueError(f"weight_sync={weight_sync!r}: use one of {WEIGHT_SYNCS}.")
         if timeout_s <= 0 or start_timeout_s <= 0:
             raise ValueError(f"timeout_s={timeout_s} and start_timeout_s={start_timeout_s} must be > 0 seconds.")
         if child_reserve_tokens < 0:
             raise ValueError(f"child_reserve_tokens={child_reserve_tokens} must be >= 0.")
+        if weight_bucket_bytes < 1:
+            raise ValueError(f"weight_bucket_bytes={weight_bucket_bytes} must be >= 1.")
         if devices is None:
             n_gpu = torch.cuda.device_count()
             devices = [f"cuda:{i}" for i in range(n_gpu)] if n_gpu else ["cpu"]
@@ -148,6 +140,9 @@ class ForkPool:
         self.start_timeout_s = float(start_timeout_s)
         self.placement = placement
         self.child_reserve_tokens = child_reserve_tokens
+        self.weight_sync = weight_sync
+        self.weight_bucket_bytes = int(weight_bucket_bytes)
+        self.weights_source = weights_source
         self._ctx = torch_mp.get_context(start_method)
         self._spawn = dict(model_factory=model_factory, engine_kwargs=dict(engine_kwargs or {}),
                            num_threads=num_threads)
@@ -158,7 +153,12 @@ class ForkPool:
         self._closed = False
         self._finalizer = weakref.finalize(self, _close_all, self._workers)
         self._version = 0
-        self._weights: PackedWeights | None = None  # the latest update, for replacements
+        self._weights: PackedWeights | None = None  # shared_memory: the latest update, for replacements
+        self._group: TransferGroup | None = None  # distributed: the parent's end of the parent+workers group
+        self._group_ids = itertools.count()
+        self._stores: list = []  # stores and groups of one-off transfers (kept: workers hold clients of them)
+        self._pushing = False  # inside update_weights: a replacement gets the new weights from its retry
+        self._weights_given = False  # distributed: update_weights ran, so replacements need its weights
         self._handle_ids = itertools.count()
         self._live: dict[int, PoolHandle] = {}
         self._growing: list[set[int]] = [set() for _ in range(num_workers)]  # forked, not yet generated
@@ -169,6 +169,9 @@ class ForkPool:
         self._failures: list[str] = []
         self._fork_seconds = 0.0
         self._num_forks = 0
+        self.weight_sync_seconds = 0.0  # cumulative wall time of update_weights
+        self.last_weight_sync_seconds = 0.0
+        self.weight_sync_bytes = 0  # bytes handed to workers by update_weights (per worker, summed)
         try:
             self._start(list(range(num_workers)))
         except BaseException:
@@ -178,6 +181,7 @@ class ForkPool:
         self.block_size: int = info["block_size"]
         self.kv_bytes_per_token: int = info["kv_bytes_per_token"]
         self._weight_shapes: dict[str, tuple] = info["weights"]
+        self._parameter_shapes: dict[str, tuple] = info["parameters"]
 
     # -- RolloutBackend ------------------------------------------------------------------------------
     @property
@@ -189,6 +193,11 @@ class ForkPool:
         """The weight version every worker holds (0 = the factory's weights; +1 per ``update_weights``)."""
         return self._version
 
+    @property
+    def parameter_names(self) -> list[str]:
+        """The workers' model's parameter names: what ``update_weights`` needs with ``weight_sync="distributed"``."""
+        return list(self._parameter_shapes)
+
     def prefill(self, prompts: Sequence[Sequence[int]], worker: int | None = None) -> list[PoolHandle]:
         """One handle per prompt; prompts are spread over the workers by token count (or all on ``worker``)."""
         self._check_open()
@@ -197,21 +206,20 @@ class ForkPool:
             raise ValueError("empty prompt: give at least one token id (e.g. the BOS token or a chat template).")
         if worker is not None and not 0 <= worker < self.num_workers:
             raise ValueError(f"worker={worker}: this pool has workers 0..{self.num_workers - 1}.")
-        owners = [worker] * len(prompts) if worker is not None else self._spread(prompts)
+        room = [self._room(w) for w in range(self.num_workers)]
+        owners = [worker] * len(prompts) if worker is not None else spread_prompts([len(p) for p in prompts], room)
         handles: list[PoolHandle | None] = [None] * len(prompts)
-        todo = list(range(len(prompts)))
-        first: dict[int, WorkerFailure] = {}
-        for attempt in range(2):
-            shares = _group(todo, owners)
-            calls = {w: ("prefill", ([prompts[i] for i in idx],)) for w, idx in shares.items()}
-            values, errors, failures = self._call_all(calls)
+
+        def attempt() -> Attempt:
+            shares = _group([i for i in range(len(prompts)) if handles[i] is None], owners)
+            values, errors, failures = self._call_all(
+                {w: ("prefill", ([prompts[i] for i in idx],)) for w, idx in shares.items()})
             for w, sids in values.items():
                 for i, sid in zip(shares[w], sids):
                     handles[i] = self._new_handle(w, sid, prompts[i], len(prompts[i]))
-            self._settle(errors, failures, first, attempt, "prefill", [h for h in handles if h is not None])
-            todo = [i for i in todo if handles[i] is None]
-            if not todo:
-                break
+            return errors, failures, [h for h in handles if h is not None]
+
+        self._retrying("prefill", attempt)
         return handles
 
     def fork(self, handle: PoolHandle, n: int, at: int | None = None) -> list[PoolHandle]:
@@ -227,19 +235,20 @@ class ForkPool:
         if at is not None and not 1 <= at <= handle.num_tokens:
             raise ValueError(f"fork(at={at}) must be in [1, {handle.num_tokens}] (the handle's token count).")
         start = time.perf_counter()
-        shares = Counter(self._place(handle, n))
+        load = Counter(h.worker for h in self._live.values())
+        shares = Counter(place_children([self._room(w) for w in range(self.num_workers)],
+                                        [load[w] for w in range(self.num_workers)], handle.worker, n,
+                                        self._blocks_per_child(), self.placement))
         done: dict[int, list[PoolHandle]] = {}
-        first: dict[int, WorkerFailure] = {}
-        for attempt in range(2):
-            todo = {w: k for w, k in shares.items() if w not in done}
-            errors, failures = self._fork_shares(handle, todo, at, done)
-            kids = [h for w in shares if w in done for h in done[w]]
-            self._settle(errors, failures, first, attempt, "fork", kids)
-            if len(done) == len(shares):
-                break
+
+        def attempt() -> Attempt:
+            errors, failures = self._fork_shares(handle, {w: k for w, k in shares.items() if w not in done}, at, done)
+            return errors, failures, [h for w in shares if w in done for h in done[w]]
+
+        self._retrying("fork", attempt)
         self._num_forks += 1
         self._fork_seconds += time.perf_counter() - start
-        return kids
+        return [h for w in shares for h in done[w]]
 
     def generate(self, handles: Sequence[PoolHandle],
                  params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[PoolCompletion]:
@@ -252,24 +261,25 @@ class ForkPool:
         plist = params_per_session(params, len(handles))
         seeds = [p.seed if p.seed is not None else self._rng.getrandbits(63) for p in plist]
         results: list[PoolCompletion | None] = [None] * len(handles)
-        first: dict[int, WorkerFailure] = {}
-        for attempt in range(2):
+
+        def attempt() -> Attempt:
             todo = [i for i in range(len(handles)) if results[i] is None]
             errors, failures = self._rebuild([handles[i] for i in todo])
-            if not failures and not errors:
-                shares = _group(todo, [h.worker for h in handles])
-                calls = {w: ("generate", ([handles[i].session_id for i in idx], [plist[i] for i in idx],
-                                          [seeds[i] for i in idx])) for w, idx in shares.items()}
-                values, errors, failures = self._call_all(calls)
-                for w, outs in values.items():
-                    for i, (ids, lps, ents, reason) in zip(shares[w], outs):
-                        h = handles[i]
-                        self._changed(h)
-                        h.token_ids.extend(ids)
-                        results[i] = PoolCompletion(ids, lps, ents, reason, h)
-            self._settle(errors, failures, first, attempt, "generate", [])
-            if all(r is not None for r in results):
-                break
+            if errors or failures:
+                return errors, failures, []
+            shares = _group(todo, [h.worker for h in handles])
+            values, errors, failures = self._call_all(
+                {w: ("generate", ([handles[i].session_id for i in idx], [plist[i] for i in idx],
+                                  [seeds[i] for i in idx])) for w, idx in shares.items()})
+            for w, outs in values.items():
+                for i, (ids, lps, ents, reason) in zip(shares[w], outs):
+                    h = handles[i]
+                    self._changed(h)
+                    h.token_ids.extend(ids)
+                    results[i] = PoolCompletion(ids, lps, ents, reason, h)
+            return errors, failures, []
+
+        self._retrying("generate", attempt)
         return results
 
     def free(self, handle: PoolHandle) -> None:
@@ -283,46 +293,8 @@ class ForkPool:
 
     def counters(self) -> dict[str, float]:
         """Cumulative counters over every worker, replaced ones included (from the latest replies; no round trip)."""
-        total = Counter(self._retired)
-        for w in self._workers:
-            if w is not None:
-                total.update({k: w.status.get(k, 0) for k in _SUMMED_STATUS_KEYS})
-        out = {
-            "prefill_tokens": total["prompt_tokens_computed"],
-            "decode_tokens": total["tokens_computed"] - total["prompt_tokens_computed"],
-            "reused_tokens": total["prompt_tokens_reused"],
-            "sampled_tokens": total["tokens_generated"],
-            "num_forks": self._num_forks,
-            "fork_seconds": self._fork_seconds,  # the caller's wall time in fork, snapshot and restore included
-            "snapshot_seconds": total["snapshot_seconds"] + total["export_seconds"],
-            "restore_seconds": total["restore_seconds"],
-        }
-        assert set(out) == set(COUNTER_KEYS)
-        return out
-
-    def update_weights(self, state_dict: dict | None = None) -> None:
-        """Load ``state_dict`` into every worker and drop their prefix caches; the weight version goes up by one.
-
-        When this returns, every worker holds the new version (a worker that failed to load was replaced
-        by one started with the new weights), and every later request carries that version: a worker
-        with other weights refuses it. The latest weights stay in shared memory for replacements.
-        """
-        self._check_open()
-        if state_dict is None:
-            raise ValueError(
-                "ForkPool workers hold their own copies of the model: pass the new weights, e.g. "
-                "pool.update_weights(model.state_dict()).")
-        self._check_weights(state_dict)
-        self._weights = PackedWeights.pack(state_dict, self._version + 1)
-        self._version += 1
-        self._drop_all_snapshots()  # they hold KV computed with the old weights
-        calls = {w: ("load_weights", (self._weights,)) for w in range(self.num_workers)}
-        for w in calls:
-            self._workers[w].bytes_sent += self._weights.nbytes
-        _, errors, failures = self._call_all(calls)
-        for w, exc in errors.items():  # a load that raised may have left the worker half updated
-            failures[w] = WorkerFailure(self._workers[w], "load_weights", f"raised {type(exc).__name__}: {exc}")
-        self._settle({}, failures, {}, 0, "update_weights", [])  # the replacements start with the new weights
+        total = summed([w.status for w in self._workers if w is not None]) + self._retired
+        return backend_counters(total, self._num_forks, self._fork_seconds)
 
     def reset_prefix_cache(self) -> None:
         """Every worker forgets its cached prefixes (a replaced worker starts with none)."""
@@ -336,27 +308,12 @@ class ForkPool:
         self._check_open()
         _, errors, failures = self._call_all({w: ("status", ()) for w in range(self.num_workers)})
         self._settle(errors, failures, {}, 0, "stats", [])
-        workers = []
-        for w in self._workers:
-            s = w.status
-            workers.append({
-                "index": w.index, "pid": w.pid, "device": w.device, "incarnation": w.incarnation,
-                "version": s.get("version"), "num_blocks": s.get("num_blocks"),
-                "num_used_blocks": s.get("num_used_blocks"), "num_free_blocks": s.get("num_free_blocks"),
-                "num_cached_blocks": s.get("num_cached_blocks"), "num_sessions": s.get("num_sessions"),
-                "tokens_computed": s.get("tokens_computed"), "prompt_tokens_computed": s.get("prompt_tokens_computed"),
-                "tokens_generated": s.get("tokens_generated"), "num_forks": s.get("num_forks"),
-                "num_snapshots": s.get("num_snapshots"), "snapshot_bytes": s.get("snapshot_bytes"),
-                "snapshot_seconds": s.get("snapshot_seconds"), "export_seconds": s.get("export_seconds"),
-                "num_restores": s.get("num_restores"), "restore_bytes": s.get("restore_bytes"),
-                "restore_seconds": s.get("restore_seconds"), "busy_seconds": s.get("busy_seconds"),
-                "num_weight_loads": s.get("num_weight_loads"), "bytes_sent": w.bytes_sent, "num_calls": w.num_calls,
-                "call_seconds": w.call_seconds, "uptime_seconds": time.perf_counter() - w.started,
-            })
-        return {"version": self._version, "placement": self.placement, "workers": workers,
+        return {"version": self._version, "placement": self.placement, "weight_sync": self.weight_sync,
+                "workers": [worker_row(w) for w in self._workers],
                 "num_replacements": len(self._failures), "failures": list(self._failures),
                 "num_live_handles": len(self._live), "num_cached_snapshots": len(self._snapshots),
-                "retired": dict(self._retired), **self.counters()}
+                "retired": dict(self._retired), "weight_sync_seconds": self.weight_sync_seconds,
+                "weight_sync_bytes": self.weight_sync_bytes, **self.counters()}
 
     def close(self) -> None:
         """Ask every worker to exit, kill those that do not, reap them all. Idempotent."""
@@ -373,42 +330,14 @@ class ForkPool:
         return (f"ForkPool({self.num_workers} worker(s) on {sorted(set(self._devices))}, version={self._version}, "
                 f"placement={self.placement!r}{', closed' if self._closed else ''})")
 
-    # -- placement -----------------------------------------------------------------------------------
+    # -- placement inputs --------------------------------------------------------------------------------
     def _blocks_per_child(self) -> int:
-        return -(-self.child_reserve_tokens // self.block_size) + 1  # its own tokens + the copied partial block
+        return blocks_per_child(self.child_reserve_tokens, self.block_size)
 
     def _room(self, w: int) -> int:
         """Free KV blocks of worker w minus what its forked, not yet generated children will take."""
         free = self._workers[w].status.get("num_free_blocks", 0)
         return free - self._blocks_per_child() * len(self._growing[w])
-
-    def _place(self, handle: PoolHandle, n: int) -> list[int]:
-        per_child, home = self._blocks_per_child(), handle.worker
-        room = [self._room(w) for w in range(self.num_workers)]
-        load = Counter(h.worker for h in self._live.values())
-        plan = []
-        for _ in range(n):
-            if self.placement == "local_first" and room[home] >= per_child:
-                w = home
-            elif self.placement == "local_first":
-                w = max(range(self.num_workers), key=lambda v: (room[v], v == home, -v))
-            else:
-                fits = [v for v in range(self.num_workers) if room[v] >= per_child] or range(self.num_workers)
-                w = min(fits, key=lambda v: (load[v], v != home, v))
-            plan.append(w)
-            room[w] -= per_child
-            load[w] += 1
-        return sorted(plan, key=lambda v: (v != home, v))
-
-    def _spread(self, prompts: list[list[int]]) -> list[int]:
-        """Each prompt to the worker with the fewest prompt tokens so far in this call (ties: most room)."""
-        tokens = [0] * self.num_workers
-        owners = []
-        for p in prompts:
-            w = min(range(self.num_workers), key=lambda v: (tokens[v], -self._room(v), v))
-            owners.append(w)
-            tokens[w] += len(p)
-        return owners
 
     # -- fork internals --------------------------------------------------------------------------------
     def _fork_shares(self, handle: PoolHandle, shares: dict[int, int], at: int | None,
@@ -504,21 +433,14 @@ class ForkPool:
         if self._closed:
             raise RuntimeError("this ForkPool is closed; make a new one.")
 
-    def _check_weights(self, state_dict: dict) -> None:
-        unknown = [k for k in state_dict if k not in self._weight_shapes]
-        if unknown:
-            raise ValueError(f"update_weights: {len(unknown)} names are not in the workers' model, e.g. {unknown[:3]}; "
-                             f"pass model.state_dict() of the same architecture.")
-        for name, t in state_dict.items():
-            shape = self._weight_shapes[name][0]
-            if tuple(t.shape) != shape:
-                raise ValueError(f"update_weights: {name} has shape {tuple(t.shape)}, the workers' model has {shape}.")
-
     # -- calls, failures, replacement --------------------------------------------------------------------
-    def _call_all(self, calls: dict[int, tuple[str, tuple]], version: int | None = None) -> tuple[dict, dict, dict]:
-        """Send each worker its request, wait for all; (values, the workers' exceptions, WorkerFailures)."""
+    def _send_all(self, calls: dict[int, tuple[str, tuple]], version: int | None = None) -> list[Pending]:
         version = self._version if version is None else version
-        pending = [self._workers[w].send(op, args, version, self.timeout_s) for w, (op, args) in calls.items()]
+        return [self._workers[w].send(op, args, version, self.timeout_s) for w, (op, args) in calls.items()]
+
+    @staticmethod
+    def _collect(pending: list[Pending]) -> tuple[dict, dict, dict]:
+        """Wait for every pending request: (values, the workers' exceptions, WorkerFailures), by worker."""
         values, errors, failures = {}, {}, {}
         for w, outcome in collect(pending).items():
             if isinstance(outcome, WorkerFailure):
@@ -528,6 +450,19 @@ class ForkPool:
             else:
                 values[w] = outcome
         return values, errors, failures
+
+    def _call_all(self, calls: dict[int, tuple[str, tuple]], version: int | None = None) -> tuple[dict, dict, dict]:
+        """Send each worker its request, wait for all; (values, the workers' exceptions, WorkerFailures)."""
+        return self._collect(self._send_all(calls, version))
+
+    def _retrying(self, op: str, attempt: Callable[[], Attempt]) -> None:
+        """Run ``attempt`` (one try at the part not done yet); after worker failures replace them and try once more."""
+        first: dict[int, WorkerFailure] = {}
+        for n in range(2):
+            errors, failures, made = attempt()
+            self._settle(errors, failures, first, n, op, made)
+            if not failures:
+                return
 
     def _settle(self, errors: dict, failures: dict, first: dict, attempt: int, op: str,
                 made: list[PoolHandle]) -> None:
@@ -550,17 +485,23 @@ class ForkPool:
     def _replace(self, index: int, failure: WorkerFailure) -> None:
         """Kill and reap worker ``index``, keep its counters, start a fresh one with the current weights."""
         old = self._workers[index]
-        old.kill()
-        self._retired.update({k: old.status.get(k, 0) for k in _SUMMED_STATUS_KEYS})
+        old.kill(str(failure))
+        self._retired.update(summed([old.status]))
+        old.status = {}  # counted once, also when this slot's start fails and it is replaced again
         self._failures.append(str(failure))
         logger.warning("%s; replacing it with a fresh worker", failure)
         self._growing[index].clear()
         for copies in self._copies.values():
             copies.pop(index, None)
+        self._group = None  # the group's member is gone
         self._start([index])
 
     def _start(self, indices: list[int]) -> None:
-        """Start workers, wait until each has built its engine, then load the current weights."""
+        """Start workers, wait until each has built its engine, then give them the current weights.
+
+        On any failure the new workers are killed and RuntimeError raised; their slots stay closed, and the
+        next call that needs one replaces it again (so a cause that went away heals the pool).
+        """
         for i in indices:
             self._workers[i] = WorkerProcess(self._ctx, i, self._devices[i], faults=self._faults.get(i, []),
                                              parent_pid=os.getpid(), **self._spawn)
@@ -569,21 +510,20 @@ class ForkPool:
                          for i in indices])
         problems = [f"worker {i} on {self._devices[i]}: {r}" for i, r in ready.items() if isinstance(r, BaseException)]
         if problems:
-            for i in indices:
-                self._workers[i].kill()
+            self._kill(indices, "its start failed")
             raise RuntimeError(f"ForkPool could not start {len(problems)} worker(s): {'; '.join(problems)}")
         for i, info in ready.items():
             self._workers[i].info = info
             self._workers[i].call_seconds = 0.0  # count requests, not the start
-        if self._weights is not None:
-            for i in indices:
-                self._workers[i].bytes_sent += self._weights.nbytes
-            _, errors, failures = self._call_all({i: ("load_weights", (self._weights,)) for i in indices})
-            if errors or failures:
-                for i in indices:
-                    self._workers[i].kill()
-                raise RuntimeError(f"ForkPool's new worker(s) could not load weights version {self._version}: "
-                                   f"{list(errors.values()) + list(failures.values())}")
+        try:
+            self._load_current_weights(indices)
+        except BaseException:
+            self._kill(indices, "it could not get the current weights")
+            raise
+
+    def _kill(self, indices: list[int], cause: str) -> None:
+        for i in indices:
+            self._workers[i].kill(cause)
 
     # -- test hooks --------------------------------------------------------------------------------------
     def _set_faults(self, worker: int, faults: list[Fault], persist: bool = False) -> None:

@@ -32,6 +32,7 @@ import torch
 
 from thaw_rl.engine import SamplingParams, Session, ThawEngine
 from thaw_rl.engine.snapshot import KVSnapshot
+from thaw_rl.pool.weight_sync import GroupSpec, TransferGroup, WeightLayout, receive_weights, send_weights
 
 VERSIONED_OPS = frozenset({"prefill", "fork", "generate", "snapshot"})  # read or write KV: weights must match
 
@@ -147,6 +148,8 @@ class Worker:
     sessions: dict[int, Session] = field(default_factory=dict)
     counters: WorkerCounters = field(default_factory=WorkerCounters)
     faults: list[Fault] = field(default_factory=list)
+    group: TransferGroup | None = None  # the weight-transfer group this worker last joined
+    old_groups: list[TransferGroup] = field(default_factory=list)  # kept, not destroyed: gloo teardown can hang
 
     def info(self) -> dict:
         e = self.engine
@@ -154,6 +157,7 @@ class Worker:
             "pid": os.getpid(), "device": str(e.device), "block_size": e.block_size,
             "kv_bytes_per_token": e.spec.bytes_per_token, "fingerprint": dict(e.fingerprint),
             "weights": {k: (tuple(v.shape), v.dtype) for k, v in e.model.state_dict().items()},
+            "parameters": {k: (tuple(v.shape), v.dtype) for k, v in e.model.named_parameters()},
         }
 
     def status(self) -> dict:
@@ -223,8 +227,33 @@ class Worker:
         tensors = weights.tensors()
         with torch.no_grad():
             self.engine.model.load_state_dict(tensors, strict=False)
-        self.engine.set_weight_version(weights.version)  # drops the prefix cache; snapshots carry the version
-        self.version = weights.version
+        self._now_holds(weights.version, start)
+
+    def op_transfer_weights(self, spec: GroupSpec, layout: WeightLayout, root: int, version: int) -> None:
+        """Join the group ``spec`` describes (once per group), then send (rank ``root``) or receive the weights."""
+        start = time.perf_counter()
+        if self.group is None or self.group.spec != spec:
+            if self.group is not None:
+                self.old_groups.append(self.group)
+            self.group = TransferGroup(spec, self.engine.device)
+        if spec.rank == root:
+            if version != self.version:
+                raise RuntimeError(f"asked to send weights version {version} but this worker holds {self.version}")
+            send_weights(self.group, layout, dict(self.engine.model.named_parameters()))
+            return
+        params = dict(self.engine.model.named_parameters())
+        missing = [name for name in layout.names if name not in params]
+        if missing:  # checked by the parent before it sends; a mismatch here is a broken invariant
+            raise RuntimeError(f"weight layout names {missing[:3]} are not parameters of this worker's model")
+        receive_weights(self.group, layout, root, lambda name, t: params[name].copy_(t))
+        self._now_holds(version, start)
+
+    def _now_holds(self, version: int, start: float) -> None:
+        """New weights are in place: the engine takes their version (which drops its prefix cache, and tags
+        what it computes and snapshots from now on)."""
+        self.engine.set_weight_version(version)
+        self.engine.reset_prefix_cache()  # also when the version number did not change (a replacement's first load)
+        self.version = version
         self.counters.num_weight_loads += 1
         self.counters.weight_load_seconds += time.perf_counter() - start
 
@@ -270,6 +299,16 @@ def _error_payload(exc: BaseException) -> tuple[BaseException, str]:
     return exc, text
 
 
+def _checked(built: Any, model_factory: Callable) -> tuple[Any, Any]:
+    """The factory's ``(model, tokenizer)``, or a TypeError that says what it returned instead."""
+    if not (isinstance(built, (tuple, list)) and len(built) == 2 and isinstance(built[0], torch.nn.Module)):
+        what = type(built).__name__ if not isinstance(built, (tuple, list)) else \
+            f"a {len(built)}-item {type(built).__name__} of {[type(x).__name__ for x in built]}"
+        raise TypeError(f"model_factory {model_factory!r} returned {what}; it must return (model, tokenizer) "
+                        f"with model a torch.nn.Module (the tokenizer may be None).")
+    return built[0], built[1]
+
+
 def run_worker(conn, parent_pid: int, model_factory: Callable, device: str, engine_kwargs: dict,
                num_threads: int | None, faults: list[Fault]) -> None:
     """Build the model and engine, say ready (or why not), then answer requests until close or EOF."""
@@ -280,7 +319,7 @@ def run_worker(conn, parent_pid: int, model_factory: Callable, device: str, engi
         dev = torch.device(device)
         if dev.type == "cuda":
             torch.cuda.set_device(dev)  # a factory may build straight on torch.cuda.current_device()
-        model, tokenizer = model_factory()
+        model, tokenizer = _checked(model_factory(), model_factory)
         worker = Worker(ThawEngine(model.to(dev), tokenizer, **engine_kwargs), faults=list(faults))
         conn.send(Reply(0, True, worker.info(), worker.status()))
     except BaseException as exc:  # noqa: BLE001 (the parent must learn why the start failed)

@@ -71,6 +71,7 @@ class WorkerProcess:
         self.started = time.perf_counter()
         self.incarnation = -1  # set by the pool: which process this slot holds
         self.closed = False
+        self.stop_cause = ""  # why the parent killed it
 
     @property
     def pid(self) -> int | None:
@@ -80,13 +81,17 @@ class WorkerProcess:
     def send(self, op: str, args: tuple, version: int, timeout_s: float) -> Pending:
         req_id = next(self._req_ids)
         pending = Pending(self, req_id, op, time.perf_counter(), timeout_s)
+        self.num_calls += 1
+        if self.closed:  # killed earlier (e.g. its start failed): the pool replaces it on this failure
+            pending.cause = f"is not running (stopped earlier: {self.stop_cause})"
+            return pending
         try:
             self.conn.send(Request(req_id, op, version, args))
-        except (OSError, ValueError) as e:  # a broken pipe: dead (collect reports its exit) or wedged
-            if self.process.is_alive():
-                self.kill()
-                pending.cause = f"could not be sent a request ({type(e).__name__}: {e}); killed it"
-        self.num_calls += 1
+        except (OSError, ValueError) as e:  # a broken pipe: dead or wedged
+            alive = self.process.is_alive()
+            self.kill(f"could not be sent a request ({type(e).__name__}: {e})")
+            pending.cause = f"could not be sent a request ({type(e).__name__}: {e}); killed it" if alive \
+                else self.exit_cause()
         return pending
 
     def send_no_reply(self, op: str, args: tuple) -> None:
@@ -117,11 +122,13 @@ class WorkerProcess:
             return f"was killed by signal {name}{hint}"
         return f"exited with code {code}"
 
-    def kill(self) -> None:
+    def kill(self, cause: str = "killed by the pool") -> None:
         if self.process.is_alive():
             self.process.kill()
         self.process.join(10.0)
         self.conn.close()
+        if not self.closed:
+            self.stop_cause = cause
         self.closed = True
 
     def request_close(self) -> None:

@@ -16,6 +16,8 @@ from thaw_rl.trainers.grpo_config import ThawGRPOConfig
 class ThawBestOfNConfig(ThawGRPOConfig):
     """Configuration of ``ThawBestOfNTrainer``: N = ``num_generations`` samples, keep the best ``best_of_n_keep``."""
 
+    _policy_ratio_loss = False  # plain NLL on kept samples: async rollouts need no importance sampling
+
     tree_spec: str = field(
         default="best_of_n",
         metadata={"help": "Must be 'best_of_n': N samples forked from one prefill of the prompt."})

@@ -21,12 +21,15 @@ from trl import GRPOConfig
 from thaw_rl.engine.sampling import SamplingParams
 from thaw_rl.rollout.tree_spec import KINDS, TreeSpec
 
-ROLLOUT_BACKENDS = ("native", "vllm")
+ROLLOUT_BACKENDS = ("native", "vllm", "pool")
+_POOL_FIELDS = ("pool_num_workers", "pool_devices", "async_rollouts")
 
 
 @dataclass
 class ThawGRPOConfig(GRPOConfig):
     """Configuration of ``ThawGRPOTrainer``: every ``GRPOConfig`` field plus the ones below."""
+
+    _policy_ratio_loss = True  # the loss has a policy ratio, so stale samples need importance sampling
 
     rollout_backend: str = field(
         default="native",
@@ -35,7 +38,36 @@ class ThawGRPOConfig(GRPOConfig):
                           "its prefix cache; weights loaded into it after each optimizer step and its prefix cache "
                           "reset, as TRL's colocate mode does). 'vllm' uses kv_block_size, kv_cache_memory (bytes, or "
                           "a fraction: vLLM's gpu_memory_utilization), vllm_max_model_length, vllm_engine_kwargs, and "
-                          "keeps its engine across generations (release_kv_cache does not apply)."})
+                          "keeps its engine across generations (release_kv_cache does not apply). 'pool' (a ForkPool: "
+                          "engines in worker processes on pool_devices while this process trains; the trainer's "
+                          "weights are broadcast to them after every optimizer step; see async_rollouts)."})
+    pool_num_workers: int | None = field(
+        default=None,
+        metadata={"help": "rollout_backend='pool': worker processes, one engine each (None: one per pool device). "
+                          "Workers are dealt to pool_devices round-robin."})
+    pool_devices: list[str] | None = field(
+        default=None,
+        metadata={"help": "rollout_backend='pool': devices of the workers, e.g. ['cuda:1', 'cuda:2']. None: every "
+                          "visible GPU but the trainer's own (the CPU when there is no GPU). A worker on the "
+                          "trainer's GPU needs kv_cache_memory in bytes."})
+    pool_timeout_s: float = field(
+        default=300.0,
+        metadata={"help": "rollout_backend='pool': the longest one worker call (its share of a generate) may take "
+                          "before the worker counts as hung. A hung worker costs this long a wait, then a "
+                          "replacement's start (model build plus weights); lower it to your longest rollout."})
+    pool_weight_bucket_bytes: int = field(
+        default=256 << 20,
+        metadata={"help": "rollout_backend='pool': bytes per broadcast of the weight sync (parameters are packed "
+                          "into buckets of this size, one collective each)."})
+    async_rollouts: bool = field(
+        default=False,
+        metadata={"help": "rollout_backend='pool': generate the rollouts of optimizer step k+1 while step k trains "
+                          "(with the weights before step k). A rollout more than max_staleness versions old is "
+                          "dropped and generated again. Needs native_importance_sampling_correction=True."})
+    max_staleness: int = field(
+        default=1,
+        metadata={"help": "async_rollouts: the most optimizer steps the sampling weights may lag the trained ones "
+                          "(logged as thaw/rollout_staleness)."})
     vllm_engine_kwargs: dict | None = field(
         default=None,
         metadata={"help": "rollout_backend='vllm': extra keyword arguments for vllm.LLM (e.g. {'enforce_eager': True} "
@@ -148,6 +180,7 @@ class ThawGRPOConfig(GRPOConfig):
     def _check_backend(self) -> None:
         if self.rollout_backend not in ROLLOUT_BACKENDS:
             raise ValueError(f"rollout_backend={self.rollout_backend!r}: use one of {ROLLOUT_BACKENDS}.")
+        self._check_pool()
         if self.rollout_backend == "vllm":
             from thaw_rl.backends.vllm_backend import import_vllm
 
@@ -161,6 +194,30 @@ class ThawGRPOConfig(GRPOConfig):
             raise ValueError(
                 "use_transformers_continuous_batching=True: ThawGRPOTrainer generates with its own engine. Set "
                 "use_transformers_continuous_batching=False (and use_transformers_paged=False).")
+
+    def _check_pool(self) -> None:
+        if self.rollout_backend != "pool":
+            given = [f"{k}={getattr(self, k)!r}" for k in _POOL_FIELDS if getattr(self, k) not in (None, False)]
+            if given:
+                raise ValueError(f"{', '.join(given)} only apply to rollout_backend='pool' (got "
+                                 f"rollout_backend={self.rollout_backend!r}): set rollout_backend='pool' or drop them.")
+            return
+        if self.pool_num_workers is not None and self.pool_num_workers < 1:
+            raise ValueError(f"pool_num_workers={self.pool_num_workers} must be >= 1 (or None: one per pool device).")
+        if self.pool_devices is not None and (isinstance(self.pool_devices, str) or not self.pool_devices):
+            raise ValueError(f"pool_devices={self.pool_devices!r}: give a non-empty list such as ['cuda:1'] (or "
+                             f"None: every GPU but the trainer's).")
+        if self.pool_timeout_s <= 0:
+            raise ValueError(f"pool_timeout_s={self.pool_timeout_s} must be > 0 seconds.")
+        if self.pool_weight_bucket_bytes < 1:
+            raise ValueError(f"pool_weight_bucket_bytes={self.pool_weight_bucket_bytes} must be >= 1.")
+        if self.async_rollouts and self.max_staleness < 1:
+            raise ValueError(f"async_rollouts=True with max_staleness={self.max_staleness}: rollouts made while a step "
+                             f"trains are 1 version old; set max_staleness >= 1, or async_rollouts=False.")
+        if self.async_rollouts and self._policy_ratio_loss and not self.native_importance_sampling_correction:
+            raise ValueError("async_rollouts=True samples with weights up to max_staleness steps old: set "
+                             "native_importance_sampling_correction=True so TRL's importance-sampling correction "
+                             "uses the sampling logprobs (or async_rollouts=False).")
 
     def _check_tree(self, spec: TreeSpec) -> None:
         if spec.leaves_per_prompt != self.num_generations:

@@ -40,6 +40,7 @@ import logging
 from typing import Any
 
 import torch
+from transformers import TrainerCallback
 from trl import GRPOTrainer
 from trl.extras.profiling import profiling_context
 from trl.models import unwrap_model_for_generation
@@ -52,6 +53,7 @@ from thaw_rl.rollout import RolloutBatch, RolloutStats, TreeSampler, TreeSpec
 from thaw_rl.trainers.deepspeed_hooks import paused_deepspeed_forward_hooks
 from thaw_rl.trainers.grpo_config import ThawGRPOConfig
 from thaw_rl.trainers.group_fill import add_stats, complete_groups
+from thaw_rl.trainers.pool_rollouts import Lookahead, PoolRollouts, prompts_of, rollout_seed
 from thaw_rl.trainers.rollout_metrics import TOTALLED_METRICS, local_vector, reduce_rollout_metrics
 from thaw_rl.trainers.shared_prefix import group_shuffle, packed_logps
 from thaw_rl.trainers.tree_attention import tree_attention_mode
@@ -112,6 +114,21 @@ class ThawGRPOTrainer(GRPOTrainer):
         self._train_micro_batches = 0
         self._warned_unpackable = False
         self.last_packed_batch = None  # the PackedBatch of the last scoring pass (None: it ran flat)
+        self._pool_rollouts: PoolRollouts | None = None  # rollout_backend="pool" (see pool_rollouts.py)
+        if args.rollout_backend == "pool":
+            self._pool_rollouts = PoolRollouts(args, self._generation_model, self._live_parameters,
+                                               lambda: self.state.global_step)
+            self._lookahead = Lookahead(args.steps_per_generation * self.num_iterations)
+            self.add_callback(_PoolWeightsCallback(self._pool_rollouts))
+
+    @property
+    def rollout_pool(self):
+        """The ``ForkPool`` of ``rollout_backend="pool"`` (None before the first rollout or otherwise)."""
+        return None if self._pool_rollouts is None else self._pool_rollouts.pool
+
+    def _live_parameters(self) -> dict[str, torch.Tensor]:
+        """The policy's parameters as they are now, not gathered (a pool replacement's fallback source)."""
+        return dict(self.accelerator.unwrap_model(self.model).named_parameters())
 
     # -- checks ---------------------------------------------------------------------------------------
     @staticmethod
@@ -119,6 +136,9 @@ class ThawGRPOTrainer(GRPOTrainer):
         if arguments.get("rollout_func") is not None:
             raise ValueError("rollout_func replaces TRL's generation, so ThawGRPOTrainer's engine would never run. "
                              "Drop rollout_func, or use GRPOTrainer with it.")
+        if (arguments.get("tools") or arguments.get("environment_factory")) and args.async_rollouts:
+            raise ValueError("async_rollouts=True with tools/environment_factory: rollouts queued ahead cannot run "
+                             "tool calls in the trainer. Set async_rollouts=False.")
         if (arguments.get("tools") or arguments.get("environment_factory")) and args.tree_credit_enabled:
             raise ValueError(
                 f"tree_credit with tools/environment_factory: tool calls extend completions after the tree was "
@@ -143,6 +163,8 @@ class ThawGRPOTrainer(GRPOTrainer):
         prompts = unique_prompts(prompt_ids, num_generations)
         spec = self.tree_spec if self.tree_spec.leaves_per_prompt == num_generations else TreeSpec.grpo(num_generations)
         params = self._sampling_params(self._rollout_seed())
+        if self._pool_rollouts is not None:
+            return self._pool_rollout(prompts, spec, num_generations, params, len(prompt_ids))
         with profiling_context(self, "thaw.rollout"), self._generation_model() as model:
             backend = self._backend_for(model)
             batch = TreeSampler(backend, spec).rollout(prompts, params)
@@ -158,6 +180,33 @@ class ThawGRPOTrainer(GRPOTrainer):
         self.last_rollout = batch
         self._pending_stats.append((batch.stats, filled))
         return batch.completion_ids, batch.logprobs
+
+    def _pool_rollout(self, prompts, spec, num_generations, params, num_rows):
+        """rollout_backend="pool": the (possibly queued) rollout of ``prompts``, its staleness and weight metrics."""
+        with profiling_context(self, "thaw.rollout"):
+            rollout = self._pool_rollouts.generate(prompts, spec, num_generations, params)
+        batch = rollout.batch
+        if len(batch.leaves) != num_rows:
+            raise RuntimeError(f"rollout returned {len(batch.leaves)} leaves for {num_rows} rows")
+        mode = "train" if self.model.training else "eval"
+        self._metrics[mode]["thaw/rollout_staleness"].append(float(self._pool_rollouts.staleness_history[-1]))
+        for key, value in self._pool_rollouts.metrics().items():
+            self._metrics[mode][key].append(value)
+        self.last_rollout = batch
+        self._pending_stats.append((batch.stats, rollout.filled))
+        return batch.completion_ids, batch.logprobs
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """async_rollouts: also read the next optimizer step's batches and queue their rollouts on the pool."""
+        if self._pool_rollouts is None or not self.args.async_rollouts:
+            return super().get_batch_samples(epoch_iterator, num_batches, device)
+        batches, to_start = self._lookahead.take(epoch_iterator, num_batches)
+        for index, inputs in to_start:
+            step = index // max(num_batches, 1)  # the optimizer step that will train on it
+            params = self._sampling_params(rollout_seed(self.args.seed, step, self.accelerator.process_index))
+            self._pool_rollouts.queue(unique_prompts(prompts_of(self, inputs), self.num_generations), self.tree_spec,
+                                      self.num_generations, params)
+        return batches, self._get_num_items_in_batch(batches, device)
 
     @contextlib.contextmanager
     def _generation_model(self):
@@ -392,3 +441,16 @@ def unique_prompts(prompt_ids: list[list[int]], group_size: int) -> list[list[in
                 f"expects TRL's RepeatSampler layout (each prompt num_generations times, consecutively)")
         out.append(group[0])
     return out
+
+
+class _PoolWeightsCallback(TrainerCallback):
+    """rollout_backend="pool": push the new weights after every optimizer step; stop the workers at the end."""
+
+    def __init__(self, rollouts: PoolRollouts) -> None:
+        self.rollouts = rollouts
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.rollouts.push_weights()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.rollouts.close()

@@ -150,6 +150,10 @@ class ThawPPOConfig(ThawGRPOConfig):
         if self.tree_credit:
             raise ValueError("tree_credit=True: PPO credits tokens with GAE over the value head (tree_gae does it per "
                              "tree node); set tree_credit=False.")
+        if self.async_rollouts:
+            raise ValueError("async_rollouts=True is not supported by ThawPPOTrainer yet: its ratio is taken against "
+                             "logprobs the trainer recomputes, so samples from older weights would go uncorrected. Set "
+                             "async_rollouts=False (rollout_backend='pool' runs synchronously).")
         if self.native_importance_sampling_correction:
             raise ValueError("native_importance_sampling_correction=True: PPO's ratio is taken against the rollout "
                              "policy's logprobs already; set it to False.")

@@ -1,0 +1,58 @@
+"""A ForkPool's numbers, computed in one place from the statuses its workers sent with their last replies.
+
+Why one place: ``counters()`` (the rollout-backend protocol's cumulative counters), ``stats()`` (per worker)
+and the retired counts of replaced workers must agree, so each reads the same status keys through the
+functions here instead of each naming its own.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from typing import Iterable
+
+from thaw_rl.backends.base import COUNTER_KEYS
+
+# counters that add up over workers (and over the replaced processes of a slot)
+SUMMED_STATUS_KEYS = ("prompt_tokens_computed", "prompt_tokens_reused", "tokens_computed", "tokens_generated",
+                      "num_forks", "num_snapshots", "snapshot_seconds", "export_seconds", "num_restores",
+                      "restore_seconds", "snapshot_bytes", "restore_bytes", "num_weight_loads",
+                      "weight_load_seconds")
+# what ``stats()`` shows per worker, straight from its status
+WORKER_STATUS_KEYS = ("version", "num_blocks", "num_used_blocks", "num_free_blocks", "num_cached_blocks",
+                      "num_sessions", "tokens_computed", "prompt_tokens_computed", "tokens_generated", "num_forks",
+                      "num_snapshots", "snapshot_bytes", "snapshot_seconds", "export_seconds", "num_restores",
+                      "restore_bytes", "restore_seconds", "busy_seconds", "num_weight_loads", "weight_load_seconds")
+
+
+def summed(statuses: Iterable[dict]) -> Counter:
+    """The summed counters of the given worker statuses."""
+    total: Counter = Counter()
+    for s in statuses:
+        total.update({k: s.get(k, 0) for k in SUMMED_STATUS_KEYS})
+    return total
+
+
+def backend_counters(total: Counter, num_forks: int, fork_seconds: float) -> dict[str, float]:
+    """The ``RolloutBackend.counters()`` of a pool whose workers' summed counters are ``total``."""
+    out = {
+        "prefill_tokens": total["prompt_tokens_computed"],
+        "decode_tokens": total["tokens_computed"] - total["prompt_tokens_computed"],
+        "reused_tokens": total["prompt_tokens_reused"],
+        "sampled_tokens": total["tokens_generated"],
+        "num_forks": num_forks,
+        "fork_seconds": fork_seconds,  # the caller's wall time in fork, snapshot and restore included
+        "snapshot_seconds": total["snapshot_seconds"] + total["export_seconds"],
+        "restore_seconds": total["restore_seconds"],
+    }
+    assert set(out) == set(COUNTER_KEYS)
+    return out
+
+
+def worker_row(worker) -> dict:
+    """One ``WorkerProcess``'s line of ``ForkPool.stats()``."""
+    row = {"index": worker.index, "pid": worker.pid, "device": worker.device, "incarnation": worker.incarnation}
+    row.update({k: worker.status.get(k) for k in WORKER_STATUS_KEYS})
+    row.update(bytes_sent=worker.bytes_sent, num_calls=worker.num_calls, call_seconds=worker.call_seconds,
+               uptime_seconds=time.perf_counter() - worker.started)
+    return row

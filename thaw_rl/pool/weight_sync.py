@@ -1,0 +1,171 @@
+"""Weights to ForkPool workers through torch.distributed: packed buckets over a group of our own.
+
+Why a collective and not shared memory: a trainer on a GPU and workers on other GPUs move weights at link
+rate with NCCL (gloo on CPU) and without a host copy of the whole model per step. Why our own group: the
+trainer may already be one rank of accelerate's default group; a ``ProcessGroupGloo``/``ProcessGroupNCCL``
+built straight on a ``TCPStore`` (127.0.0.1, a free port the parent binds) needs no ``init_process_group``
+and leaves the default group alone (as TRL's vLLM client does with its stateless group).
+
+Why buckets: one collective per tensor costs a launch and a rendezvous per tensor (hundreds per model);
+``plan_buckets`` packs consecutive parameters into byte buffers of about ``bucket_bytes`` each, every
+tensor at a 64-byte aligned offset so any dtype can view it, and one broadcast moves one bucket.
+
+Every member of a group holds the same ``WeightLayout`` (the parent sends it with the request); the root
+packs from its tensors, the others unpack into their parameters after the last bucket arrived, so a
+failure mid-transfer never leaves half-loaded weights behind.
+"""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+import torch
+
+DEFAULT_BUCKET_BYTES = 256 << 20
+
+
+@dataclass(frozen=True)
+class WeightEntry:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int  # bytes into its bucket
+
+    @property
+    def nbytes(self) -> int:
+        numel = 1
+        for n in self.shape:
+            numel *= n
+        return numel * self.dtype.itemsize
+
+
+@dataclass(frozen=True)
+class WeightLayout:
+    """Which parameter lives where in which bucket (the same on every member of a transfer)."""
+
+    buckets: tuple[tuple[WeightEntry, ...], ...]
+    bucket_nbytes: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self.bucket_nbytes)
+
+    @property
+    def names(self) -> list[str]:
+        return [e.name for bucket in self.buckets for e in bucket]
+
+
+def plan_buckets(shapes: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
+                 bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> WeightLayout:
+    """Pack ``name -> (shape, dtype)`` in order into buckets of at most ``bucket_bytes`` (a bigger tensor alone)."""
+    if bucket_bytes < 1:
+        raise ValueError(f"bucket_bytes={bucket_bytes} must be >= 1.")
+    buckets, sizes, current, offset = [], [], [], 0
+    for name, (shape, dtype) in shapes.items():
+        entry = WeightEntry(name, dtype, tuple(int(n) for n in shape), 0)
+        size = -(-entry.nbytes // 64) * 64
+        if current and offset + size > bucket_bytes:
+            buckets.append(tuple(current))
+            sizes.append(offset)
+            current, offset = [], 0
+        current.append(WeightEntry(entry.name, entry.dtype, entry.shape, offset))
+        offset += size
+    if current:
+        buckets.append(tuple(current))
+        sizes.append(offset)
+    return WeightLayout(tuple(buckets), tuple(sizes))
+
+
+def _view(buffer: torch.Tensor, entry: WeightEntry) -> torch.Tensor:
+    return buffer[entry.offset:entry.offset + entry.nbytes].view(entry.dtype).view(entry.shape)
+
+
+@dataclass(frozen=True)
+class GroupSpec:
+    """How a member joins a transfer group: the parent's store, its rank, the group's size and backend."""
+
+    group_id: int
+    host: str
+    port: int
+    rank: int
+    world_size: int
+    backend: str  # "gloo" or "nccl"
+    timeout_s: float
+
+    def for_rank(self, rank: int) -> GroupSpec:
+        return GroupSpec(self.group_id, self.host, self.port, rank, self.world_size, self.backend, self.timeout_s)
+
+
+def new_store(timeout_s: float):
+    """A TCPStore the parent hosts on 127.0.0.1 at a free port (the OS picks it)."""
+    from torch.distributed import TCPStore
+
+    return TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
+                    timeout=datetime.timedelta(seconds=timeout_s))
+
+
+class TransferGroup:
+    """One member's end of a group: a gloo or NCCL process group on its own store (no default group)."""
+
+    def __init__(self, spec: GroupSpec, device: torch.device, store=None) -> None:
+        import torch.distributed as dist
+
+        timeout = datetime.timedelta(seconds=spec.timeout_s)
+        if store is None:
+            store = dist.TCPStore(spec.host, spec.port, is_master=False, timeout=timeout)
+        self.spec, self.store = spec, store
+        prefixed = dist.PrefixStore(f"thaw-weights-{spec.group_id}", store)
+        if spec.backend == "nccl":
+            self.device = device
+            options = dist.ProcessGroupNCCL.Options()
+            options._timeout = timeout
+            self.pg = dist.ProcessGroupNCCL(prefixed, spec.rank, spec.world_size, options)
+        elif spec.backend == "gloo":
+            self.device = torch.device("cpu")
+            self.pg = dist.ProcessGroupGloo(prefixed, spec.rank, spec.world_size, timeout)
+        else:
+            raise ValueError(f"backend={spec.backend!r}: use 'gloo' or 'nccl'.")
+
+    def broadcast(self, buffer: torch.Tensor, root: int):
+        import torch.distributed as dist
+
+        opts = dist.BroadcastOptions()
+        opts.rootRank = root
+        return self.pg.broadcast([buffer], opts)
+
+
+def send_weights(group: TransferGroup, layout: WeightLayout, tensors: Mapping[str, torch.Tensor]) -> int:
+    """Root: pack each bucket and broadcast it (the next bucket is packed while one is in flight); bytes sent."""
+    in_flight = None
+    for bucket, nbytes in zip(layout.buckets, layout.bucket_nbytes):
+        buffer = torch.empty(nbytes, dtype=torch.uint8, device=group.device)  # (nbytes,)
+        on_cuda = group.device.type == "cuda"
+        with torch.no_grad():
+            for entry in bucket:
+                _view(buffer, entry).copy_(tensors[entry.name].detach(), non_blocking=on_cuda)
+        if on_cuda:  # NCCL runs on its own stream: the packing copies must be done first
+            torch.cuda.current_stream(group.device).synchronize()
+        work = group.broadcast(buffer, group.spec.rank)
+        if in_flight is not None:
+            in_flight.wait()
+        in_flight = work
+    if in_flight is not None:
+        in_flight.wait()
+    return layout.nbytes
+
+
+def receive_weights(group: TransferGroup, layout: WeightLayout, root: int,
+                    assign: Callable[[str, torch.Tensor], None]) -> int:
+    """Non-root: receive every bucket, then ``assign(name, tensor)`` each parameter; bytes received."""
+    buffers = []
+    for nbytes in layout.bucket_nbytes:
+        buffer = torch.empty(nbytes, dtype=torch.uint8, device=group.device)  # (nbytes,)
+        group.broadcast(buffer, root).wait()
+        buffers.append(buffer)
+    with torch.no_grad():
+        for bucket, buffer in zip(layout.buckets, buffers):
+            for entry in bucket:
+                assign(entry.name, _view(buffer, entry))
+    return layout.nbytes
