@@ -127,3 +127,35 @@ def test_accelerate_launch_on_two_cpu_processes(tmp_path):
         assert h["thaw/num_forks"] == 2  # each rank forked its own prompt: the sum over both ranks
         assert h["thaw/prefill_tokens_saved"] > 0 and 0 < h["thaw/savings"] < 1
     assert result.stdout.count("rollout tokens computed") == 1  # the summary comes from rank 0 only
+
+
+# -- help and list answer at once --------------------------------------------------------------------------
+def test_help_and_list_import_neither_torch_nor_transformers():
+    """`thaw-rl --help` and `thaw-rl list` took 8.5 s importing torch, transformers and dynamo; now nothing heavy."""
+    script = ("import sys; from thaw_rl import cli; assert cli.main(['--help']) == 0; assert cli.main(['list']) == 0; "
+              "print(sorted(m for m in ('torch', 'transformers', 'trl', 'accelerate', 'yaml') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "[]", result.stdout
+    assert "thaw-rl train RECIPE" in result.stdout and "recipes: " in result.stdout
+
+
+def test_train_help_shows_the_recipes_fields_first_and_trl_behind_help_all(capsys):
+    assert cli.main(["train", "quickstart_cpu", "--help"]) == 0
+    text = capsys.readouterr().out
+    titles = [line for line in text.splitlines() if line and not line.startswith(" ") and line.endswith(":")]
+    assert [t.split(" ")[0] for t in titles] == ["recipe:", "model", "rollout:", "training:", "launch"]
+    assert "--model_name_or_path (default None; recipe: 'smollm2-offline')" in text
+    assert "--tree_spec (default 'grpo')" in text and "--max_steps (default -1; recipe: 20)" in text
+    assert "--adam_beta2" not in text and "thaw-rl train quickstart_cpu --help-all" in text
+    assert "``" not in text and len(text.splitlines()) < 250
+    assert cli.main(["train", "--help"]) == 0  # no recipe: the default trainer's fields, exit 0
+    assert "Recipes: best_of_n" in capsys.readouterr().out
+
+
+def test_train_help_all_lists_every_trl_field_without_rst_markup(capsys):
+    assert cli.main(["train", "quickstart_cpu", "--help-all"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("usage: thaw-rl train ") and "quickstart_cpu.yaml" in text.splitlines()[0]
+    assert "--adam_beta2" in text and "--tree_spec" in text and "--lora_r" in text
+    assert "``" not in text
