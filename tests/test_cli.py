@@ -159,3 +159,29 @@ def test_train_help_all_lists_every_trl_field_without_rst_markup(capsys):
     assert text.startswith("usage: thaw-rl train ") and "quickstart_cpu.yaml" in text.splitlines()[0]
     assert "--adam_beta2" in text and "--tree_spec" in text and "--lora_r" in text
     assert "``" not in text
+
+
+# -- a second run never replaces the first one's files ---------------------------------------------------
+def test_a_second_run_into_the_same_output_dir_goes_to_a_new_directory_and_says_so(tmp_path, capsys):
+    from thaw_rl import train as train_module
+
+    out = tmp_path / "run"
+    args = ["--config", str(TINY), "--output_dir", str(out)]
+    recipe = train_module.parse_recipe(args)
+    train_module.choose_output_dir(recipe, is_main=True)
+    assert recipe.config.output_dir == str(out)  # nothing there yet
+    out.mkdir()
+    train_module.choose_output_dir(recipe, is_main=True)
+    assert recipe.config.output_dir == str(out)  # an empty directory holds no run
+    (out / "summary.json").write_text("{}")  # the first run finished
+    train_module.choose_output_dir(recipe, is_main=True)
+    assert recipe.config.output_dir == f"{out}-2"
+    assert f"{out} already holds a run; writing this one to {out}-2" in capsys.readouterr().out
+    (tmp_path / "run-2" / "checkpoint-5").mkdir(parents=True)  # the second one was interrupted after a checkpoint
+    assert train_module.fresh_output_dir(str(out)) == f"{out}-3"
+    replace = train_module.parse_recipe(args + ["--overwrite_output_dir", "true"])
+    train_module.choose_output_dir(replace, is_main=True)
+    assert replace.config.output_dir == str(out)
+    resume = train_module.parse_recipe(args + ["--resume_from_checkpoint", str(out)])
+    train_module.choose_output_dir(resume, is_main=True)
+    assert resume.config.output_dir == str(out)  # resuming continues where the run is

@@ -82,6 +82,11 @@ class ThawScriptArguments:
     write_summary: bool = field(
         default=True, metadata={"help": "Print the summary table and write summary.json, log_history.json and "
                                         "thaw_rl_summary.png into output_dir (main process)."})
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "When output_dir already holds a run (summary, log history, plot, checkpoints or a saved "
+                          "model), replace it. False (default): this run goes to a new directory <output_dir>-2 (-3, "
+                          "...) and says so; resume_from_checkpoint always keeps output_dir."})
 
 
 @dataclass
@@ -284,6 +289,47 @@ def build_trainer(recipe: Recipe):
 
 
 # -- running -------------------------------------------------------------------------------------------------
+RUN_FILES = ("summary.json", "log_history.json", "thaw_rl_summary.png", "model.safetensors", "config.json")
+
+
+def holds_a_run(directory: str | os.PathLike) -> bool:
+    """Whether ``directory`` has what a finished or running recipe leaves: its summary files, checkpoints, a model."""
+    d = Path(directory)
+    return d.is_dir() and (any((d / name).exists() for name in RUN_FILES) or any(d.glob("checkpoint-*")))
+
+
+def fresh_output_dir(output_dir: str) -> str:
+    """``output_dir`` if it holds no run, else the first of ``output_dir-2``, ``-3``, ... that holds none."""
+    if not holds_a_run(output_dir):
+        return output_dir
+    base, n = str(output_dir).rstrip("/\\"), 2
+    while holds_a_run(f"{base}-{n}"):
+        n += 1
+    return f"{base}-{n}"
+
+
+def choose_output_dir(recipe: Recipe, is_main: bool) -> None:
+    """Keep a previous run's files: move this run to a new directory unless told to overwrite or resuming.
+
+    Every rank must pick the same directory, so under torch.distributed rank 0 decides and broadcasts.
+    """
+    config = recipe.config
+    if recipe.script_args.overwrite_output_dir or config.resume_from_checkpoint or not config.output_dir:
+        return
+    chosen = fresh_output_dir(config.output_dir)
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        box = [chosen]
+        dist.broadcast_object_list(box, src=0)
+        chosen = box[0]
+    if chosen != config.output_dir:
+        if is_main:
+            print(f"thaw-rl: {config.output_dir} already holds a run; writing this one to {chosen} "
+                  f"(--output_dir DIR chooses, --overwrite_output_dir true replaces).", flush=True)
+        config.output_dir = chosen
+
+
 def wandb_api_key_configured() -> bool:
     """Whether W&B can log online: WANDB_API_KEY, or a ``wandb login`` entry in ~/.netrc."""
     if os.environ.get("WANDB_API_KEY"):
@@ -346,6 +392,7 @@ def run(recipe: Recipe):
     config = recipe.config
     is_main = int(os.environ.get("RANK", "0")) == 0
     use_wandb = prepare_wandb(config, is_main)
+    choose_output_dir(recipe, is_main)
     trainer = build_trainer(recipe)
     wandb_dir = None
     if use_wandb:
