@@ -36,17 +36,27 @@ def test_train_runs_a_recipe_in_process(tmp_path, capsys, monkeypatch, fresh_wan
     assert cli.main(["train", str(TINY), "--output_dir", str(out), "--report_to", "wandb"]) == 0
     printed = capsys.readouterr().out
     for words in ("optimizer steps", "reward (first -> last step)", "rollout tokens computed",
-                  "a flat sampler would compute", "generation", "logging to W&B offline"):
+                  "a flat sampler would compute", "generation", "logging to W&B offline",
+                  "Sample completions (greedy, the same prompts at step 0 and step 2):"):
         assert words in printed, printed
+    assert "step 1/2 | reward " in printed and "step 2/2 | reward " in printed  # the short line, not the dict
+    assert "'learning_rate':" not in printed
     (run_dir,) = [line.rsplit(": ", 1)[1] for line in printed.splitlines() if "W&B run directory" in line]
     assert Path(run_dir).parent == tmp_path / "wandb" and Path(run_dir).name.startswith("offline-run-")
     summary = json.loads((out / "summary.json").read_text())
     assert summary["num_steps"] == 2 and summary["num_processes"] == 1
+    assert [s["step"] for s in summary["samples"]] == [0, 0, 0, 2, 2, 2]  # 3 prompts, answered before and after
+    assert [s["prompt"] for s in summary["samples"][:3]] == [s["prompt"] for s in summary["samples"][3:]]
+    assert set(summary["samples"][0]["rewards"]) == {"numeric_answer", "length_penalty"}
     assert summary["tokens_flat"] > summary["tokens_computed"] > 0  # each prompt prefilled once, not 4 times
     history = json.loads((out / "log_history.json").read_text())
     steps = [h for h in history if "thaw/savings" in h]
     assert len(steps) == 2 and all(h["thaw/num_forks"] == 1 for h in steps)  # one prompt per step
     assert (out / "thaw_rl_summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (table,) = (Path(run_dir) / "files" / "media" / "table").glob("completion_samples_*.table.json")
+    table = json.loads(table.read_text())  # TRL's log_completions layout, under its own key
+    assert table["columns"] == ["step", "prompt", "completion", "length_penalty", "numeric_answer", "reward"]
+    assert [row[0] for row in table["data"]] == [0, 0, 0, 2, 2, 2]
 
 
 def test_train_reports_a_bad_recipe_without_a_traceback(tmp_path, capsys):
