@@ -25,7 +25,11 @@ class ShortProgressCallback(ProgressCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         super().on_train_begin(args, state, control, **kwargs)
-        self._start, self._start_step = time.perf_counter(), state.global_step
+        self._start, self._start_step = None, state.global_step
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self._start is None:  # timed from the first step, not from setup work done at train begin
+            self._start = time.perf_counter()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or self.training_bar is None or not logs:
@@ -35,7 +39,7 @@ class ShortProgressCallback(ProgressCallback):
         if not self._due(state.global_step, state.max_steps):
             return
         done = state.global_step - self._start_step
-        seconds_per_step = (time.perf_counter() - self._start) / done if done > 0 else None
+        seconds_per_step = (time.perf_counter() - self._start) / done if done > 0 and self._start else None
         self.training_bar.write(format_line(logs, state.global_step, state.max_steps, seconds_per_step))
 
     @staticmethod
