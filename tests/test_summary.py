@@ -82,3 +82,18 @@ def test_the_summary_prints_the_same_prompts_answers_at_the_first_and_last_step(
         "    step  0: 7",
         "    step 20: 7",
     ]
+
+
+def test_durations_round_once():
+    from thaw_rl.summary import _duration
+
+    assert [_duration(s) for s in (59.94, 119.9, 599.6, 175.0)] == ["59.9 s", "119.9 s", "10 min 00 s", "2 min 55 s"]
+
+
+def test_a_long_answer_is_cut_to_one_console_line():
+    long = "To convert 6 to a positive integer, you can simply add 6 to 6. So, 6 + 6 = 12, which is the sum."
+    console = Console(record=True, width=80)
+    print_summary(RunSummary(samples=[{"step": 0, "prompt": "What is 6 + 6?", "completion": long, "rewards": {},
+                                       "reward": 0.5}]), console=console)
+    (line,) = [ln for ln in console.export_text().splitlines() if "step 0:" in ln]
+    assert len(line) <= 80 and line.endswith("...  (reward 0.50)")

@@ -146,11 +146,12 @@ def print_samples(samples: list[dict], console) -> None:
     for s in samples:
         by_prompt.setdefault(s["prompt"], []).append(s)
     width = len(str(steps[-1]))
+    limit = max(40, min(160, console.width) - 28 - width)  # one line each, the reward included
     for prompt, rows in by_prompt.items():
-        console.print(f"  [dim]prompt:[/dim] {escape(_one_line(prompt, 100))}")
+        console.print(f"  [dim]prompt:[/dim] {escape(_one_line(prompt, limit))}")
         for s in sorted(rows, key=lambda r: r["step"]):
             reward = "" if s.get("reward") is None else f"  [dim](reward {s['reward']:.2f})[/dim]"
-            answer = escape(_one_line(s["completion"], 100)) or "[dim](empty)[/dim]"
+            answer = escape(_one_line(s["completion"], limit)) or "[dim](empty)[/dim]"
             console.print(f"    step {s['step']:>{width}}: {answer}{reward}")
 
 
@@ -244,4 +245,7 @@ def _mean(values) -> float:
 
 
 def _duration(seconds: float) -> str:
-    return f"{seconds:.1f} s" if seconds < 120 else f"{int(seconds // 60)} min {seconds % 60:02.0f} s"
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    whole = round(seconds)  # rounded once, so 599.6 s reads 10 min 00 s, not 9 min 60 s
+    return f"{whole // 60} min {whole % 60:02d} s"
