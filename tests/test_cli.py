@@ -147,7 +147,7 @@ def test_help_and_list_import_neither_torch_nor_transformers():
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[-1] == "[]", result.stdout
-    assert "thaw-rl train RECIPE" in result.stdout and "recipes: " in result.stdout
+    assert "thaw-rl train RECIPE" in result.stdout and "recipes: " in result.stdout and "``" not in result.stdout
 
 
 def test_train_help_shows_the_recipes_fields_first_and_trl_behind_help_all(capsys):

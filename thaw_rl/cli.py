@@ -1,18 +1,7 @@
-"""The ``thaw-rl`` command.
+"""The ``thaw-rl`` command: ``train`` (a recipe, in this process or under ``accelerate launch``) and ``list``.
 
-    thaw-rl train RECIPE [--accelerate-config NAME] [--num-processes N] [--main-process-port P] [--key value ...]
-    thaw-rl train [RECIPE] --help        the recipe's fields (--help-all: every TRL/transformers field too)
-    thaw-rl list
-
-train runs a recipe (a path, or a name from recipes/). Without --accelerate-config it runs in this
-process (python -m thaw_rl.train --config RECIPE ...); with one it wraps
-
-    accelerate launch --config_file configs/NAME.yaml -m thaw_rl.train --config RECIPE ...
-
-after checking the recipe here, so a bad key is reported once instead of once per rank. Every other
---key value overrides a recipe field. list shows the recipes and accelerate configs found.
-
-This module imports nothing heavy at the top: --help and list answer without torch (a test checks).
+``HELP`` below is what ``thaw-rl --help`` prints. This module imports nothing heavy at the top, so ``--help``
+and ``list`` answer without importing torch (tests/test_cli.py checks); ``train`` imports on use.
 """
 
 from __future__ import annotations
@@ -27,6 +16,19 @@ from pathlib import Path
 
 USAGE = ("usage: thaw-rl train RECIPE [--accelerate-config NAME] [--num-processes N] [--main-process-port P] "
          "[--key value ...]\n       thaw-rl train [RECIPE] --help | --help-all\n       thaw-rl list")
+HELP = f"""{USAGE}
+
+thaw-rl train RECIPE runs a recipe: a path, or a name from recipes/ (thaw-rl list shows them). Without
+--accelerate-config it runs in this process (python -m thaw_rl.train --config RECIPE ...); with one it runs
+
+    accelerate launch --config_file configs/NAME.yaml -m thaw_rl.train --config RECIPE ...
+
+after checking the recipe here, so a bad key is reported once instead of once per rank. Every other
+--key value overrides a recipe field.
+
+thaw-rl train RECIPE --help shows the recipe's fields (model, data, rewards, tree and engine, the common
+training fields) with their values; --help-all adds every TRL and transformers field.
+thaw-rl list shows the recipes and accelerate configs found (./recipes, ./configs, then the package's)."""
 LAUNCH_OPTIONS = {"--accelerate-config": "accelerate_config", "--num-processes": "num_processes",
                   "--main-process-port": "main_process_port"}
 
@@ -252,7 +254,7 @@ def list_files() -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__.strip())
+        print(HELP, file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     if command == "train":
