@@ -120,11 +120,15 @@ def test_accelerate_configs_load(config):
 
 
 def test_accelerate_launch_on_two_cpu_processes(tmp_path):
-    """The README's command with configs/cpu.yaml: two gloo ranks, one prompt each per step, metrics summed."""
-    out = tmp_path / "out"
+    """The README's command with configs/cpu.yaml: two gloo ranks, one prompt each per step, metrics summed.
+
+    output_dir already holds a run, so both ranks must agree on the new directory (rank 0 decides)."""
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "summary.json").write_text("{}")
+    out = tmp_path / "out-2"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "configs" / "cpu.yaml"),
            "--num_processes", "2", "--main_process_port", str(free_port()), "-m", "thaw_rl.train",
-           "--config", str(TINY), "--output_dir", str(out)]
+           "--config", str(TINY), "--output_dir", str(tmp_path / "out")]
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                PYTHONPATH=str(ROOT))
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400, cwd=ROOT)
@@ -137,6 +141,9 @@ def test_accelerate_launch_on_two_cpu_processes(tmp_path):
         assert h["thaw/num_forks"] == 2  # each rank forked its own prompt: the sum over both ranks
         assert h["thaw/prefill_tokens_saved"] > 0 and 0 < h["thaw/savings"] < 1
     assert result.stdout.count("rollout tokens computed") == 1  # the summary comes from rank 0 only
+    assert result.stdout.count("already holds a run; writing this one to") == 1
+    assert (tmp_path / "out" / "summary.json").read_text() == "{}"  # the first run's files are untouched
+    assert [s["step"] for s in summary["samples"]] == [0, 0, 0, 2, 2, 2]  # rank 0 answered them alone
 
 
 # -- help and list answer at once --------------------------------------------------------------------------
