@@ -100,7 +100,6 @@ class ThawScriptArguments:
                           "model), replace it. False (default): this run goes to a new directory <output_dir>-2 (-3, "
                           "...) and says so; resume_from_checkpoint always keeps output_dir."})
 
-
     def __post_init__(self) -> None:
         if self.console_logs not in CONSOLE_LOGS:
             raise ValueError(f"console_logs={self.console_logs!r}: use one of {CONSOLE_LOGS}.")
