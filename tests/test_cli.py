@@ -202,3 +202,12 @@ def test_a_second_run_into_the_same_output_dir_goes_to_a_new_directory_and_says_
     resume = train_module.parse_recipe(args + ["--resume_from_checkpoint", str(out)])
     train_module.choose_output_dir(resume, is_main=True)
     assert resume.config.output_dir == str(out)  # resuming continues where the run is
+
+
+def test_console_logs_and_summary_samples_are_checked_before_anything_loads():
+    from thaw_rl import train as train_module
+
+    with pytest.raises(train_module.RecipeError, match=r"console_logs='loud': use one of \('short', 'full'\)"):
+        train_module.parse_recipe(["--config", str(TINY), "--console_logs", "loud"])
+    with pytest.raises(train_module.RecipeError, match=r"summary_samples=-1 must be >= 0"):
+        train_module.parse_recipe(["--config", str(TINY), "--summary_samples", "-1"])
