@@ -161,7 +161,7 @@ def test_train_help_shows_the_recipes_fields_first_and_trl_behind_help_all(capsy
     assert cli.main(["train", "quickstart_cpu", "--help"]) == 0
     text = capsys.readouterr().out
     titles = [line for line in text.splitlines() if line and not line.startswith(" ") and line.endswith(":")]
-    assert [t.split(" ")[0] for t in titles] == ["recipe:", "model", "rollout:", "training:", "launch"]
+    assert [t.split(" ")[0] for t in titles] == ["recipe:", "model", "thaw-rl:", "training:", "launch"]
     assert "--model_name_or_path (default None; recipe: 'smollm2-offline')" in text
     assert "--tree_spec (default 'grpo')" in text and "--max_steps (default -1; recipe: 20)" in text
     assert "--adam_beta2" not in text and "thaw-rl train quickstart_cpu --help-all" in text

@@ -193,7 +193,8 @@ def recipe_help(argv: list[str]) -> str:
         ("recipe: trainer, data, rewards, outputs (ThawScriptArguments)", dataclasses.fields(
             train_module.ThawScriptArguments), False),
         ("model (TRL's ModelConfig)", [model[n] for n in MODEL_FIELDS], True),
-        (f"rollout: engine, tree, credit ({config_cls.__name__}'s own fields)", ours, False),
+        (f"thaw-rl: engine, tree, credit and trainer fields ({config_cls.__name__}'s own, beyond GRPOConfig)", ours,
+         False),
         ("training: the TRL / transformers fields recipes usually set", [training[n] for n in TRAINING_FIELDS
                                                                          if n in training], True),
     ]
