@@ -263,3 +263,4 @@ def test_ppo_summary_counts_each_rollout_once(tmp_path):
     assert summary["num_steps"] == 4
     assert summary["tokens_computed"] == stats.prefill_tokens + stats.decode_tokens > 0
     assert summary["tokens_flat"] == stats.flat_prefill_tokens + stats.flat_decode_tokens > summary["tokens_computed"]
+    assert [s["step"] for s in summary["samples"]] == [0, 0, 0, 4, 4, 4]  # PPO's trainer answers the samples too

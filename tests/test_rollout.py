@@ -194,6 +194,26 @@ def test_grpo_is_a_one_level_tree_and_best_of_n_returns_all_n(qwen2):
     assert all(len(leaf.node_ids) == 2 for leaf in grpo)
 
 
+def test_a_bare_engine_is_wrapped_and_the_samples_equal_the_wrapped_ones(qwen2):
+    """The README's engine section gives a ThawEngine; TreeSampler(engine, spec) wraps it in NativeBackend."""
+    model, tok = qwen2
+    prompts = random_prompts([7, 9], model.config.vocab_size, seed=4)
+    params = SamplingParams(temperature=1.0, max_tokens=5, ignore_eos=True, seed=1)
+    engine = ThawEngine(model, tok, kv_cache_memory=8 << 20)
+    sampler = TreeSampler(engine, TreeSpec.grpo(2))
+    assert isinstance(sampler.backend, NativeBackend) and sampler.backend.engine is engine
+    bare = sampler.rollout(prompts, params)
+    wrapped = TreeSampler(backend_for(qwen2), TreeSpec.grpo(2)).rollout(prompts, params)
+    assert [leaf.completion_ids for leaf in bare] == [leaf.completion_ids for leaf in wrapped]
+    assert bare.stats.prefill_tokens == 16 and engine.stats.num_used_blocks == 0  # every session freed
+
+
+def test_something_that_is_no_backend_is_a_type_error_naming_what_to_pass(qwen2):
+    model, _ = qwen2
+    with pytest.raises(TypeError, match=r"NativeBackend\(engine=...\).*got Qwen2ForCausalLM, which has no prefill"):
+        TreeSampler(model, TreeSpec.grpo(2))
+
+
 # -- batching and cleanup ----------------------------------------------------------------------------
 def test_one_prefill_and_one_generate_per_level_for_all_prompts(qwen2):
     model, _ = qwen2

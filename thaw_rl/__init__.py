@@ -2,47 +2,52 @@
 
 Compute each shared prefix once, fork its KV cache copy-on-write, and hand the rollouts (with their
 sampling logprobs and tree structure) to TRL trainers.
+
+The public names below are imported on first use (PEP 562), so ``import thaw_rl`` is cheap: the
+``thaw-rl`` command answers ``--help`` and ``list`` without importing torch, and the trainers (which
+import TRL, absent on the GPU benchmark machines) load only when asked for.
 """
 
-from thaw_rl.engine import (
-    Completion,
-    EngineStats,
-    KVCacheExhaustedError,
-    KVSnapshot,
-    SamplingParams,
-    Session,
-    ThawEngine,
-)
-from thaw_rl.backends import NativeBackend
-from thaw_rl.rollout import RolloutBatch, RolloutStats, TreeSampler, TreeSpec
-from thaw_rl.pool import ForkPool
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "Completion",
-    "EngineStats",
-    "ForkPool",
-    "KVCacheExhaustedError",
-    "KVSnapshot",
-    "NativeBackend",
-    "RolloutBatch",
-    "RolloutStats",
-    "SamplingParams",
-    "Session",
-    "ThawEngine",
-    "TreeSampler",
-    "TreeSpec",
-]
+# public name -> the module that defines it
+_PUBLIC = {
+    "Completion": "thaw_rl.engine",
+    "EngineStats": "thaw_rl.engine",
+    "KVCacheExhaustedError": "thaw_rl.engine",
+    "SamplingParams": "thaw_rl.engine",
+    "Session": "thaw_rl.engine",
+    "ThawEngine": "thaw_rl.engine",
+    "KVSnapshot": "thaw_rl.engine",
+    "NativeBackend": "thaw_rl.backends",
+    "RolloutBatch": "thaw_rl.rollout",
+    "RolloutStats": "thaw_rl.rollout",
+    "TreeSampler": "thaw_rl.rollout",
+    "TreeSpec": "thaw_rl.rollout",
+    "ForkPool": "thaw_rl.pool",
+    "ThawGRPOTrainer": "thaw_rl.trainers",
+    "ThawGRPOConfig": "thaw_rl.trainers",
+    "ThawBestOfNTrainer": "thaw_rl.trainers",
+    "ThawBestOfNConfig": "thaw_rl.trainers",
+    "ThawPPOTrainer": "thaw_rl.trainers",
+    "ThawPPOConfig": "thaw_rl.trainers",
+}
 
-# The trainers import TRL, which is slow and absent on the GPU benchmark machines: load them on first use.
-_TRAINER_NAMES = ("ThawGRPOTrainer", "ThawGRPOConfig", "ThawBestOfNTrainer", "ThawBestOfNConfig", "ThawPPOTrainer",
-                  "ThawPPOConfig")
+__all__ = sorted(_PUBLIC)
 
 
 def __getattr__(name: str):
-    if name in _TRAINER_NAMES:
-        from thaw_rl import trainers
+    module = _PUBLIC.get(name)
+    if module is None:
+        raise AttributeError(f"module 'thaw_rl' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
 
-        return getattr(trainers, name)
-    raise AttributeError(f"module 'thaw_rl' has no attribute {name!r}")
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_PUBLIC))

@@ -1,4 +1,5 @@
-"""The end-of-run summary: a table in the terminal, ``summary.json`` and a PNG of reward and savings per step.
+"""The end-of-run summary: a table in the terminal, ``summary.json`` and a PNG of reward, completion length and
+rollout savings per step (plus, when the run took them, greedy answers to the same prompts before and after).
 
 Everything is read back from ``trainer.state.log_history``, the same numbers W&B shows: TRL's ``reward``
 and ``rewards/<func>/mean`` per logged step, and thaw-rl's ``thaw/...`` rollout metrics (see
@@ -45,6 +46,8 @@ class RunSummary:
     generation_seconds: float = 0.0
     total_seconds: float | None = None
     num_processes: int = 1
+    # greedy answers to the same prompts before and after training (thaw_rl.completion_samples), as dicts
+    samples: list[dict] = field(default_factory=list)
 
     @property
     def savings(self) -> float | None:
@@ -141,36 +144,93 @@ def print_summary(summary: RunSummary, console=None, title: str = "thaw-rl run s
             table.add_row("  generation", f"{_duration(gen)} ({gen / total:.0%})")
             table.add_row("  training, rewards, logging", f"{_duration(rest)} ({rest / total:.0%})")
     console.print(table)
+    print_samples(summary.samples, console)
+
+
+def print_samples(samples: list[dict], console) -> None:
+    """Each prompt once, then its greedy answer at each step sampled (first and last), with the reward."""
+    from rich.markup import escape
+
+    if not samples:
+        return
+    steps = sorted({s["step"] for s in samples})
+    console.print(f"[bold]Sample completions[/bold] (greedy, the same prompts at step {' and step '.join(map(str, steps))}):")
+    by_prompt: dict[str, list[dict]] = {}
+    for s in samples:
+        by_prompt.setdefault(s["prompt"], []).append(s)
+    width = len(str(steps[-1]))
+    limit = max(40, min(160, console.width) - 28 - width)  # one line each, the reward included
+    for prompt, rows in by_prompt.items():
+        console.print(f"  [dim]prompt:[/dim] {escape(_one_line(prompt, limit))}")
+        for s in sorted(rows, key=lambda r: r["step"]):
+            reward = "" if s.get("reward") is None else f"  [dim](reward {s['reward']:.2f})[/dim]"
+            answer = escape(_one_line(s["completion"], limit)) or "[dim](empty)[/dim]"
+            console.print(f"    step {s['step']:>{width}}: {answer}{reward}")
+
+
+def _one_line(text: str, limit: int) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# Distinct colours: the weighted reward in black, the reward functions from a palette without green, length in
+# red, savings in green (nothing else is green).
+REWARD_COLOURS = ("tab:blue", "tab:orange", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray")
+LENGTH_COLOUR, SAVINGS_COLOUR = "tab:red", "tab:green"
+
+
+def make_figure(log_history: list[dict]):
+    """Reward (and each reward function), completion length and rollout savings per step: three panels,
+    integer step ticks, markers, distinct colours, legends beside the axes (never over the lines)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    steps = train_steps(log_history)
+    fig, (top, middle, bottom) = plt.subplots(3, 1, figsize=(9, 8), sharex=True)
+    _plot(top, steps, "reward", "reward (weighted sum)", "black", linewidth=2)
+    funcs = sorted({k for h in steps for k in h if k.startswith("rewards/") and k.endswith("/mean")})
+    for i, key in enumerate(funcs):
+        _plot(top, steps, key, key[len("rewards/"):-len("/mean")], REWARD_COLOURS[i % len(REWARD_COLOURS)])
+    top.set_ylabel("mean reward")
+    _plot(middle, steps, "completions/mean_length", "mean completion length", LENGTH_COLOUR)
+    lows = [(h["step"], h["completions/min_length"], h["completions/max_length"]) for h in steps
+            if _finite(h.get("completions/min_length")) and _finite(h.get("completions/max_length"))]
+    if lows:
+        middle.fill_between([x for x, _, _ in lows], [lo for _, lo, _ in lows], [hi for _, _, hi in lows],
+                            color=LENGTH_COLOUR, alpha=0.15, label="min to max")
+    middle.set_ylabel("tokens")
+    middle.set_ylim(bottom=0)
+    _plot(bottom, steps, "thaw/savings", "rollout tokens saved vs a flat sampler", SAVINGS_COLOUR, scale=100)
+    bottom.set_ylabel("saved (%)")
+    bottom.set_ylim(0, 100)
+    bottom.set_xlabel("optimizer step")
+    bottom.xaxis.set_major_locator(MaxNLocator(integer=True))
+    for ax in (top, middle, bottom):
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", frameon=False)
+    fig.suptitle("thaw-rl: reward, completion length and rollout savings per step")
+    fig.tight_layout()
+    return fig
+
+
+def _plot(ax, steps: list[dict], key: str, label: str, colour: str, scale: float = 1.0, linewidth: float = 1.5):
+    pts = [(h["step"], scale * h[key]) for h in steps if _finite(h.get(key))]
+    if pts:
+        ax.plot([x for x, _ in pts], [y for _, y in pts], label=label, color=colour, marker="o", markersize=3,
+                linewidth=linewidth)
 
 
 def write_plot(log_history: list[dict], path: str | Path) -> Path | None:
-    """Reward (and each reward function) and rollout savings per step as a PNG; None without matplotlib."""
+    """``make_figure`` as a PNG; None without matplotlib."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    steps = train_steps(log_history)
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
-    x = [h["step"] for h in steps if _finite(h.get("reward"))]
-    top.plot(x, [h["reward"] for h in steps if _finite(h.get("reward"))], label="reward (weighted sum)", linewidth=2)
-    for key in sorted({k for h in steps for k in h if k.startswith("rewards/") and k.endswith("/mean")}):
-        pts = [(h["step"], h[key]) for h in steps if _finite(h.get(key))]
-        top.plot([p[0] for p in pts], [p[1] for p in pts], label=key[len("rewards/"):-len("/mean")], alpha=0.7)
-    top.set_ylabel("mean reward")
-    top.legend(loc="best", fontsize="small")
-    top.grid(alpha=0.3)
-    pts = [(h["step"], 100 * h["thaw/savings"]) for h in steps if _finite(h.get("thaw/savings"))]
-    bottom.plot([p[0] for p in pts], [p[1] for p in pts], color="tab:green", label="rollout tokens saved (%)")
-    bottom.set_ylabel("tokens saved vs flat (%)")
-    bottom.set_xlabel("step")
-    bottom.set_ylim(bottom=0)
-    bottom.grid(alpha=0.3)
-    bottom.legend(loc="best", fontsize="small")
-    fig.suptitle("thaw-rl: reward and rollout savings per step")
-    fig.tight_layout()
+    fig = make_figure(log_history)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
@@ -198,4 +258,7 @@ def _mean(values) -> float:
 
 
 def _duration(seconds: float) -> str:
-    return f"{seconds:.1f} s" if seconds < 120 else f"{int(seconds // 60)} min {seconds % 60:02.0f} s"
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    whole = round(seconds)  # rounded once, so 599.6 s reads 10 min 00 s, not 9 min 60 s
+    return f"{whole // 60} min {whole % 60:02d} s"

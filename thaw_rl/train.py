@@ -39,6 +39,7 @@ TRAINERS: dict[str, tuple[str, str]] = {
 }
 DEFAULT_TRAINER = "grpo"
 OFFLINE_MODELS = ("smollm2-offline", "tiny-llama", "tiny-qwen2", "tiny-qwen3")
+CONSOLE_LOGS = ("short", "full")
 
 
 class RecipeError(ValueError):
@@ -82,6 +83,28 @@ class ThawScriptArguments:
     write_summary: bool = field(
         default=True, metadata={"help": "Print the summary table and write summary.json, log_history.json and "
                                         "thaw_rl_summary.png into output_dir (main process)."})
+    console_logs: str = field(
+        default="short",
+        metadata={"help": "Console output while training: 'short' (the progress bar and one line of reward, "
+                          "completion length and rollout savings about ten times per run) or 'full' "
+                          "(transformers' dict of every logged metric at each logging step). Trackers get "
+                          "everything either way."})
+    summary_samples: int = field(
+        default=3,
+        metadata={"help": "Prompts (the first rows of the train set) answered greedily before and after "
+                          "training, shown in the end summary and logged as the W&B table completion_samples "
+                          "(0: off)."})
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "When output_dir already holds a run (summary, log history, plot, checkpoints or a saved "
+                          "model), replace it. False (default): this run goes to a new directory <output_dir>-2 (-3, "
+                          "...) and says so; resume_from_checkpoint always keeps output_dir."})
+
+    def __post_init__(self) -> None:
+        if self.console_logs not in CONSOLE_LOGS:
+            raise ValueError(f"console_logs={self.console_logs!r}: use one of {CONSOLE_LOGS}.")
+        if self.summary_samples < 0:
+            raise ValueError(f"summary_samples={self.summary_samples} must be >= 0 (0 turns the samples off).")
 
 
 @dataclass
@@ -284,6 +307,47 @@ def build_trainer(recipe: Recipe):
 
 
 # -- running -------------------------------------------------------------------------------------------------
+RUN_FILES = ("summary.json", "log_history.json", "thaw_rl_summary.png", "model.safetensors", "config.json")
+
+
+def holds_a_run(directory: str | os.PathLike) -> bool:
+    """Whether ``directory`` has what a finished or running recipe leaves: its summary files, checkpoints, a model."""
+    d = Path(directory)
+    return d.is_dir() and (any((d / name).exists() for name in RUN_FILES) or any(d.glob("checkpoint-*")))
+
+
+def fresh_output_dir(output_dir: str) -> str:
+    """``output_dir`` if it holds no run, else the first of ``output_dir-2``, ``-3``, ... that holds none."""
+    if not holds_a_run(output_dir):
+        return output_dir
+    base, n = str(output_dir).rstrip("/\\"), 2
+    while holds_a_run(f"{base}-{n}"):
+        n += 1
+    return f"{base}-{n}"
+
+
+def choose_output_dir(recipe: Recipe, is_main: bool) -> None:
+    """Keep a previous run's files: move this run to a new directory unless told to overwrite or resuming.
+
+    Every rank must pick the same directory, so under torch.distributed rank 0 decides and broadcasts.
+    """
+    config = recipe.config
+    if recipe.script_args.overwrite_output_dir or config.resume_from_checkpoint or not config.output_dir:
+        return
+    chosen = fresh_output_dir(config.output_dir)
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        box = [chosen]
+        dist.broadcast_object_list(box, src=0)
+        chosen = box[0]
+    if chosen != config.output_dir:
+        if is_main:
+            print(f"thaw-rl: {config.output_dir} already holds a run; writing this one to {chosen} "
+                  f"(--output_dir DIR chooses, --overwrite_output_dir true replaces).", flush=True)
+        config.output_dir = chosen
+
+
 def wandb_api_key_configured() -> bool:
     """Whether W&B can log online: WANDB_API_KEY, or a ``wandb login`` entry in ~/.netrc."""
     if os.environ.get("WANDB_API_KEY"):
@@ -331,6 +395,24 @@ def _wandb_callback():
     return WandbRunDirectory()
 
 
+def attach_console(trainer, script_args: ThawScriptArguments):
+    """The short console lines instead of transformers' full dict, and the completion samples; returns those."""
+    from transformers.trainer_callback import ProgressCallback
+
+    from thaw_rl.completion_samples import CompletionSamples
+    from thaw_rl.console_progress import ShortProgressCallback
+
+    callbacks = trainer.callback_handler.callbacks
+    if script_args.console_logs == "short" and any(type(cb) is ProgressCallback for cb in callbacks):
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(ShortProgressCallback())
+    if not (script_args.write_summary and script_args.summary_samples > 0):
+        return None
+    samples = CompletionSamples(trainer, script_args.summary_samples)
+    trainer.add_callback(samples)
+    return samples
+
+
 def generations_per_step(config) -> float:
     """Generation batches per optimizer step (TRL generates once per steps_per_generation * num_iterations)."""
     accumulation = getattr(config, "gradient_accumulation_steps", 1) or 1
@@ -346,7 +428,9 @@ def run(recipe: Recipe):
     config = recipe.config
     is_main = int(os.environ.get("RANK", "0")) == 0
     use_wandb = prepare_wandb(config, is_main)
+    choose_output_dir(recipe, is_main)
     trainer = build_trainer(recipe)
+    samples = attach_console(trainer, recipe.script_args)
     wandb_dir = None
     if use_wandb:
         wandb_dir = _wandb_callback()
@@ -358,6 +442,7 @@ def run(recipe: Recipe):
         history = trainer.state.log_history
         result = run_summary.summarize(history, generations_per_step(config), trainer.accelerator.num_processes,
                                        getattr(trainer, "rollout_totals", None))
+        result.samples = samples.as_dicts() if samples is not None else []
         run_summary.print_summary(result, title=f"thaw-rl: {Path(recipe.path).name if recipe.path else 'run'}")
         files = run_summary.write_outputs(history, result, config.output_dir)
         print(f"thaw-rl: wrote {files['summary']}" + (f" and {files['plot']}" if files["plot"] else

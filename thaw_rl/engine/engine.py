@@ -95,6 +95,12 @@ class _Request:
     finish_reason: str | None = None
 
 
+def _tokens_done(requests: list[_Request]) -> int:
+    """Progress of a generate call in tokens: a finished request counts its whole max_tokens (an early stop
+    leaves nothing more to do), so the bar reaches 100% when the call ends."""
+    return sum(r.params.max_tokens if r.finish_reason else len(r.token_ids) for r in requests)
+
+
 def _model_dims(config) -> tuple[int, int, int]:
     num_heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
@@ -600,7 +606,7 @@ class ThawEngine:
                 if ready:
                     logits = torch.stack([s.next_logits for s in ready])  # (R, V)
                     self._sample([by_session[id(s)] for s in ready], logits)
-                    bar.update(len(ready))
+                    bar.update(_tokens_done(requests) - bar.n)
                 live = [s for s in live if by_session[id(s)].finish_reason is None]
             pending = [s for s in live if s.num_uncomputed > 0]
             if not pending:
@@ -632,7 +638,7 @@ class ThawEngine:
             elif finished:
                 rows = torch.tensor(finished_rows, device=logits.device)
                 self._sample([by_session[id(s)] for s in finished], logits.index_select(0, rows))
-                bar.update(len(finished))
+                bar.update(_tokens_done(requests) - bar.n)
         bar.close()
 
     def _sample(self, reqs: list[_Request], logits: torch.Tensor) -> None:

@@ -111,7 +111,7 @@ class TreeSampler:
     """Samples ``spec``-shaped trees on ``backend``; ``rollout(prompts, params)`` returns a ``RolloutBatch``."""
 
     def __init__(self, backend: RolloutBackend, spec: TreeSpec | None = None) -> None:
-        self.backend = backend
+        self.backend = _as_backend(backend)
         self.spec = spec if spec is not None else TreeSpec.grpo(1)
 
     def rollout(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> RolloutBatch:
@@ -130,6 +130,21 @@ class TreeSampler:
             run.free_all()
         wall = time.perf_counter() - start
         return run.batch(_delta(before, self.backend.counters()), wall)
+
+
+def _as_backend(backend: Any) -> RolloutBackend:
+    """A ``RolloutBackend`` as given; a bare ``ThawEngine`` (the README's first object) wrapped in ``NativeBackend``."""
+    from thaw_rl.engine.engine import ThawEngine
+
+    if isinstance(backend, ThawEngine):
+        from thaw_rl.backends.native import NativeBackend
+
+        return NativeBackend(engine=backend)
+    missing = [name for name in ("prefill", "fork", "generate", "free", "counters") if not hasattr(backend, name)]
+    if missing:
+        raise TypeError(f"TreeSampler needs a rollout backend (NativeBackend(engine=...), VLLMBackend, ForkPool) or a "
+                        f"ThawEngine; got {type(backend).__name__}, which has no {', '.join(missing)}.")
+    return backend
 
 
 class _Run:
