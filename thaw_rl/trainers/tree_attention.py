@@ -94,7 +94,7 @@ def tree_attention_mode(*models: torch.nn.Module) -> Iterator[None]:
                 config._attn_implementation = previous
 
 
-# Measured on an H200 (benchmarks/results/packed_training_h200.json, Qwen2.5-1.5B shape, bf16, forward +
+# Measured on an H200 (benchmarks/results/packed_training_h200_qwen2.5-1.5b.json, Qwen2.5-1.5B shape, bf16, forward +
 # backward with checkpointing): at 4,228 packed tokens the dense mask ran 202 ms and flex 241 ms; at 9,918
 # tokens dense 615 ms and flex 409 ms. Flex skips the tiles a tree never attends, which pays once the
 # attention's N^2 term matters; below that its block-sparse launch costs more than SDPA's masked kernel.
