@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import gc
+import os
 import pickle
+import stat
 
 import pytest
 import torch
@@ -407,3 +409,40 @@ def test_a_format_1_file_names_its_version_and_the_fix(saved):
     saved.write_bytes(bytes(data))
     with pytest.raises(SnapshotFileError, match="format version 1; this thaw-rl reads version 2 .*weight version"):
         KVSnapshot.load(saved)
+
+
+# -- save onto something that is not a regular file ------------------------------------------------------
+def test_save_refuses_a_symlink_and_leaves_it_and_its_target_alone(trunk, tmp_path):
+    target = tmp_path / "target.bin"
+    target.write_bytes(b"keep me")
+    link = tmp_path / "link.kvsnap"
+    link.symlink_to(target)
+    with pytest.raises(ValueError, match=r"the path is a symbolic link; save writes a regular file"):
+        trunk[3].save(link)
+    assert link.is_symlink() and target.read_bytes() == b"keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.kvsnap", "target.bin"]  # no temporary left
+
+
+def test_save_refuses_a_fifo_and_a_directory(trunk, tmp_path):
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    with pytest.raises(ValueError, match="the path is a FIFO"):
+        trunk[3].save(fifo)  # would block on open, or replace the FIFO, without the check
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    with pytest.raises(ValueError, match="the path is a directory"):
+        trunk[3].save(tmp_path)
+
+
+def test_save_refuses_a_device(trunk):
+    with pytest.raises(ValueError, match=r"KVSnapshot.save\('/dev/null'\): the path is a device"):
+        trunk[3].save("/dev/null")
+    assert stat.S_ISCHR(os.lstat("/dev/null").st_mode)
+
+
+def test_save_replaces_a_regular_file_and_writes_a_new_path(trunk, tmp_path):
+    path = tmp_path / "trunk.kvsnap"
+    path.write_bytes(b"old")
+    trunk[3].save(path)
+    assert_same_snapshot(KVSnapshot.load(path), trunk[3])
+    trunk[3].save(tmp_path / "new.kvsnap")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new.kvsnap", "trunk.kvsnap"]

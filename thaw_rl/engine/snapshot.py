@@ -32,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import struct
 import weakref
 from dataclasses import dataclass, field
@@ -149,16 +150,18 @@ class KVSnapshot:
         fixed = _FIXED.pack(MAGIC, FORMAT_VERSION, len(meta), sum(a.nbytes for a in arrays))
         header = fixed + hashlib.blake2b(fixed, digest_size=_HEADER_DIGEST_SIZE).digest()
         digest = hashlib.blake2b(digest_size=_DIGEST_SIZE)
+        _check_save_target(path)
         tmp = f"{os.fspath(path)}.tmp{os.getpid()}"
+        f = open(tmp, "xb")  # x: never through a link or special file found at tmp, and never removing one
         try:
-            with open(tmp, "wb") as f:
+            with f:
                 for chunk in (header, meta, *arrays):
                     digest.update(chunk)
                     f.write(chunk)
                 f.write(digest.digest())
             os.replace(tmp, path)
         finally:
-            if os.path.exists(tmp):
+            if os.path.lexists(tmp):
                 os.remove(tmp)
 
     @classmethod
@@ -275,6 +278,26 @@ def _check_consistent(s: KVSnapshot) -> None:
             raise ValueError(f"next_logits must be ({fp['vocab_size']},) float32; got {tuple(s.next_logits.shape)}.")
         if s.num_computed != s.num_tokens:
             raise ValueError("next_logits predict the token after the last one: they need num_computed == num_tokens.")
+
+
+def _check_save_target(path: str | os.PathLike) -> None:
+    """``save`` writes a regular file: a new path, or an existing regular file that it replaces.
+
+    ``os.replace`` onto a symlink, FIFO or device would swap that node for our file (as root it replaced
+    /dev/full), and a symlink's target would silently stay as it was; so anything else is refused.
+    """
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if stat.S_ISREG(mode):
+        return
+    kind = ("a symbolic link" if stat.S_ISLNK(mode) else "a directory" if stat.S_ISDIR(mode)
+            else "a FIFO" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+            else "a socket" if stat.S_ISSOCK(mode) else "not a regular file")
+    raise ValueError(f"KVSnapshot.save({os.fspath(path)!r}): the path is {kind}; save writes a regular file and "
+                     f"would replace it. Give a new path or an existing regular file (for a link, its target: "
+                     f"os.path.realpath(path)).")
 
 
 def _check_header(path, header: bytes, size: int) -> tuple[int, int]:
