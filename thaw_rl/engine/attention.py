@@ -16,6 +16,8 @@ would functionalise into a copy of the whole cache (seen: a 37 GiB allocation). 
 from __future__ import annotations
 
 import contextlib
+import threading
+import weakref
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -77,13 +79,33 @@ def thaw_paged_attention(
 AttentionInterface.register(ATTENTION_NAME, thaw_paged_attention)
 
 
+# One lock per model object: the switch below mutates the shared config, so two engines on one model (two
+# threads) would otherwise interleave it and leave the model in thaw_paged mode (wrong padded forwards after).
+_MODEL_LOCKS: weakref.WeakKeyDictionary[torch.nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
+_MODEL_LOCKS_GUARD = threading.Lock()
+
+
+def model_lock(model: torch.nn.Module) -> threading.RLock:
+    """The re-entrant lock serializing the engine forwards of ``model`` (one per model object)."""
+    with _MODEL_LOCKS_GUARD:
+        lock = _MODEL_LOCKS.get(model)
+        if lock is None:
+            lock = _MODEL_LOCKS[model] = threading.RLock()
+        return lock
+
+
 @contextlib.contextmanager
 def paged_attention_mode(model: torch.nn.Module) -> Iterator[None]:
-    """Route the model's attention through ``thaw_paged`` inside the block, then restore it."""
-    config = model.config
-    previous = config._attn_implementation
-    config._attn_implementation = ATTENTION_NAME
-    try:
-        yield
-    finally:
-        config._attn_implementation = previous
+    """Route the model's attention through ``thaw_paged`` inside the block, then restore it.
+
+    Holds ``model_lock(model)`` for the whole block, so forwards of several engines on one model run one
+    at a time and each restores exactly what it found.
+    """
+    with model_lock(model):
+        config = model.config
+        previous = config._attn_implementation
+        config._attn_implementation = ATTENTION_NAME
+        try:
+            yield
+        finally:
+            config._attn_implementation = previous
