@@ -58,3 +58,68 @@ def test_two_engines_on_one_model_in_two_threads_are_serialized_and_restore_the_
     assert all(run == expected for runs in results.values() for run in runs)
     assert model.config._attn_implementation == "sdpa"
     assert torch.equal(padded_logits(model), reference)
+
+
+# -- sliding windows --------------------------------------------------------------------------------------
+def tiny_mistral(sliding_window: int | None):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from thaw_rl.testing import _COMMON_CONFIG, tiny_tokenizer
+
+    config = MistralConfig(**dict(_COMMON_CONFIG, head_dim=16), vocab_size=100, bos_token_id=1, eos_token_id=2,
+                           pad_token_id=0, sliding_window=sliding_window, tie_word_embeddings=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = MistralForCausalLM._from_config(config, attn_implementation="sdpa").eval()
+    return model, tiny_tokenizer()
+
+
+def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, pad_token_id=0,
+                         eos_token_id=None, attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
+    return out[0, len(prompt):].tolist()
+
+
+def engine_greedy(model, tok, prompts, n: int, block_size: int = 4) -> list[list[int]]:
+    engine = ThawEngine(model, tok, block_size=block_size, kv_cache_memory=4 << 20)
+    params = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
+    return [o.token_ids for o in engine.generate(engine.prefill_many(prompts), params)]
+
+
+def test_mistral_sliding_window_matches_generate_past_the_window():
+    """MistralConfig has sliding_window (4096 by default) and no use_sliding_window flag: the engine reads it.
+
+    Window 8, prompts of 6 and 13 tokens, 40 greedy tokens: almost every token is past the window.
+    """
+    model, tok = tiny_mistral(sliding_window=8)
+    prompts = [[5, 9, 14, 20, 31, 7], [40 + i for i in range(13)]]
+    windowed = [hf_greedy(model, p, 40) for p in prompts]
+    assert engine_greedy(model, tok, prompts, 40) == windowed
+    model.config.sliding_window = None  # the same weights with full attention sample otherwise: the test can fail
+    assert [hf_greedy(model, p, 40) for p in prompts] != windowed
+
+
+def forward_logprobs(model, tokens: list[int], start: int) -> torch.Tensor:
+    """log_softmax of tokens[start:] from one plain forward (HF applies the window mask itself)."""
+    with torch.no_grad():
+        logits = model(torch.tensor([tokens])).logits[0].float()  # (L, V)
+    return torch.log_softmax(logits, dim=-1)[start - 1:-1].gather(-1, torch.tensor(tokens[start:])[:, None])[:, 0]
+
+
+def test_qwen2_sliding_layers_give_the_logprobs_of_a_plain_forward():
+    """Qwen2's use_sliding_window / max_window_layers: layers >= max_window_layers slide, layer 0 does not.
+
+    Sampled (T=1) so the tokens are not one repeated id; each logprob must equal the plain forward's, which
+    a full-attention engine misses by > 1e-2 past the window.
+    """
+    model, tok = tiny_model_and_tokenizer("qwen2", use_sliding_window=True, sliding_window=6, max_window_layers=1)
+    assert model.config.layer_types == ["full_attention", "sliding_attention", "sliding_attention"]
+    full, _ = tiny_model_and_tokenizer("qwen2")  # same weights, no window
+    prompt = [5, 9, 14, 20, 31, 7, 8, 9, 10]
+    engine = ThawEngine(model, tok, block_size=4, kv_cache_memory=4 << 20)
+    (out,) = engine.generate([engine.prefill(prompt)], SamplingParams(temperature=1.0, max_tokens=30, seed=3,
+                                                                      ignore_eos=True))
+    tokens = prompt + out.token_ids
+    expected = forward_logprobs(model, tokens, len(prompt))
+    torch.testing.assert_close(torch.tensor(out.logprobs), expected, atol=1e-4, rtol=1e-4)
+    assert (forward_logprobs(full, tokens, len(prompt)) - expected).abs().max() > 1e-2

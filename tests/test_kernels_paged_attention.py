@@ -333,3 +333,44 @@ def test_cuda_graph_replay_follows_new_metadata():
         graph.replay()
         torch.cuda.synchronize()
         assert_matches(out, batch.expected(), torch.bfloat16)
+
+
+# -- sliding window (Mistral, Qwen2/Qwen3 sliding layers) ------------------------------------------------
+def dense_window_attention(batch: PagedBatch, q_lens, window: int) -> torch.Tensor:
+    """HF's sliding-window mask on the unpaged history: row p sees keys in (p - window, p]."""
+    out = []
+    for q, k, v, q_len in zip(batch.dense_queries, batch.dense_keys, batch.dense_values, q_lens):
+        ctx = len(q)
+        keys, pos = torch.arange(ctx)[None, :], torch.arange(ctx)[:, None]
+        mask = (keys <= pos) & (keys > pos - window)  # (ctx, ctx)
+        o = F.scaled_dot_product_attention(
+            q.float().transpose(0, 1), k.float().transpose(0, 1), v.float().transpose(0, 1), attn_mask=mask,
+            scale=batch.scale, enable_gqa=True,
+        )  # (H, ctx, D)
+        out.append(o.transpose(0, 1)[ctx - q_len:])
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("window", [5, pytest.param(1, marks=pytest.mark.slow), pytest.param(16, marks=pytest.mark.slow),
+                                    pytest.param(40, marks=pytest.mark.slow)])
+def test_sliding_window_reference_and_kernel_match_the_dense_window_mask(window):
+    """Windows shorter than a block, equal to it and spanning blocks; every tiling, split KV included."""
+    batch = make_batch(
+        MIXED_Q_LENS, MIXED_CTX_LENS, num_heads=4, num_kv_heads=2, head_dim=16, block_size=16, dtype=torch.float32,
+        seed=window,
+    )  # fmt: skip
+    expected = dense_window_attention(batch, MIXED_Q_LENS, window).to(DEVICE)
+    clean_k = torch.nan_to_num(batch.key_cache, nan=0.0)
+    clean_v = torch.nan_to_num(batch.value_cache, nan=0.0)
+    ref = paged_attention_reference(batch.query, clean_k, clean_v, *batch.args[3:], sliding_window=window)
+    torch.testing.assert_close(ref, expected, atol=1e-5, rtol=1e-5)
+    out = torch.full_like(batch.query, float("nan"))
+    assert_matches(paged_attention_triton(*batch.args, out=out, sliding_window=window), expected, torch.float32)
+    query, key_cache, value_cache, block_tables, seq_lens, cu, _, scale = batch.args
+    for tiling in (dict(block_q=1, block_m=16, tile_n=16, num_splits=4), dict(block_q=8, block_m=16, tile_n=16)):
+        out = torch.full_like(batch.query, float("nan"))
+        launch_paged_attention(query, key_cache, value_cache, block_tables, seq_lens, cu, scale, out,
+                               sliding_window=window, **tiling)
+        assert_matches(out, expected, torch.float32)
+    if window < max(MIXED_CTX_LENS):  # the window changes the answer: the test can fail
+        assert not torch.allclose(expected, batch.expected(), atol=1e-3)

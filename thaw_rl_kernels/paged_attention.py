@@ -9,7 +9,9 @@ Semantics (shared by both): the new tokens' K/V are already in the cache. Sequen
 ``cu_seqlens_q[s]:cu_seqlens_q[s+1]`` (q_len rows) and has ``seq_lens[s]`` tokens of context including
 them, so query row j sits at position ``seq_lens[s] - q_len + j`` and attends to positions 0..that
 position. Token t of sequence s lives in block ``block_tables[s, t // block_size]`` at offset
-``t % block_size``. GQA: query head h reads kv head ``h // (H // KVH)``.
+``t % block_size``. GQA: query head h reads kv head ``h // (H // KVH)``. With ``sliding_window=w`` (HF's
+``sliding_window`` of Mistral and of Qwen2/Qwen3's sliding layers) a row at position p attends only to
+positions in ``(p - w, p]``, as HF's sliding-window mask does.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ def paged_attention_reference(
     max_seqlen_q: int,
     scale: float,
     out: torch.Tensor | None = None,  # (T, H, D)
+    sliding_window: int | None = None,
 ) -> torch.Tensor:
     T, H, D = query.shape
     bs = key_cache.shape[1]
@@ -52,7 +55,10 @@ def paged_attention_reference(
         blocks = block_tables[idx, :nblk].long()  # (Sd, nblk)
         k = key_cache[blocks].flatten(1, 2)  # (Sd, L, KVH, D)
         v = value_cache[blocks].flatten(1, 2)
-        valid = torch.arange(nblk * bs, device=query.device)[None, :] < lens[:, None]  # (Sd, L)
+        keys = torch.arange(nblk * bs, device=query.device)[None, :]  # (1, L)
+        valid = keys < lens[:, None]  # (Sd, L)
+        if sliding_window:
+            valid &= keys > lens[:, None] - 1 - sliding_window
         rows = torch.tensor([cu[s] for s in decode], device=query.device)
         q = query[rows][:, :, None, :]  # (Sd, H, 1, D)
         o = F.scaled_dot_product_attention(
@@ -70,7 +76,10 @@ def paged_attention_reference(
         v = _gather_context(value_cache, block_tables[s], nblk)[:n]
         q = query[cu[s] : cu[s + 1]]  # (q_len, H, D)
         pos = torch.arange(n - q_len, n, device=query.device)
-        mask = torch.arange(n, device=query.device)[None, :] <= pos[:, None]  # (q_len, n)
+        keys = torch.arange(n, device=query.device)[None, :]  # (1, n)
+        mask = keys <= pos[:, None]  # (q_len, n)
+        if sliding_window:
+            mask &= keys > pos[:, None] - sliding_window
         o = F.scaled_dot_product_attention(
             q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=scale, enable_gqa=True
         )  # (H, q_len, D)
@@ -88,14 +97,17 @@ def paged_attention(
     max_seqlen_q: int,
     scale: float,
     out: torch.Tensor | None = None,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:
     """Triton on CUDA tensors, the torch reference elsewhere."""
     if query.is_cuda:
         from thaw_rl_kernels.triton_paged_attention import paged_attention_triton
 
         return paged_attention_triton(
-            query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, scale, out
+            query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, scale, out,
+            sliding_window=sliding_window,
         )
     return paged_attention_reference(
-        query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, scale, out
+        query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, scale, out,
+        sliding_window=sliding_window,
     )

@@ -92,6 +92,7 @@ def _paged_attention_kernel(
     NUM_SPLITS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     DOT_UPCAST: tl.constexpr,
+    SLIDING_WINDOW: tl.constexpr = 0,  # 0: full causal; w: a row at p sees keys in (p - w, p]
 ):
     tile_idx = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -122,15 +123,18 @@ def _paged_attention_kernel(
     q_offs = row_token[:, None] * stride_q_token + row_head[:, None] * stride_q_head + offs_d[None, :]
     q = tl.load(q_ptr + q_offs, mask=row_valid[:, None] & d_valid[None, :], other=0.0)  # (BLOCK_M, D_PAD)
 
-    # Keys this tile may see: up to the causal position of its last row.
+    # Keys this tile may see: up to the causal position of its last row (from its first row's window start).
     kv_len = first_pos + tl.minimum(first_q + BLOCK_Q, q_len)
     num_tiles = tl.cdiv(kv_len, TILE_N)
+    first_tile = 0
+    if SLIDING_WINDOW > 0:
+        first_tile = tl.maximum(first_pos + first_q - SLIDING_WINDOW + 1, 0) // TILE_N
     if NUM_SPLITS == 1:
-        tile_lo = 0
+        tile_lo = first_tile
         tile_hi = num_tiles
     else:
-        tiles_per_split = tl.cdiv(num_tiles, NUM_SPLITS)
-        tile_lo = split * tiles_per_split
+        tiles_per_split = tl.cdiv(num_tiles - first_tile, NUM_SPLITS)
+        tile_lo = first_tile + split * tiles_per_split
         tile_hi = tl.minimum(tile_lo + tiles_per_split, num_tiles)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -154,7 +158,10 @@ def _paged_attention_kernel(
 
         # .to: under torch.compile the scalar arrives as fp64, which would make the softmax state fp64
         s = (_dot(q, tl.trans(k), DOT_PRECISION, DOT_UPCAST) * qk_scale).to(tl.float32)  # (BLOCK_M, TILE_N)
-        s = tl.where(key_pos[None, :] <= row_pos[:, None], s, float("-inf"))
+        visible = key_pos[None, :] <= row_pos[:, None]
+        if SLIDING_WINDOW > 0:
+            visible = visible & (key_pos[None, :] > row_pos[:, None] - SLIDING_WINDOW)
+        s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet stays at 0 weight
         p = tl.exp2(s - m_safe[:, None])
@@ -200,7 +207,7 @@ def _merge_splits_kernel(
     m = tl.load(part_max_ptr + part)
     l = tl.load(part_sum_ptr + part)
     acc = tl.load(part_acc_ptr + part[:, None] * HEAD_DIM_PAD + offs_d[None, :])  # (NUM_SPLITS, D_PAD)
-    m_max = tl.max(m, axis=0)  # finite: the split holding key 0 always has a key
+    m_max = tl.max(m, axis=0)  # finite: the split holding the row's own position always has a key
     w = tl.exp2(m - m_max)  # 0 for empty splits (m = -inf)
     out = tl.sum(acc * w[:, None], axis=0) / tl.sum(l * w, axis=0)
     o_offs = token.to(tl.int64) * stride_o_token + head * stride_o_head + offs_d
@@ -217,6 +224,7 @@ def paged_attention_triton(
     max_seqlen_q: int,
     scale: float,
     out: torch.Tensor | None = None,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:
     """Causal attention of packed new tokens over a paged KV cache, one launch for the whole batch.
 
@@ -230,11 +238,14 @@ def paged_attention_triton(
         max_seqlen_q: host-side upper bound of the per-sequence query lengths (picks the tiling only).
         scale: softmax scale.
         out: optional (T, H, D) buffer in query's dtype; rows past cu_seqlens_q[-1] are left untouched.
+        sliding_window: None (full causal attention) or w >= 1: row p attends to positions in (p - w, p].
 
     Query row j of sequence s (q_len rows, context ctx) sits at position ctx - q_len + j and attends to
     cache positions 0..ctx - q_len + j; query head h reads KV head h // (H // KVH).
     """
     _check_inputs(query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, out)
+    if sliding_window is not None and sliding_window < 1:
+        raise ValueError(f"sliding_window={sliding_window} must be None (full attention) or >= 1.")
     if out is None:
         out = torch.empty_like(query)
     group = query.shape[1] // key_cache.shape[2]
@@ -249,7 +260,8 @@ def paged_attention_triton(
         device=query.device,
     )
     return launch_paged_attention(
-        query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, scale, out, **config
+        query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, scale, out,
+        sliding_window=sliding_window or 0, **config
     )
 
 
@@ -314,6 +326,7 @@ def launch_paged_attention(
     num_splits: int = 1,
     num_warps: int = 4,
     num_stages: int = 2,
+    sliding_window: int = 0,
 ) -> torch.Tensor:
     """Launch with an explicit tiling (inputs already checked); tests and benchmarks sweep it here."""
     num_tokens, num_heads, head_dim = query.shape
@@ -368,6 +381,7 @@ def launch_paged_attention(
         NUM_SPLITS=num_splits,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         DOT_UPCAST=query.device.type != "cuda",  # the Triton 3.9 interpreter's bf16 tl.dot returns garbage
+        SLIDING_WINDOW=int(sliding_window),
         num_warps=num_warps,
         num_stages=num_stages,
     )

@@ -71,7 +71,8 @@ def thaw_paged_attention(
     q = query[0].transpose(0, 1)  # (T, H, D)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     out = paged_attention(
-        q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.cu_seqlens_q, meta.max_seqlen_q, scale
+        q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.cu_seqlens_q, meta.max_seqlen_q, scale,
+        sliding_window=kwargs.get("sliding_window"),  # HF passes the layer's window (Mistral, Qwen2/3 sliding layers)
     )  # (T, H, D)
     return out[None], None  # (1, T, H, D)
 

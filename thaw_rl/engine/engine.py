@@ -135,13 +135,8 @@ class ThawEngine:
         if config.model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(
                 f"ThawEngine does not support model_type {config.model_type!r}: its attention hook is tested on "
-                f"{', '.join(SUPPORTED_MODEL_TYPES)} (decoder-only causal LMs with full attention). Use one of "
+                f"{', '.join(SUPPORTED_MODEL_TYPES)} (decoder-only causal LMs). Use one of "
                 f"those families, or generate this model with model.generate."
-            )
-        if getattr(config, "use_sliding_window", False) and getattr(config, "sliding_window", None):
-            raise ValueError(
-                f"{config.model_type} with use_sliding_window=True is not supported (the paged kernel attends "
-                f"to the full context). Set config.use_sliding_window=False."
             )
         block_size = _positive_int("block_size", block_size, 16)
         if block_size & (block_size - 1):
