@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from thaw_rl.trainers.best_of_n_config import ThawBestOfNConfig
+from thaw_rl.rewards.reward_checks import without_unscorable
 from thaw_rl.trainers.grpo_trainer import ThawGRPOTrainer
 
 
@@ -57,6 +58,7 @@ class ThawBestOfNTrainer(ThawGRPOTrainer):
         weights = torch.ones(len(kept), device=output["completion_ids"].device)  # (K,)
         if self.args.best_of_n_min_reward is not None:
             weights = (kept_rewards >= self.args.best_of_n_min_reward).float().to(weights.device)
+        weights = without_unscorable(weights, kept_rewards)  # a completion no reward scored is never a target
         output = take_rows(output, kept.to(output["completion_ids"].device), num_rows)
         output["keep_weights"] = weights
         device = self.accelerator.device

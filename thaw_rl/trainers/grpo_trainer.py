@@ -49,8 +49,10 @@ from trl.trainer.utils import nanstd
 from thaw_rl.backends.native import NativeBackend
 from thaw_rl.engine.engine import SUPPORTED_MODEL_TYPES
 from thaw_rl.engine.sampling import SamplingParams, derive_seed
+from thaw_rl.rewards.reward_checks import check_reward_matrix, checked_reward_funcs
 from thaw_rl.rollout import RolloutBatch, RolloutStats, TreeSampler, TreeSpec
 from thaw_rl.trainers.deepspeed_hooks import paused_deepspeed_forward_hooks
+from thaw_rl.trainers.finite_checks import FiniteGradientGuard, check_finite_state_dict
 from thaw_rl.trainers.grpo_config import ThawGRPOConfig
 from thaw_rl.trainers.group_fill import add_stats, complete_groups
 from thaw_rl.trainers.pool_rollouts import Lookahead, PoolRollouts, prompts_of, rollout_seed
@@ -90,6 +92,8 @@ class ThawGRPOTrainer(GRPOTrainer):
         self._check_arguments(args, bound.arguments)
         super().__init__(model, reward_funcs, args, *rest, **kwargs)
         self._check_model(self.accelerator.unwrap_model(self.model))
+        self.reward_funcs = checked_reward_funcs(self.reward_funcs, self.reward_func_names)  # finite floats or None
+        self.add_callback(FiniteGradientGuard(self.accelerator))  # no NaN/inf gradient is ever applied
         unknown = set(self.generation_kwargs) - _ENGINE_GENERATION_KEYS
         if unknown:
             logger.warning("generation_kwargs %s are ignored by thaw-rl's engine (it honours %s).",
@@ -296,6 +300,7 @@ class ThawGRPOTrainer(GRPOTrainer):
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        check_reward_matrix(rewards_per_func, self.reward_funcs, self.reward_func_names)
         self._rewards_per_func = rewards_per_func  # (N over all ranks, num_reward_funcs)
         return rewards_per_func
 
@@ -311,6 +316,12 @@ class ThawGRPOTrainer(GRPOTrainer):
     def _compute_loss(self, model, inputs):
         with self._importance_sampling_switch():
             return super()._compute_loss(model, inputs)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Trainer's save, refused when a weight is NaN or inf (see ``finite_checks``)."""
+        check_finite_state_dict(self.accelerator.unwrap_model(self.model).state_dict() if state_dict is None
+                                else state_dict, output_dir)
+        super()._save(output_dir, state_dict=state_dict)
 
     # -- shared-prefix training (see shared_prefix.py) ----------------------------------------------------
     def train(self, *args, **kwargs):

@@ -48,6 +48,8 @@ from trl.trainer.utils import (
     disable_dropout_in_model,
 )
 
+from thaw_rl.rewards.reward_checks import without_unscorable
+from thaw_rl.trainers.finite_checks import check_finite_state_dict
 from thaw_rl.trainers.grpo_trainer import ThawGRPOTrainer
 from thaw_rl.trainers.ppo_config import ThawPPOConfig
 from thaw_rl.trainers.ppo_objective import (
@@ -204,6 +206,7 @@ class ThawPPOTrainer(ThawGRPOTrainer):
         self._log_rollout_objective(scores, kl, values, returns, mask)
         if self.args.whiten_advantages:
             advantages = masked_whiten(advantages, mask)
+        advantages = without_unscorable(advantages, self._local_rewards(mask.size(0))[0])  # TRL's meaning of None
         output.update(advantages=advantages, returns=returns, old_values=values)
         return output
 
@@ -301,6 +304,7 @@ class ThawPPOTrainer(ThawGRPOTrainer):
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if state_dict is None:
             state_dict = self.accelerator.unwrap_model(self.model).state_dict()
+        check_finite_state_dict(state_dict, output_dir)  # the value head too
         policy_state, head_state = split_state_dict(state_dict)
         super()._save(output_dir, state_dict=policy_state)
         if self.args.should_save and head_state:
