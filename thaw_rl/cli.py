@@ -104,14 +104,16 @@ def train(argv: list[str]) -> int:
         if "num_processes" in options and "accelerate_config" not in options:
             raise ValueError("--num-processes needs --accelerate-config (e.g. --accelerate-config cpu).")
         args = ["--config", str(recipe), *overrides]
-        if "accelerate_config" not in options:
-            return train_module.main(args)
-        cmd = launch_command(recipe, options, overrides)
-        checked = train_module.parse_recipe(args)  # report a bad recipe once, not once per rank
-        train_module.load_rewards(checked)
-    except ValueError as err:  # RecipeError is a ValueError
+        if "accelerate_config" in options:
+            cmd = launch_command(recipe, options, overrides)
+            checked = train_module.parse_recipe(args)  # report a bad recipe once, not once per rank
+            train_module.load_rewards(checked)
+    except ValueError as err:  # a bad recipe or command line (RecipeError is a ValueError): one line
         print(f"thaw-rl: error: {err}", file=sys.stderr)
         return 2
+    if "accelerate_config" not in options:
+        # outside the try: an error raised while training (a reward function's, say) keeps its traceback
+        return train_module.main(args)
     print("thaw-rl: " + " ".join(cmd[1:]), flush=True)
     return subprocess.run(cmd).returncode
 

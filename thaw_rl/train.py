@@ -168,7 +168,13 @@ def _option(argv: list[str], name: str) -> str | None:
 def make_parser(config_cls: type):
     from trl import ModelConfig, TrlParser
 
-    return TrlParser((ThawScriptArguments, config_cls, ModelConfig), prog="python -m thaw_rl.train")
+    parser = TrlParser((ThawScriptArguments, config_cls, ModelConfig), prog="python -m thaw_rl.train")
+    parser.error = _raise_recipe_error  # argparse would print ~240 lines of usage before its one-line error
+    return parser
+
+
+def _raise_recipe_error(message: str):
+    raise RecipeError(f"{message}; `python -m thaw_rl.train --help` lists every field and its type.")
 
 
 def _unknown(key: str, valid: set[str], where: str) -> str:
@@ -280,9 +286,22 @@ def load_data(recipe: Recipe):
                        prompt_column=s.dataset_prompt_column, answer_column=s.dataset_answer_column,
                        system_prompt=s.system_prompt, seed=recipe.config.seed)
     try:
-        return load_recipe_datasets(spec)
+        train_dataset, eval_dataset = load_recipe_datasets(spec)
     except ValueError as err:
         raise RecipeError(str(err)) from None
+    return train_dataset, eval_dataset
+
+
+def check_reward_columns(reward_funcs: list, dataset, recipe: Recipe) -> None:
+    """Each reward's ``required_columns`` must be dataset columns: say so at load time, not at step 1."""
+    for func in reward_funcs:
+        missing = [c for c in getattr(func, "required_columns", ()) if c not in dataset.column_names]
+        if missing:
+            name = getattr(func, "__name__", type(func).__name__)
+            raise RecipeError(
+                f"reward {name!r} reads the column {missing[0]!r}, which dataset_name={recipe.script_args.dataset_name!r} "
+                f"does not have: its columns are {dataset.column_names}. Set dataset_answer_column to the column that "
+                f"holds the gold answer (it is copied to {missing[0]!r}), or use rewards that do not need it.")
 
 
 def load_rewards(recipe: Recipe) -> list:
@@ -298,6 +317,9 @@ def build_trainer(recipe: Recipe):
     """The recipe's trainer, ready to ``train()``: cheap checks (rewards, data) before the model loads."""
     reward_funcs = load_rewards(recipe)
     train_dataset, eval_dataset = load_data(recipe)
+    for dataset in (train_dataset, eval_dataset):
+        if dataset is not None:
+            check_reward_columns(reward_funcs, dataset, recipe)
     model, tokenizer = load_model_and_tokenizer(recipe.model_args, recipe.config)
     kwargs = dict(model=model, reward_funcs=reward_funcs, args=recipe.config, train_dataset=train_dataset,
                   processing_class=tokenizer)

@@ -12,11 +12,13 @@ messages when it was built here) and an ``answer`` column. A recipe whose questi
 column names it (``dataset_prompt_column: question``), and the prompt becomes
 ``[system_prompt?, {"role": "user", "content": question}]``; ``dataset_answer_column`` is copied to
 ``answer``. Anything missing (a file, a split, a column, the hub) raises ``ValueError`` that names
-what exists.
+what exists; an empty file, or a JSON-lines file with a line that is not one JSON object, names the file
+and the line.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,7 +77,14 @@ def _load_splits(spec: DatasetSpec):
         if suffix not in FILE_BUILDERS:
             raise ValueError(f"dataset_name={spec.name!r}: unknown file type {suffix!r}; use "
                              f"{', '.join(sorted(FILE_BUILDERS))}.")
-        return datasets.load_dataset(FILE_BUILDERS[suffix], data_files={spec.train_split: str(path)})
+        check_local_file(path)
+        try:
+            return datasets.load_dataset(FILE_BUILDERS[suffix], data_files={spec.train_split: str(path)})
+        except Exception as err:  # datasets wraps parse errors in DatasetGenerationError and others
+            cause = err.__cause__ or err
+            first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+            raise ValueError(f"dataset_name={spec.name!r}: {path} could not be read as {suffix} "
+                             f"({type(cause).__name__}: {first}). Fix the file.") from None
     if path.is_dir():
         if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
             loaded = datasets.load_from_disk(str(path))
@@ -92,6 +101,38 @@ def _load_splits(spec: DatasetSpec):
                          f"the hub{offline}: {type(err).__name__}: {first_line}. Use {_choices()}.") from None
 
 
+def check_local_file(path: Path) -> None:
+    """An empty data file, or a JSON-lines file with a bad line: a ``ValueError`` naming the file and line."""
+    if path.stat().st_size == 0 or not path.read_bytes().strip():
+        raise ValueError(f"dataset file {path} is empty: it holds no rows.")
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        try:
+            json.loads(path.read_text())
+            return  # one JSON document (a list of rows, or {column: [...]}): datasets reads it
+        except json.JSONDecodeError:
+            pass  # maybe JSON lines, which datasets also reads from .json: check it as such
+    if suffix in (".json", ".jsonl"):
+        _check_json_lines(path)
+
+
+def _check_json_lines(path: Path) -> None:
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"dataset file {path}, line {number}: not valid JSON ({err.msg} at column "
+                                 f"{err.colno}): {line[:80]!r}. Each line must be one JSON object, e.g. "
+                                 f'{{"prompt": "...", "answer": "..."}}.') from None
+            if not isinstance(row, dict):
+                raise ValueError(f"dataset file {path}, line {number}: a JSON {type(row).__name__}, not an object; "
+                                 f'each line must be one row, e.g. {{"prompt": "...", "answer": "..."}}.')
+
+
 def _split(splits, name: str, spec: DatasetSpec):
     available = list(splits.keys())
     if name not in available:
@@ -106,6 +147,11 @@ def _to_prompts(dataset, spec: DatasetSpec):
     if spec.prompt_column not in columns:
         raise ValueError(f"dataset_name={spec.name!r} has no column {spec.prompt_column!r} "
                          f"(dataset_prompt_column): its columns are {columns}.")
+    if spec.answer_column != "answer" and spec.answer_column not in columns:
+        raise ValueError(f"dataset_name={spec.name!r} has no column {spec.answer_column!r} "
+                         f"(dataset_answer_column): its columns are {columns}.")
+    if len(dataset) == 0:
+        raise ValueError(f"dataset_name={spec.name!r} has no rows.")
     if spec.num_examples is not None:
         dataset = dataset.select(range(min(spec.num_examples, len(dataset))))
     needs_chat = spec.prompt_column != "prompt" or spec.system_prompt is not None

@@ -34,7 +34,7 @@ _ONE_ANSWER = re.compile(r"\s*(?:.*?)<answer>\s*-?[\d,.]+\s*</answer>\s*", re.DO
 def numeric_answer(completions, answer=None, **kwargs) -> list[float | None]:
     """Exact match of the numeric answer against the ``answer`` column."""
     if answer is None:
-        columns = sorted(k for k in kwargs if k not in ("prompts", "completion_ids", "trainer_state"))
+        columns = sorted(k for k in kwargs if k not in _TRAINER_KWARGS)
         raise ValueError(f"reward 'numeric_answer' needs an 'answer' column in the dataset; the rows have {columns}. "
                          f"Set dataset_answer_column to the column that holds the gold answer.")
     out: list[float | None] = []
@@ -45,6 +45,11 @@ def numeric_answer(completions, answer=None, **kwargs) -> list[float | None]:
             continue
         out.append(1.0 if numbers_equal(extract_answer(completion_text(completion)), expected) else 0.0)
     return out
+
+
+numeric_answer.required_columns = ("answer",)  # checked against the dataset when a recipe loads it
+# what TRL passes besides the dataset's columns
+_TRAINER_KWARGS = ("prompts", "completion_ids", "trainer_state", "log_extra", "log_metric", "environments")
 
 
 def number_only(completions, **kwargs) -> list[float]:

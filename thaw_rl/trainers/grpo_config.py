@@ -159,6 +159,7 @@ class ThawGRPOConfig(GRPOConfig):
                           "_clip_max. Costs one extra no-grad forward per generation batch."})
 
     def __post_init__(self) -> None:
+        self._check_num_generations()  # before TRL's, which divides by it
         super().__post_init__()
         self._check_backend()
         if self.kv_block_size < 1 or self.kv_block_size & (self.kv_block_size - 1):
@@ -177,6 +178,16 @@ class ThawGRPOConfig(GRPOConfig):
         self._check_groups_stay_on_one_rank()
 
     # -- checks ---------------------------------------------------------------------------------------
+    def _check_num_generations(self) -> None:
+        if not isinstance(self.num_generations, int) or self.num_generations < 2:
+            raise ValueError(
+                f"num_generations={self.num_generations!r}: each prompt needs at least 2 samples (advantages are "
+                f"relative to the prompt's group). Set num_generations >= 2 (e.g. 4 or 8) and "
+                f"per_device_train_batch_size to a multiple of it.")
+        if self.num_generations_eval is not None and self.num_generations_eval < 1:
+            raise ValueError(f"num_generations_eval={self.num_generations_eval}: set it >= 1, or None to use "
+                             f"num_generations ({self.num_generations}).")
+
     def _check_backend(self) -> None:
         if self.rollout_backend not in ROLLOUT_BACKENDS:
             raise ValueError(f"rollout_backend={self.rollout_backend!r}: use one of {ROLLOUT_BACKENDS}.")

@@ -112,6 +112,7 @@ class ThawPPOConfig(ThawGRPOConfig):
 
     # -- checks -----------------------------------------------------------------------------------------
     def _check_ppo_fields(self) -> None:
+        self._check_num_generations()  # the batch layout below divides by it
         if self.num_mini_batches < 1:
             raise ValueError(f"num_mini_batches={self.num_mini_batches}: a rollout batch needs at least one "
                              f"mini-batch (optimizer step) per PPO epoch; set num_mini_batches >= 1 (default 1).")
