@@ -123,3 +123,55 @@ def test_qwen2_sliding_layers_give_the_logprobs_of_a_plain_forward():
     expected = forward_logprobs(model, tokens, len(prompt))
     torch.testing.assert_close(torch.tensor(out.logprobs), expected, atol=1e-4, rtol=1e-4)
     assert (forward_logprobs(full, tokens, len(prompt)) - expected).abs().max() > 1e-2
+
+
+def test_a_plain_forward_in_another_thread_waits_for_the_engine_step():
+    """Training forwards racing an engine on the same model: the model's forwards take the engine's lock."""
+    model, tok = tiny_model_and_tokenizer("qwen2")
+    reference = padded_logits(model)
+    engine = ThawEngine(model, tok, kv_cache_memory=4 << 20)
+    done = threading.Event()
+
+    def generate() -> None:
+        while not done.is_set():
+            sessions = engine.prefill_many([[5, 6, 7, 8], [9, 10, 11]])
+            engine.generate(sessions, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
+            for s in sessions:
+                engine.free(s)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # without the forward hooks some of these forwards fail or come out wrong
+    thread = threading.Thread(target=generate)
+    thread.start()
+    try:
+        for _ in range(40):
+            assert torch.equal(padded_logits(model), reference)
+    finally:
+        done.set()
+        thread.join()
+        sys.setswitchinterval(interval)
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_a_forward_that_bypasses_the_lock_is_refused_not_wrong():
+    """The last line: a layer called from another thread during an engine forward raises instead of guessing."""
+    from thaw_rl.engine.attention import paged_attention_mode
+
+    model, tok = tiny_model_and_tokenizer("qwen2")
+    errors: list[BaseException] = []
+
+    def layer_forward() -> None:  # below the model's forward hooks, as a custom training loop might call it
+        hidden = torch.randn(1, 3, model.config.hidden_size)
+        position = model.model.rotary_emb(hidden, torch.arange(3)[None])
+        try:
+            model.model.layers[0](hidden, attention_mask=None, position_embeddings=position)
+        except RuntimeError as err:
+            errors.append(err)
+
+    with paged_attention_mode(model):
+        thread = threading.Thread(target=layer_forward)
+        thread.start()
+        thread.join()
+    assert len(errors) == 1 and "while a ThawEngine forward on it was running in another" in str(errors[0])
+    layer_forward()  # the same call outside an engine forward is fine
+    assert len(errors) == 1

@@ -58,6 +58,7 @@ def thaw_paged_attention(
 ) -> tuple[torch.Tensor, None]:
     meta: AttentionMetadata | None = kwargs.get(METADATA_KWARG)
     if meta is None:
+        _refuse_forward_during_engine_forward(module)
         return ALL_ATTENTION_FUNCTIONS["sdpa"](
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
         )
@@ -80,19 +81,56 @@ def thaw_paged_attention(
 AttentionInterface.register(ATTENTION_NAME, thaw_paged_attention)
 
 
+def _refuse_forward_during_engine_forward(module: torch.nn.Module) -> None:
+    """A plain forward from another thread while an engine forward holds the model: it would see thaw_paged."""
+    owner = _ENGINE_THREADS.get(id(getattr(module, "config", None)))
+    if owner is not None and owner != threading.get_ident():
+        raise RuntimeError(
+            "this model ran a forward in one thread while a ThawEngine forward on it was running in another: the "
+            "model's attention was switched to the engine's, so this forward would have been wrong (its padding "
+            "ignored). Serialize them: wrap the other forward in `with thaw_rl.engine.attention.model_lock(model):`.")
+
+
 # One lock per model object: the switch below mutates the shared config, so two engines on one model (two
 # threads) would otherwise interleave it and leave the model in thaw_paged mode (wrong padded forwards after).
 _MODEL_LOCKS: weakref.WeakKeyDictionary[torch.nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
 _MODEL_LOCKS_GUARD = threading.Lock()
+_ENGINE_THREADS: dict[int, int] = {}  # id(model.config) -> the thread running an engine forward on that model
 
 
 def model_lock(model: torch.nn.Module) -> threading.RLock:
-    """The re-entrant lock serializing the engine forwards of ``model`` (one per model object)."""
+    """The re-entrant lock serializing every forward of ``model`` with its engine forwards (one per model).
+
+    Made when the first engine is built on the model, which also makes the model's own forwards take it (see
+    ``_serialize_forwards``), so a training forward in another thread waits for an engine step to finish.
+    """
     with _MODEL_LOCKS_GUARD:
         lock = _MODEL_LOCKS.get(model)
         if lock is None:
             lock = _MODEL_LOCKS[model] = threading.RLock()
+            _serialize_forwards(model, lock)
         return lock
+
+
+def _serialize_forwards(model: torch.nn.Module, lock: threading.RLock) -> None:
+    """Forward hooks holding ``lock`` around each forward of the model and of its decoder (TRL's fused LM head
+    calls the decoder directly): while an engine forward has switched the shared config to thaw_paged, a
+    forward from another thread would build no padding mask and attend wrongly. Python-only, no device work."""
+
+    @torch.compiler.disable
+    def acquire(module, args) -> None:
+        lock.acquire()
+
+    @torch.compiler.disable
+    def release(module, args, output) -> None:
+        try:
+            lock.release()
+        except RuntimeError:  # an earlier pre-hook raised before ours acquired: keep that error, not this one
+            pass
+
+    for module in {id(m): m for m in (model, getattr(model, "base_model", model))}.values():
+        module.register_forward_pre_hook(acquire)
+        module.register_forward_hook(release, always_call=True)
 
 
 @contextlib.contextmanager
@@ -106,7 +144,11 @@ def paged_attention_mode(model: torch.nn.Module) -> Iterator[None]:
         config = model.config
         previous = config._attn_implementation
         config._attn_implementation = ATTENTION_NAME
+        outermost = id(config) not in _ENGINE_THREADS  # else this thread re-entered (the lock is ours)
+        _ENGINE_THREADS[id(config)] = threading.get_ident()
         try:
             yield
         finally:
             config._attn_implementation = previous
+            if outermost:
+                del _ENGINE_THREADS[id(config)]

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from thaw_rl.engine.attention import METADATA_KWARG, AttentionMetadata, paged_attention_mode
+from thaw_rl.engine.attention import METADATA_KWARG, AttentionMetadata, model_lock, paged_attention_mode
 from thaw_rl.engine.kv_cache import PagedKVCache
 from thaw_rl.engine.scheduler import Chunk
 from thaw_rl.engine.sharding import fsdp2_modules
@@ -112,6 +112,7 @@ class ModelRunner:
     def __init__(self, model: torch.nn.Module, kv_cache: PagedKVCache, use_cuda_graphs: bool, max_num_seqs: int,
                  max_blocks_per_seq: int, compile_layers: bool = False) -> None:
         self.model = model
+        model_lock(model)  # from now on the model's own forwards wait for ours (attention.py)
         # inference_mode, except under FSDP2: its pre-forward unshard reads the parameters' version
         # counters, which inference tensors do not have (TRL's generate path uses no_grad there too).
         self.grad_off = torch.no_grad if fsdp2_modules(model) else torch.inference_mode
