@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 import threading
 
+import pytest
 import torch
 
 from thaw_rl import SamplingParams, ThawEngine
@@ -106,15 +107,16 @@ def forward_logprobs(model, tokens: list[int], start: int) -> torch.Tensor:
     return torch.log_softmax(logits, dim=-1)[start - 1:-1].gather(-1, torch.tensor(tokens[start:])[:, None])[:, 0]
 
 
-def test_qwen2_sliding_layers_give_the_logprobs_of_a_plain_forward():
-    """Qwen2's use_sliding_window / max_window_layers: layers >= max_window_layers slide, layer 0 does not.
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_qwen_sliding_layers_give_the_logprobs_of_a_plain_forward(family):
+    """Qwen2/Qwen3's use_sliding_window / max_window_layers: layers >= max_window_layers slide, layer 0 does not.
 
     Sampled (T=1) so the tokens are not one repeated id; each logprob must equal the plain forward's, which
     a full-attention engine misses by > 1e-2 past the window.
     """
-    model, tok = tiny_model_and_tokenizer("qwen2", use_sliding_window=True, sliding_window=6, max_window_layers=1)
+    model, tok = tiny_model_and_tokenizer(family, use_sliding_window=True, sliding_window=6, max_window_layers=1)
     assert model.config.layer_types == ["full_attention", "sliding_attention", "sliding_attention"]
-    full, _ = tiny_model_and_tokenizer("qwen2")  # same weights, no window
+    full, _ = tiny_model_and_tokenizer(family)  # same weights, no window
     prompt = [5, 9, 14, 20, 31, 7, 8, 9, 10]
     engine = ThawEngine(model, tok, block_size=4, kv_cache_memory=4 << 20)
     (out,) = engine.generate([engine.prefill(prompt)], SamplingParams(temperature=1.0, max_tokens=30, seed=3,
