@@ -48,7 +48,7 @@ def test_a_value_of_the_wrong_type_is_one_line_not_the_usage_text(tmp_path, caps
     else:
         err = cli_error(tmp_path, capsys, "--learning_rate", "abc")
     assert "argument --learning_rate/--learning-rate: invalid float value: 'abc'" in err
-    assert "usage:" not in err and "--help` lists every field" in err
+    assert "usage:" not in err and "--help` lists the fields" in err
 
 
 def test_num_generations_zero_names_the_field_and_the_fix(tmp_path, capsys):

@@ -174,7 +174,7 @@ def make_parser(config_cls: type):
 
 
 def _raise_recipe_error(message: str):
-    raise RecipeError(f"{message}; `python -m thaw_rl.train --help` lists every field and its type.")
+    raise RecipeError(f"{message}; `thaw-rl train RECIPE --help` lists the fields and their defaults.")
 
 
 def _unknown(key: str, valid: set[str], where: str) -> str:
