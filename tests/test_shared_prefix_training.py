@@ -374,3 +374,35 @@ def test_block_mask_from_subtree_ends_equals_flex_own_construction():
                   < m.full_kv_num_blocks[0, 0, :, None])  # noqa: E731
     assert torch.equal(full(ours), full(theirs))  # and which of them need no per-element mask
     assert full(ours).any() and (ours.to_dense().sum() < ours.to_dense().numel() / 2)  # sparse, with full blocks
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2-sliding"])
+def test_sliding_window_models_pack_with_the_window_along_each_path(family):
+    """Rows longer than the window: the packed logprobs still equal the flat ones (HF's window masks), and a
+    window-free tree mask would not (so the window is what makes them equal)."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from thaw_rl.testing import _COMMON_CONFIG
+
+    if family == "mistral":
+        config = MistralConfig(**dict(_COMMON_CONFIG, head_dim=16), vocab_size=100, pad_token_id=0,
+                               sliding_window=4, tie_word_embeddings=False)
+        torch.manual_seed(0)
+        model = MistralForCausalLM._from_config(config, attn_implementation="sdpa").eval()
+    else:  # layer 0 full, the others sliding (max_window_layers=1)
+        model = tiny_model("qwen2", use_sliding_window=True, sliding_window=4, max_window_layers=1)
+        assert {"sliding_attention", "full_attention"} <= set(model.config.layer_types)
+    add_fused_lm_head(model)
+    (ids, mask), _, _ = tree_batch(model.config.vocab_size)
+    valid = mask[:, -7:].bool()
+    with torch.no_grad():
+        flat, _ = flat_scores(model, ids, mask, 7)
+        packed = packed_logps(model, model, ids, mask, 7, max_rows=None, max_tokens=None, mask_kind="dense",
+                              compute_entropy=False).logps
+        torch.testing.assert_close(packed[valid], flat[valid], atol=1e-5, rtol=0)
+        model.config.sliding_window = None  # the same tree without a window: now it must differ from flat
+        if family != "mistral":
+            model.config.layer_types = ["full_attention"] * len(model.config.layer_types)
+        unwindowed = packed_logps(model, model, ids, mask, 7, max_rows=None, max_tokens=None, mask_kind="dense",
+                                  compute_entropy=False).logps
+    assert (unwindowed[valid] - flat[valid]).abs().max() > 1e-3

@@ -97,7 +97,7 @@ def test_supported_vllm_versions_pass(version):
 def test_unknown_backend_name_lists_the_choices(tmp_path):
     from thaw_rl.trainers import ThawGRPOConfig
 
-    with pytest.raises(ValueError, match=r"rollout_backend='sglang': use one of \('native', 'vllm'\)"):
+    with pytest.raises(ValueError, match=r"rollout_backend='sglang': use one of \('native', 'vllm', 'pool'\)"):
         ThawGRPOConfig(output_dir=str(tmp_path), rollout_backend="sglang", use_cpu=True, bf16=False,
                        report_to="none", num_generations=2, per_device_train_batch_size=2)
 

@@ -6,7 +6,9 @@ the loss forward (with grad), the old-policy logprobs and the reference model's.
 its packed equivalent: the rows are packed into token trees (``prefix_packing.pack_rows``), each tree
 runs once through the model's own forward with the tree mask (``tree_attention``) and TRL's fused LM
 head scoring each packed position against its one next token (``shift_labels``), and the per-position
-log-probabilities and entropies are read back into TRL's ``(B, T)`` layout. The loss code downstream
+log-probabilities and entropies are read back into TRL's ``(B, T)`` layout. Sliding-window models
+(Mistral; Qwen2/Qwen3 sliding layers, as a ``layer_types`` mask mapping) get the window in the tree
+mask, measured along each token's own path. The loss code downstream
 (every loss type, importance sampling, masking, entropy filtering) is TRL's, on the same numbers.
 
 ``GroupShuffle``: TRL shuffles a generation batch row by row before splitting it into micro-batches,
@@ -23,7 +25,13 @@ from typing import Callable
 import torch
 
 from thaw_rl.trainers.prefix_packing import PackedBatch, pack_rows
-from thaw_rl.trainers.tree_attention import FLEX_PAD, resolve_mask_kind, tree_attention_mask, tree_attention_mode
+from thaw_rl.trainers.tree_attention import (
+    FLEX_PAD,
+    resolve_mask_kind,
+    sliding_window_of,
+    tree_attention_mask,
+    tree_attention_mode,
+)
 
 
 @dataclass
@@ -56,6 +64,7 @@ def packed_logps(
     batch = pack_rows(input_ids, attention_mask, logits_to_keep, max_rows=max_rows, max_tokens=max_tokens)
     if batch is None:
         return None
+    window, per_layer = sliding_window_of(config_model.config)
     logps, entropies = [], []
     with tree_attention_mode(config_model):
         for chunk in batch.chunks:
@@ -63,6 +72,9 @@ def packed_logps(
             kind = resolve_mask_kind(mask_kind, input_ids.device, n)
             ids, positions, labels, subtree_end = padded_tree(chunk, FLEX_PAD if kind == "flex" else 1)
             mask = tree_attention_mask(subtree_end, kind)
+            if window is not None and int(chunk.position_ids.max()) + 1 > window:  # a row outgrows the window
+                windowed = tree_attention_mask(subtree_end, kind, positions, window)
+                mask = {"full_attention": mask, "sliding_attention": windowed} if per_layer else windowed
             with autocast() if autocast is not None else contextlib.nullcontext():
                 out = model(input_ids=ids[None], position_ids=positions[None], attention_mask=mask,
                             shift_labels=labels[None], fused_lm_head=True)

@@ -110,22 +110,43 @@ def resolve_mask_kind(kind: str, device: torch.device, num_tokens: int = 0) -> s
     return kind
 
 
-def tree_attention_mask(subtree_end: torch.Tensor, kind: str):
-    """The 4D mask of a pre-order token tree: key k is visible to query q iff ``k <= q < subtree_end[k]``.
+def sliding_window_of(config) -> tuple[int | None, bool]:
+    """(window, per_layer): the model's attention window, and whether only some layers use it.
 
-    ``dense``: ``(1, 1, N, N)`` bool for SDPA. ``flex``: a FlexAttention ``BlockMask`` built from the same rule.
+    Mistral windows every layer (``sliding_window`` set); Qwen2/Qwen3 window the layers whose
+    ``layer_types`` entry is ``sliding_attention`` (``use_sliding_window``, ``max_window_layers``).
     """
+    layer_types = getattr(config, "layer_types", None)
+    window = getattr(config, "sliding_window", None)
+    if layer_types is not None:
+        return (window, True) if window and "sliding_attention" in layer_types else (None, False)
+    return (window or None), False
+
+
+def tree_attention_mask(subtree_end: torch.Tensor, kind: str, positions: torch.Tensor | None = None,
+                        window: int | None = None):
+    """The 4D mask of a pre-order token tree: key k is visible to query q iff ``k <= q < subtree_end[k]``,
+    and, with a sliding ``window``, ``positions[q] - positions[k] < window`` (HF's window: the last
+    ``window`` positions of the query's own path).
+
+    ``dense``: ``(1, 1, N, N)`` bool for SDPA. ``flex``: a FlexAttention ``BlockMask`` of the same rule.
+    """
+    if window is not None and positions is None:
+        raise ValueError("a sliding-window tree mask needs the tokens' positions")
     n = subtree_end.numel()
     if kind == "dense":
         idx = torch.arange(n, device=subtree_end.device)
         visible = (idx[None, :] <= idx[:, None]) & (idx[:, None] < subtree_end[None, :])  # (N, N)
+        if window is not None:
+            visible &= (positions[:, None] - positions[None, :]) < window
         return visible[None, None]
     if kind == "flex":
-        return tree_block_mask(subtree_end)
+        return tree_block_mask(subtree_end, positions=positions, window=window)
     raise ValueError(f"mask kind {kind!r}: use 'dense' or 'flex'.")
 
 
-def tree_block_mask(subtree_end: torch.Tensor, block_size: int = 128):
+def tree_block_mask(subtree_end: torch.Tensor, block_size: int = 128, positions: torch.Tensor | None = None,
+                    window: int | None = None):
     """The tree's FlexAttention ``BlockMask``, computed from ``subtree_end`` per block, with no compile.
 
     ``create_block_mask`` evaluates the mask for every (q, k) pair, and compiled it recompiled inside
@@ -133,7 +154,8 @@ def tree_block_mask(subtree_end: torch.Tensor, block_size: int = 128):
     block j: the keys of block j are visible exactly to queries in ``[j * bs, max(subtree_end[block j]))``
     (each key sees its own subtree, and consecutive keys' subtrees leave no gap), and to all of query
     block i when ``j < i`` and ``min(subtree_end[block j]) >= (i + 1) * bs``. Partial blocks apply the
-    same rule per element through ``mask_mod``. ``N`` must be a multiple of ``block_size``.
+    same rule per element through ``mask_mod``. ``N`` must be a multiple of ``block_size``. With a sliding
+    ``window`` no block is full (positions are not monotonic in pre-order): every visible block is partial.
     """
     from torch.nn.attention.flex_attention import BlockMask
 
@@ -147,6 +169,8 @@ def tree_block_mask(subtree_end: torch.Tensor, block_size: int = 128):
     k_block = q_block.T  # (1, nb)
     any_visible = (k_block <= q_block) & (reach[None, :] > q_block * block_size)  # (nb, nb)
     full = (k_block < q_block) & (floor[None, :] >= (q_block + 1) * block_size)
+    if window is not None:
+        full = torch.zeros_like(full)
     partial = any_visible & ~full
 
     def listed(flags):  # (nb, nb) bool -> counts (1, 1, nb), indices (1, 1, nb, nb), flagged columns first
@@ -159,7 +183,11 @@ def tree_block_mask(subtree_end: torch.Tensor, block_size: int = 128):
     def ancestor_or_self(b, h, q_idx, kv_idx):
         return (kv_idx <= q_idx) & (q_idx < end[kv_idx])
 
+    def ancestor_in_window(b, h, q_idx, kv_idx):
+        return ancestor_or_self(b, h, q_idx, kv_idx) & (positions[q_idx] - positions[kv_idx] < window)
+
     kv_num, kv_idx = listed(partial)
     full_num, full_idx = listed(full)
     return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block_size,
-                                    mask_mod=ancestor_or_self, seq_lengths=(n, n))
+                                    mask_mod=ancestor_or_self if window is None else ancestor_in_window,
+                                    seq_lengths=(n, n))
