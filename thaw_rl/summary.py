@@ -176,7 +176,7 @@ def _one_line(text: str, limit: int) -> str:
 # Distinct colours: the weighted reward in black, the reward functions from a palette without green, length in
 # red, savings in green (nothing else is green).
 REWARD_COLOURS = ("tab:blue", "tab:orange", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray")
-LENGTH_COLOUR, SAVINGS_COLOUR = "tab:red", "tab:green"
+LENGTH_COLOUR, SAVINGS_COLOUR, TRAIN_SAVINGS_COLOUR = "tab:red", "tab:green", "tab:olive"
 
 
 def make_figure(log_history: list[dict]):
@@ -204,6 +204,10 @@ def make_figure(log_history: list[dict]):
     middle.set_ylabel("tokens")
     middle.set_ylim(bottom=0)
     _plot(bottom, steps, "thaw/savings", "rollout tokens saved vs a flat sampler", SAVINGS_COLOUR, scale=100)
+    trained = [{"step": h["step"], "saved": 1.0 - h["thaw/train_tokens"] / h["thaw/train_tokens_flat"]}
+               for h in steps if _finite(h.get("thaw/train_tokens")) and h.get("thaw/train_tokens_flat")]
+    _plot(bottom, trained, "saved", "training tokens saved vs TRL's padded rows", TRAIN_SAVINGS_COLOUR,
+          scale=100)
     bottom.set_ylabel("saved (%)")
     bottom.set_ylim(0, 100)
     bottom.set_xlabel("optimizer step")
