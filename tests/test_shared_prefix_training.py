@@ -406,3 +406,24 @@ def test_sliding_window_models_pack_with_the_window_along_each_path(family):
         unwindowed = packed_logps(model, model, ids, mask, 7, max_rows=None, max_tokens=None, mask_kind="dense",
                                   compute_entropy=False).logps
     assert (unwindowed[valid] - flat[valid]).abs().max() > 1e-3
+
+
+def test_windowed_block_mask_covers_every_visible_pair_and_marks_nothing_full():
+    """With a sliding window the block mask must still list every block holding a visible (q, k) pair."""
+    from thaw_rl.trainers.shared_prefix import padded_tree
+    from thaw_rl.trainers.tree_attention import tree_block_mask
+
+    g = torch.Generator().manual_seed(5)
+    prompt = torch.randint(3, 50, (200,), generator=g).tolist()
+    completions = [torch.randint(3, 50, (n,), generator=g).tolist() for n in (150, 90, 180)]
+    ids, mask = padded_rows([prompt] * 3, completions, 180)
+    (chunk,) = pack_rows(ids, mask, 180).chunks
+    _, positions, _, ends = padded_tree(chunk, 128)
+    window = 40
+    ours = tree_block_mask(ends, positions=positions, window=window)
+    dense = tree_attention_mask(ends, "dense", positions, window)[0, 0]  # (N, N)
+    nb = ends.numel() // 128
+    needed = dense.view(nb, 128, nb, 128).any(dim=3).any(dim=1)  # (nb, nb): blocks with a visible pair
+    listed = ours.to_dense()[0, 0].bool()
+    assert torch.all(listed[needed]) and ours.full_kv_num_blocks.sum() == 0
+    assert dense.sum() < tree_attention_mask(ends, "dense")[0, 0].sum()  # the window removed pairs
