@@ -57,3 +57,14 @@ def fresh_wandb():
     yield
     wandb.finish()
     wandb.teardown()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module: tiny models gain nothing from threads, on a busy 2-core machine OpenMP
+    spinning makes each matmul far slower, and the in-process reference engine then runs as each pool worker
+    does. The previous setting is restored after the module."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -30,13 +30,7 @@ SEGMENTS = TreeSpec.segments([2, 3], segment_tokens=4)
 ENTROPY = TreeSpec.entropy(max_leaves=6, threshold=3.7, initial=2, branch=2, segment_tokens=5)  # forks at ``at``
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The in-process reference engine runs on one thread, as each of the two workers does."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")

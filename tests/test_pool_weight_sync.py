@@ -28,12 +28,7 @@ PROMPT = [1, 11, 22, 33, 44, 55, 66, 77, 88, 9, 10, 12, 13, 14, 15, 16, 17, 18] 
 PARAMS = SamplingParams(temperature=1.0, max_tokens=6, ignore_eos=True, seed=3)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
 
 def sampled_gap(pool: ForkPool, worker: int, model) -> float:
