@@ -20,6 +20,7 @@ from trl import GRPOConfig
 
 from thaw_rl.engine.sampling import SamplingParams
 from thaw_rl.rollout.tree_spec import KINDS, TreeSpec
+from thaw_rl.trainers.tree_attention import MASK_KINDS
 
 ROLLOUT_BACKENDS = ("native", "vllm", "pool")
 _POOL_FIELDS = ("pool_num_workers", "pool_devices", "async_rollouts")
@@ -150,8 +151,8 @@ class ThawGRPOConfig(GRPOConfig):
         default="auto",
         metadata={"help": "Tree mask kind for shared_prefix_training: 'flex' (a FlexAttention block mask, skips the "
                           "tiles no token attends), 'dense' (an (N, N) bool mask through SDPA; the reference), or "
-                          "'auto' (on CUDA flex for packs of 6,144 tokens or more, where it measured faster, dense below; dense on "
-                          "CPU)."})
+                          "'auto' (on CUDA flex for packs of 6,144 tokens or more, where it measured faster, dense "
+                          "below; dense on CPU)."})
     native_importance_sampling_correction: bool = field(
         default=False,
         metadata={"help": "Route the engine's sampling logprobs into TRL's importance-sampling correction (the "
@@ -168,8 +169,8 @@ class ThawGRPOConfig(GRPOConfig):
             raise ValueError(
                 f"kv_cache_memory={self.kv_cache_memory}: give bytes (>= 1), a fraction in (0, 1) of free GPU "
                 f"memory, or None for the engine default.")
-        if self.shared_prefix_attention not in ("auto", "dense", "flex"):
-            raise ValueError(f"shared_prefix_attention={self.shared_prefix_attention!r}: use 'auto', 'dense' or 'flex'.")
+        if self.shared_prefix_attention not in MASK_KINDS:
+            raise ValueError(f"shared_prefix_attention={self.shared_prefix_attention!r}: use one of {MASK_KINDS}.")
         if self.shared_prefix_max_tokens is not None and self.shared_prefix_max_tokens < 1:
             raise ValueError(f"shared_prefix_max_tokens={self.shared_prefix_max_tokens}: give a positive token count, "
                              f"or None for one packed forward per micro-batch.")

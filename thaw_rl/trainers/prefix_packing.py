@@ -53,11 +53,6 @@ class PackedChunk:
         padded = torch.cat([packed, packed.new_zeros(1)])  # (N + 1,): index N reads the zero
         return padded[self.gather.to(packed.device)]  # (R, T)
 
-    def ancestors_mask(self) -> torch.Tensor:
-        """Dense ``(N, N)`` bool: entry [q, k] is True when q may attend k (k is q or an ancestor of q)."""
-        idx = torch.arange(self.num_tokens, device=self.subtree_end.device)
-        return (idx[None, :] <= idx[:, None]) & (idx[:, None] < self.subtree_end[None, :])
-
 
 @dataclass
 class PackedBatch:

@@ -71,10 +71,13 @@ def packed_logps(
             n = chunk.num_tokens
             kind = resolve_mask_kind(mask_kind, input_ids.device, n)
             ids, positions, labels, subtree_end = padded_tree(chunk, FLEX_PAD if kind == "flex" else 1)
-            mask = tree_attention_mask(subtree_end, kind)
-            if window is not None and int(chunk.position_ids.max()) + 1 > window:  # a row outgrows the window
-                windowed = tree_attention_mask(subtree_end, kind, positions, window)
-                mask = {"full_attention": mask, "sliding_attention": windowed} if per_layer else windowed
+            if window is None or int(chunk.position_ids.max()) + 1 <= window:  # no row outgrows the window
+                mask = tree_attention_mask(subtree_end, kind)
+            elif per_layer:
+                mask = {"full_attention": tree_attention_mask(subtree_end, kind),
+                        "sliding_attention": tree_attention_mask(subtree_end, kind, positions, window)}
+            else:  # every layer windowed: the full mask is never used
+                mask = tree_attention_mask(subtree_end, kind, positions, window)
             with autocast() if autocast is not None else contextlib.nullcontext():
                 out = model(input_ids=ids[None], position_ids=positions[None], attention_mask=mask,
                             shift_labels=labels[None], fused_lm_head=True)
