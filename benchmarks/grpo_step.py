@@ -14,7 +14,9 @@ Same model weights, data, reward, seeds and TRL config for both; only the genera
 Per optimizer step (one generation per step: ``per_device_train_batch_size = prompts x
 num_generations``, no accumulation) we time the whole step (callback from step begin to step end,
 optimizer included) and the generation inside it (the ``_generate_single_turn`` call); training is the
-rest (rewards, the no-grad logprob pass TRL runs when it needs one, forward/backward, optimizer). The
+rest, split further into scoring (rewards and the no-grad logprob pass TRL runs when it needs one: all of
+``_generate_and_score_completions`` but the generation), the loss forwards (``compute_loss``), and backward +
+optimizer (what remains). ``--profile DIR`` writes a torch.profiler table of each trainer's last step. The
 first ``--warmup`` steps are dropped; medians of the others are reported. The two samplers draw
 different samples, so completion lengths differ: the table shows them, and generation tok/s.
 
@@ -73,6 +75,8 @@ def parse_args() -> argparse.Namespace:
                    help="per-device micro batch (default: one generation batch); the rest is accumulated")
     p.add_argument("--kv-cache-memory", type=float, default=None, help="thaw: engine KV pool bytes on CUDA")
     p.add_argument("--compile-layers", action="store_true", help="thaw: engine_compile_layers=True")
+    p.add_argument("--profile", type=Path, default=None,
+                   help="directory: profile each trainer's last step with torch.profiler (profile_<trainer>.txt)")
     args = p.parse_args()
     args.device = "cuda" if torch.cuda.is_available() else "cpu"
     args.trainers = [t.strip() for t in args.trainers.split(",") if t.strip()]
@@ -124,6 +128,22 @@ class StepClock:
         params = super()._sampling_params(seed)
         return dataclasses.replace(params, ignore_eos=True, stop_token_ids=[]) if self.ignore_eos else params
 
+    def _generate_and_score_completions(self, *args, **kwargs):
+        sync()
+        start = time.perf_counter()
+        out = super()._generate_and_score_completions(*args, **kwargs)
+        sync()
+        self.clock["generate_and_score"][-1] += time.perf_counter() - start
+        return out
+
+    def compute_loss(self, *args, **kwargs):
+        sync()
+        start = time.perf_counter()
+        out = super().compute_loss(*args, **kwargs)
+        sync()
+        self.clock["loss_forward"][-1] += time.perf_counter() - start
+        return out
+
     def _generate_single_turn(self, *args, **kwargs):
         sync()
         start = time.perf_counter()
@@ -139,6 +159,22 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
+def profiler_activities():
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    return acts + ([torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+
+
+def write_profile(prof, path: Path) -> None:
+    """The step's ops by device time and by host time (what ``--profile`` writes per trainer)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    events = prof.key_averages()
+    device_key = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+    with open(path, "w") as f:
+        f.write(f"# by {device_key}\n{events.table(sort_by=device_key, row_limit=45, max_name_column_width=60)}\n")
+        f.write(f"# by self_cpu_time_total\n{events.table(sort_by='self_cpu_time_total', row_limit=30, max_name_column_width=60)}\n")
+    print(f"profile written to {path}", flush=True)
+
+
 def make_callback(trainer):
     from transformers import TrainerCallback
 
@@ -146,12 +182,19 @@ def make_callback(trainer):
         def on_step_begin(self, args, state, control, **kwargs):
             sync()
             trainer.clock["start"] = time.perf_counter()
-            for key in ("generation", "generated_tokens"):
+            for key in ("generation", "generated_tokens", "generate_and_score", "loss_forward"):
                 trainer.clock[key].append(0)
+            if trainer.profile_dir and state.global_step == args.max_steps - 1:  # the last step
+                trainer.profiler = torch.profiler.profile(activities=profiler_activities(), record_shapes=False)
+                trainer.profiler.__enter__()
 
         def on_step_end(self, args, state, control, **kwargs):
             sync()
             trainer.clock["step"].append(time.perf_counter() - trainer.clock["start"])
+            if getattr(trainer, "profiler", None) is not None:
+                trainer.profiler.__exit__(None, None, None)
+                write_profile(trainer.profiler, trainer.profile_dir / f"profile_{trainer.kind}.txt")
+                trainer.profiler = None
 
     return Clock()
 
@@ -202,21 +245,29 @@ def run(kind: str, args, out_dir: str) -> dict:
         trainer.generation_config.eos_token_id = None
         model.generation_config.eos_token_id = None
         trainer.ignore_eos = True
-    trainer.clock = {"generation": [], "generated_tokens": [], "step": []}
+    trainer.clock = {"generation": [], "generated_tokens": [], "step": [], "generate_and_score": [], "loss_forward": []}
+    trainer.kind, trainer.profile_dir, trainer.profiler = kind, args.profile, None
     trainer.add_callback(make_callback(trainer))
     trainer.train()
     timed = slice(args.warmup, None)
     steps, gens = trainer.clock["step"][timed], trainer.clock["generation"][timed]
     tokens = trainer.clock["generated_tokens"][timed]
+    scoring = [a - g for a, g in zip(trainer.clock["generate_and_score"][timed], gens)]
+    loss_forward = trainer.clock["loss_forward"][timed]
     history = [h for h in trainer.state.log_history if "completions/mean_length" in h][timed]
     row = {
         "trainer": kind, "model": model_name,
         "step_seconds": statistics.median(steps), "generation_seconds": statistics.median(gens),
         "training_seconds": statistics.median(s - g for s, g in zip(steps, gens)),
         "generated_tokens": statistics.median(tokens),
+        # training = scoring (rewards, the no-grad logprob pass) + loss forwards + the rest (backward, optimizer)
+        "scoring_seconds": statistics.median(scoring), "loss_forward_seconds": statistics.median(loss_forward),
+        "backward_optimizer_seconds": statistics.median(
+            s - g - c - f for s, g, c, f in zip(steps, gens, scoring, loss_forward)),
         "generation_tokens_per_second": statistics.median(t / g for t, g in zip(tokens, gens)),
         "mean_completion_length": statistics.mean(h["completions/mean_length"] for h in history),
-        "per_step": {"step_seconds": steps, "generation_seconds": gens, "generated_tokens": tokens},
+        "per_step": {"step_seconds": steps, "generation_seconds": gens, "generated_tokens": tokens,
+                     "scoring_seconds": scoring, "loss_forward_seconds": loss_forward},
     }
     if kind.startswith("thaw"):
         logged = [h for h in trainer.state.log_history if any(k.startswith("thaw/") for k in h)][timed]
@@ -228,6 +279,8 @@ def run(kind: str, args, out_dir: str) -> dict:
 def table(rows: list[dict]) -> str:
     cols = [("trainer", "trainer", "{}"), ("step s", "step_seconds", "{:.2f}"),
             ("generation s", "generation_seconds", "{:.2f}"), ("training s", "training_seconds", "{:.2f}"),
+            ("scoring s", "scoring_seconds", "{:.2f}"), ("loss fwd s", "loss_forward_seconds", "{:.2f}"),
+            ("bwd+opt s", "backward_optimizer_seconds", "{:.2f}"),
             ("gen tokens", "generated_tokens", "{:,.0f}"), ("gen tok/s", "generation_tokens_per_second", "{:,.0f}")]
     lines = [[c[0] for c in cols]] + [[fmt.format(r[key]) for _, key, fmt in cols] for r in rows]
     widths = [max(len(line[i]) for line in lines) for i in range(len(cols))]

@@ -61,7 +61,8 @@ def packed_logps(
     context each forward runs in (TRL's ``accelerator.autocast``). None when the batch is not in TRL's
     padding layout (the caller keeps the flat path).
     """
-    batch = pack_rows(input_ids, attention_mask, logits_to_keep, max_rows=max_rows, max_tokens=max_tokens)
+    with torch.profiler.record_function("thaw.pack_rows"):
+        batch = pack_rows(input_ids, attention_mask, logits_to_keep, max_rows=max_rows, max_tokens=max_tokens)
     if batch is None:
         return None
     window, per_layer = sliding_window_of(config_model.config)
@@ -71,13 +72,8 @@ def packed_logps(
             n = chunk.num_tokens
             kind = resolve_mask_kind(mask_kind, input_ids.device, n)
             ids, positions, labels, subtree_end = padded_tree(chunk, FLEX_PAD if kind == "flex" else 1)
-            if window is None or int(chunk.position_ids.max()) + 1 <= window:  # no row outgrows the window
-                mask = tree_attention_mask(subtree_end, kind)
-            elif per_layer:
-                mask = {"full_attention": tree_attention_mask(subtree_end, kind),
-                        "sliding_attention": tree_attention_mask(subtree_end, kind, positions, window)}
-            else:  # every layer windowed: the full mask is never used
-                mask = tree_attention_mask(subtree_end, kind, positions, window)
+            with torch.profiler.record_function(f"thaw.tree_mask.{kind}"):
+                mask = chunk_mask(subtree_end, positions, kind, window, per_layer)
             with autocast() if autocast is not None else contextlib.nullcontext():
                 out = model(input_ids=ids[None], position_ids=positions[None], attention_mask=mask,
                             shift_labels=labels[None], fused_lm_head=True)
@@ -85,6 +81,18 @@ def packed_logps(
             if compute_entropy:
                 entropies.append(out.entropy[0, :n])
     return PackedScores(batch.unpack(logps), batch.unpack(entropies) if compute_entropy else None, batch)
+
+
+def chunk_mask(subtree_end, positions, kind: str, window: int | None, per_layer: bool):
+    """The attention mask of one packed tree: a tensor/BlockMask, or a ``layer_types`` dict for models
+    whose layers mix full and sliding attention. Without a window, or when no row outgrows it, the
+    plain tree mask."""
+    if window is None or int(positions.max()) + 1 <= window:
+        return tree_attention_mask(subtree_end, kind)
+    if per_layer:
+        return {"full_attention": tree_attention_mask(subtree_end, kind),
+                "sliding_attention": tree_attention_mask(subtree_end, kind, positions, window)}
+    return tree_attention_mask(subtree_end, kind, positions, window)  # every layer windowed
 
 
 def padded_tree(chunk, multiple: int):
