@@ -71,7 +71,7 @@ def packed_logps(
         for chunk in batch.chunks:
             n = chunk.num_tokens
             kind = resolve_mask_kind(mask_kind, input_ids.device, n)
-            ids, positions, labels, subtree_end = padded_tree(chunk, FLEX_PAD if kind == "flex" else 1)
+            ids, positions, labels, subtree_end = padded_tree(chunk, pad_multiple(kind, input_ids.device))
             with torch.profiler.record_function(f"thaw.tree_mask.{kind}"):
                 mask = chunk_mask(subtree_end, positions, kind, window, per_layer)
             with autocast() if autocast is not None else contextlib.nullcontext():
@@ -93,6 +93,17 @@ def chunk_mask(subtree_end, positions, kind: str, window: int | None, per_layer:
         return {"full_attention": tree_attention_mask(subtree_end, kind),
                 "sliding_attention": tree_attention_mask(subtree_end, kind, positions, window)}
     return tree_attention_mask(subtree_end, kind, positions, window)  # every layer windowed
+
+
+def pad_multiple(kind: str, device: torch.device) -> int:
+    """Packed lengths are padded to a multiple of this many tokens.
+
+    Flex needs whole 128-token blocks. On CUDA the dense path pads too: SDPA runs a bool mask through
+    cuDNN there, which builds an execution plan per new shape (seen on the H200: 2.7 ms of host time per
+    layer call, more than the kernel, with every micro-batch's tree a new length); padded lengths repeat
+    and hit its plan cache. On CPU nothing is cached per shape, so nothing is padded.
+    """
+    return FLEX_PAD if kind == "flex" or device.type == "cuda" else 1
 
 
 def padded_tree(chunk, multiple: int):

@@ -65,7 +65,7 @@ def _compiled_flex_attention():
     return _flex
 
 
-FLEX_PAD = 128  # flex's block size: packed lengths are padded to a multiple of it on the flex path
+FLEX_PAD = 128  # flex's block size: packed lengths are padded to a multiple of it (shared_prefix.pad_multiple)
 
 
 AttentionInterface.register(ATTENTION_NAME, thaw_tree_attention)
