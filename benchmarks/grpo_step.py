@@ -75,6 +75,9 @@ def parse_args() -> argparse.Namespace:
                    help="per-device micro batch (default: one generation batch); the rest is accumulated")
     p.add_argument("--kv-cache-memory", type=float, default=None, help="thaw: engine KV pool bytes on CUDA")
     p.add_argument("--compile-layers", action="store_true", help="thaw: engine_compile_layers=True")
+    p.add_argument("--engine-defaults", action="store_true",
+                   help="thaw on CUDA: ThawGRPOConfig's engine defaults (KV pool 0.5 of free memory, released to "
+                        "training after each generation) instead of a kept 8 GB pool")
     p.add_argument("--profile", type=Path, default=None,
                    help="directory: profile each trainer's last step with torch.profiler (profile_<trainer>.txt)")
     args = p.parse_args()
@@ -151,6 +154,10 @@ class StepClock:
         sync()
         self.clock["generation"][-1] += time.perf_counter() - start
         self.clock["generated_tokens"][-1] += sum(len(c) for c in out[0])
+        if torch.cuda.is_available():  # what generation holds when it returns, then training's own peak
+            self.clock["after_generation_gib"][-1] = torch.cuda.memory_allocated() / 2**30
+            self.clock["generation_peak_gib"][-1] = torch.cuda.max_memory_allocated() / 2**30
+            torch.cuda.reset_peak_memory_stats()
         return out
 
 
@@ -182,8 +189,11 @@ def make_callback(trainer):
         def on_step_begin(self, args, state, control, **kwargs):
             sync()
             trainer.clock["start"] = time.perf_counter()
-            for key in ("generation", "generated_tokens", "generate_and_score", "loss_forward"):
+            for key in ("generation", "generated_tokens", "generate_and_score", "loss_forward",
+                        "after_generation_gib", "generation_peak_gib"):
                 trainer.clock[key].append(0)
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
             if trainer.profile_dir and state.global_step == args.max_steps - 1:  # the last step
                 trainer.profiler = torch.profiler.profile(activities=profiler_activities(), record_shapes=False)
                 trainer.profiler.__enter__()
@@ -191,6 +201,8 @@ def make_callback(trainer):
         def on_step_end(self, args, state, control, **kwargs):
             sync()
             trainer.clock["step"].append(time.perf_counter() - trainer.clock["start"])
+            trainer.clock["training_peak_gib"].append(
+                torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0)
             if getattr(trainer, "profiler", None) is not None:
                 trainer.profiler.__exit__(None, None, None)
                 write_profile(trainer.profiler, trainer.profile_dir / f"profile_{trainer.kind}.txt")
@@ -232,9 +244,10 @@ def run(kind: str, args, out_dir: str) -> dict:
         if args.tree_branching:
             fields.update(tree_spec="segments", tree_segment_tokens=args.tree_segment_tokens,
                           tree_branching=[int(b) for b in args.tree_branching.split(",")])
-        if on_gpu:  # keep the engine (and its CUDA graphs) between generations, with a bounded KV pool
-            fields.update(release_kv_cache=False, kv_cache_memory=args.kv_cache_memory or 8e9,
-                          engine_compile_layers=args.compile_layers)
+        if on_gpu and not args.engine_defaults:  # keep the KV pool allocated between generations, bounded
+            fields.update(release_kv_cache=False, kv_cache_memory=args.kv_cache_memory or 8e9)
+        if on_gpu:
+            fields.update(engine_compile_layers=args.compile_layers)
     else:
         config_cls, trainer_cls = GRPOConfig, GRPOTrainer
     timed_cls = type(f"Timed{trainer_cls.__name__}", (StepClock, trainer_cls), {})
@@ -245,7 +258,8 @@ def run(kind: str, args, out_dir: str) -> dict:
         trainer.generation_config.eos_token_id = None
         model.generation_config.eos_token_id = None
         trainer.ignore_eos = True
-    trainer.clock = {"generation": [], "generated_tokens": [], "step": [], "generate_and_score": [], "loss_forward": []}
+    trainer.clock = {key: [] for key in ("generation", "generated_tokens", "step", "generate_and_score", "loss_forward",
+                                         "after_generation_gib", "generation_peak_gib", "training_peak_gib")}
     trainer.kind, trainer.profile_dir, trainer.profiler = kind, args.profile, None
     trainer.add_callback(make_callback(trainer))
     trainer.train()
@@ -268,6 +282,9 @@ def run(kind: str, args, out_dir: str) -> dict:
         "mean_completion_length": statistics.mean(h["completions/mean_length"] for h in history),
         "per_step": {"step_seconds": steps, "generation_seconds": gens, "generated_tokens": tokens,
                      "scoring_seconds": scoring, "loss_forward_seconds": loss_forward},
+        # GPU memory (torch's allocator): peak during generation, held when it returns, peak during training
+        "memory_gib": {key: max(trainer.clock[key][timed], default=0.0)
+                       for key in ("generation_peak_gib", "after_generation_gib", "training_peak_gib")},
     }
     if kind.startswith("thaw"):
         logged = [h for h in trainer.state.log_history if any(k.startswith("thaw/") for k in h)][timed]

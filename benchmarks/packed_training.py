@@ -41,6 +41,8 @@ def parse_args():
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--no-checkpointing", action="store_true")
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--profile", type=Path, default=None,
+                   help="directory: a torch.profiler table of one more fwd+bwd per shape and path")
     return p.parse_args()
 
 
@@ -144,6 +146,13 @@ def main():
             t_train, lp = timed(lambda: score(True), args.repeats)
             peak = torch.cuda.max_memory_allocated() / 2**30
             t_nograd, _ = timed(lambda: score(False, entropy=False), args.repeats)
+            if args.profile:
+                from grpo_step import profiler_activities, write_profile
+
+                with torch.profiler.profile(activities=profiler_activities()) as prof:
+                    score(True)
+                    torch.cuda.synchronize()
+                write_profile(prof, args.profile / f"profile_{shape.replace(':', '_')}_{path}.txt")
             logps[path] = lp.float()
             result[path] = {"fwd_bwd_ms": t_train * 1e3, "no_grad_ms": t_nograd * 1e3, "peak_gib": peak}
         if "flat" in logps:  # the bf16 floor: the same flat rows scored in reverse order, in two halves
