@@ -8,6 +8,9 @@ Same model weights, data, reward, seeds and TRL config for both; only the genera
   its group on thaw-rl's paged engine, over the same live model object, and trained with shared-prefix
   packing (each prompt, and each shared tree node, once in the training forward/backward too).
 - ``thaw-flat``: the same with ``shared_prefix_training=False`` (TRL's flat training forward).
+- ``thaw-defaults``: ``thaw`` with ThawGRPOConfig's engine defaults on CUDA (a KV pool of half the free
+  memory, released to training after each generation and mapped again at the next), where the others keep
+  an 8 GB pool allocated between generations. ``memory_gib`` in the receipt shows what each holds.
 
 ``--tree-branching 4,2,2 --tree-segment-tokens 64`` makes the thaw trainers sample segment trees.
 
@@ -56,7 +59,7 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2", choices=["smollm2", "tiny", "qwen2.5-1.5b"],
                    help="smollm2: SmolLM2-135M-Instruct offline; tiny: thaw_rl.testing's tiny Qwen2")
-    p.add_argument("--trainers", default="trl,thaw", help="comma list of trl, thaw-flat, thaw (run in this order)")
+    p.add_argument("--trainers", default="trl,thaw", help="comma list of trl, thaw-flat, thaw, thaw-defaults (run in this order)")
     p.add_argument("--tree-branching", default=None, help="thaw: segment tree, e.g. 4,2,2 (product = generations)")
     p.add_argument("--tree-segment-tokens", type=int, default=None)
     p.add_argument("--shared-prefix-attention", default="auto", help="thaw: auto, dense or flex")
@@ -75,9 +78,6 @@ def parse_args() -> argparse.Namespace:
                    help="per-device micro batch (default: one generation batch); the rest is accumulated")
     p.add_argument("--kv-cache-memory", type=float, default=None, help="thaw: engine KV pool bytes on CUDA")
     p.add_argument("--compile-layers", action="store_true", help="thaw: engine_compile_layers=True")
-    p.add_argument("--engine-defaults", action="store_true",
-                   help="thaw on CUDA: ThawGRPOConfig's engine defaults (KV pool 0.5 of free memory, released to "
-                        "training after each generation) instead of a kept 8 GB pool")
     p.add_argument("--profile", type=Path, default=None,
                    help="directory: profile each trainer's last step with torch.profiler (profile_<trainer>.txt)")
     args = p.parse_args()
@@ -240,11 +240,11 @@ def run(kind: str, args, out_dir: str) -> dict:
     )
     if kind.startswith("thaw"):
         config_cls, trainer_cls = ThawGRPOConfig, ThawGRPOTrainer
-        fields.update(shared_prefix_training=kind == "thaw", shared_prefix_attention=args.shared_prefix_attention)
+        fields.update(shared_prefix_training=kind != "thaw-flat", shared_prefix_attention=args.shared_prefix_attention)
         if args.tree_branching:
             fields.update(tree_spec="segments", tree_segment_tokens=args.tree_segment_tokens,
                           tree_branching=[int(b) for b in args.tree_branching.split(",")])
-        if on_gpu and not args.engine_defaults:  # keep the KV pool allocated between generations, bounded
+        if on_gpu and kind != "thaw-defaults":  # keep the KV pool allocated between generations, bounded
             fields.update(release_kv_cache=False, kv_cache_memory=args.kv_cache_memory or 8e9)
         if on_gpu:
             fields.update(engine_compile_layers=args.compile_layers)
@@ -310,6 +310,11 @@ def table(rows: list[dict]) -> str:
             out.append(f"{base}/thaw: step {t['step_seconds'] / h['step_seconds']:.2f}x, generation "
                        f"{t['generation_seconds'] / h['generation_seconds']:.2f}x, training "
                        f"{t['training_seconds'] / h['training_seconds']:.2f}x")
+    if "thaw-defaults" in by and "thaw" in by:
+        d, h = by["thaw-defaults"], by["thaw"]
+        out.append(f"thaw-defaults (pool released after generation) vs thaw (kept pool): generation "
+                   f"{d['generation_seconds'] / h['generation_seconds']:.2f}x the time, training peak "
+                   f"{d['memory_gib']['training_peak_gib']:.1f} vs {h['memory_gib']['training_peak_gib']:.1f} GiB")
     if "thaw" in by and "thaw/train_tokens" in by["thaw"].get("thaw", {}):
         m = by["thaw"]["thaw"]
         out.append(f"thaw training tokens per step: {m['thaw/train_tokens']:,.0f} packed vs "
