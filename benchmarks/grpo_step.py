@@ -332,7 +332,7 @@ def main() -> None:
             print(f"== {kind}: {args.prompts} prompts x {args.num_generations} generations, "
                   f"{args.max_completion_length} new tokens, {args.warmup} + {args.steps} steps", flush=True)
             rows.append(run(kind, args, out_dir))
-    write_receipt(args.out, receipt("grpo_step", args, rows))
+            write_receipt(args.out, receipt("grpo_step", args, rows))  # after each trainer: a killed run keeps the rest
     print(table(rows))
 
 
