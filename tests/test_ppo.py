@@ -3,8 +3,10 @@
 The story: the TRL seams PPO builds on are where we expect them; GAE (per row and per tree node) and the
 clipped losses equal hand computations; bad configs fail with the fix in the message; a few steps train
 the policy and the value head and log TRL PPO's metrics next to the ``thaw/...`` ones; a tree rollout
-gives shared tokens one value and one advantage; on a fixed batch the value loss goes down; a
-checkpoint restores policy and value head; two ranks train in lockstep.
+gives shared tokens one value and one advantage; on a fixed batch the value loss goes down; values and
+gradients are the same with gradient checkpointing; the user's model stays a plain causal LM (the head
+lives beside it, in the trainer, and is saved beside it); a checkpoint restores policy and value head;
+two ranks train in lockstep.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import pytest
 import torch
 from datasets import Dataset
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 from trl import GRPOTrainer
 
 from thaw_rl.rollout import Leaf, Node, RolloutBatch, RolloutStats
@@ -34,7 +37,7 @@ from thaw_rl.trainers.ppo_objective import (
     tree_gae,
     value_loss,
 )
-from thaw_rl.trainers.value_head import VALUE_HEAD_FILE
+from thaw_rl.trainers.value_head import VALUE_HEAD_FILE, load_value_head
 
 PPO_KEYS = ("loss/policy_avg", "loss/value_avg", "policy/approxkl_avg", "policy/clipfrac_avg", "val/clipfrac_avg",
             "policy/entropy_avg", "val/ratio")
@@ -212,7 +215,7 @@ def test_training_moves_policy_and_value_head_and_logs_ppo_metrics(tmp_path):
     trainer = make_trainer(tmp_path, max_steps=8, value_learning_rate=5e-2)
     assert trainer.ref_model is not None and not any(p.requires_grad for p in trainer.ref_model.parameters())
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
-    assert any(n.startswith("v_head.") for n in before)
+    assert {n for n in before if n.startswith("value_head.")} == {"value_head.summary.weight", "value_head.summary.bias"}
     trainer.train()
     for name, p in before.items():
         assert not torch.equal(p, trainer.model.get_parameter(name)), f"{name} did not change"
@@ -267,6 +270,64 @@ def test_fixed_batch_optimisation_lowers_the_value_loss(tmp_path):
     assert value_losses[-1] < 0.25 * value_losses[0], value_losses
 
 
+@pytest.mark.parametrize("packed", [True, False])
+def test_values_and_gradients_are_the_same_under_gradient_checkpointing(tmp_path, packed):
+    """The value capture hooks the backbone's output, outside the recomputed layers: nothing changes."""
+    trainer = make_trainer(tmp_path, shared_prefix_training=packed)
+    trainer.model.train()
+    batch = trainer._generate_and_score_completions(batch_inputs())
+
+    def values_and_grads():
+        trainer.model.zero_grad()
+        trainer._compute_loss(trainer.model, batch).backward()
+        assert (trainer.last_packed_batch is not None) == packed
+        return trainer._captured_values.detach().clone(), {n: p.grad.clone() for n, p in trainer.model.named_parameters()}
+
+    values, grads = values_and_grads()
+    assert grads["value_head.summary.weight"].abs().sum() > 0
+    trainer.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # TRL's default
+    assert trainer.policy_and_value.policy.is_gradient_checkpointing
+    checkpointed_values, checkpointed_grads = values_and_grads()
+    torch.testing.assert_close(checkpointed_values, values, rtol=0, atol=1e-6)
+    for name, grad in grads.items():
+        torch.testing.assert_close(checkpointed_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_the_users_model_stays_a_plain_causal_lm_and_the_head_is_saved_beside_it(tmp_path):
+    """The head lives beside the policy: the user's model gains no parameter, state-dict key, attribute or hook."""
+    model, _ = tiny_model_and_tokenizer("qwen2")
+    names, keys = [n for n, _ in model.named_parameters()], list(model.state_dict())
+    hooks = (len(model._forward_hooks), len(model.base_model._forward_hooks))
+    model.save_pretrained(str(tmp_path / "plain"))
+    trainer = make_trainer(tmp_path, model=model, max_steps=2, num_ppo_epochs=1)
+    assert trainer.model.policy is model and trainer.model.value_head is trainer.value_head
+    assert (len(model._forward_hooks), len(model.base_model._forward_hooks)) == hooks
+    head_before = trainer.value_head.summary.weight.detach().clone()
+    trainer.train()
+    assert [n for n, _ in model.named_parameters()] == names and list(model.state_dict()) == keys
+    assert not hasattr(model, "v_head") and not hasattr(model, "value_head")
+    assert not torch.equal(trainer.value_head.summary.weight, head_before)  # the head trained
+    ids = torch.tensor([[5, 17, 3, 42, 8]])
+    with torch.no_grad(), trainer.policy_and_value.capture() as captured:
+        model(input_ids=ids)  # the user's model itself, even with a capture open, never runs the head
+    assert captured == []
+
+    trainer.save_model(str(tmp_path / "final"))
+    saved = load_file(str(tmp_path / "final" / "model.safetensors"))
+    assert saved.keys() == load_file(str(tmp_path / "plain" / "model.safetensors")).keys()  # the model's own keys
+    # what value_head.py's docstring tells a user to do gives the trainer's values
+    trainer.model.eval()
+    with torch.no_grad(), trainer.policy_and_value.capture() as captured:
+        trainer.model(input_ids=ids)
+    policy = AutoModelForCausalLM.from_pretrained(str(tmp_path / "final"))
+    head = load_value_head(str(tmp_path / "final"))
+    with torch.no_grad():
+        values = head(policy.base_model(ids).last_hidden_state)  # (1, 5)
+    assert values.shape == (1, 5) and values.abs().sum() > 0
+    torch.testing.assert_close(values, captured[0], rtol=1e-5, atol=1e-6)
+    assert load_value_head(str(tmp_path / "plain")) is None
+
+
 # -- checkpoints ----------------------------------------------------------------------------------------------
 def test_checkpoint_restores_policy_and_value_head(tmp_path):
     trainer = make_trainer(tmp_path, max_steps=4, save_strategy="steps", save_steps=4)
@@ -280,11 +341,12 @@ def test_checkpoint_restores_policy_and_value_head(tmp_path):
     assert {n: p for n, p in reloaded.model.named_parameters()}.keys() == trained.keys()
     for name, p in reloaded.model.named_parameters():
         assert torch.equal(p, trained[name]), name
-    # resuming into a fresh (untrained) trainer restores the head too
+    # resuming into a fresh (untrained) trainer restores policy and head
     fresh = make_trainer(tmp_path)
-    assert not torch.equal(fresh.value_head.summary.weight, trained["v_head.summary.weight"])
+    assert not torch.equal(fresh.value_head.summary.weight, trained["value_head.summary.weight"])
     fresh._load_from_checkpoint(str(checkpoint))
-    torch.testing.assert_close(fresh.value_head.summary.weight, trained["v_head.summary.weight"], rtol=0, atol=0)
+    for name, p in fresh.model.named_parameters():
+        assert torch.equal(p, trained[name]), name
     with pytest.raises(ValueError, match=VALUE_HEAD_FILE):
         os.remove(checkpoint / VALUE_HEAD_FILE)
         fresh._load_from_checkpoint(str(checkpoint))
@@ -297,7 +359,8 @@ def test_two_ranks_train_in_lockstep(tmp_path):
     assert [r["world_size"] for r in ranks] == [2, 2]
     assert ranks[0]["prompts"] != ranks[1]["prompts"]  # each rank rolled out its own prompts
     assert ranks[0]["checksums"] == ranks[1]["checksums"]  # ... and the gradients were averaged
-    assert ranks[0]["checksums"]["v_head"] != ranks[0]["initial_checksums"]["v_head"]
+    assert ranks[0]["checksums"]["value_head"] != ranks[0]["initial_checksums"]["value_head"]
+    assert all(r["user_model_names_unchanged"] and r["optimizer_has_value_head"] for r in ranks)
     steps = [h for h in ranks[0]["log_history"] if "loss/value_avg" in h]
     assert len(steps) == 4 and all(math.isfinite(h["loss/policy_avg"]) for h in steps)
     rollouts = [h for h in ranks[0]["log_history"] if "thaw/num_forks" in h]

@@ -15,10 +15,17 @@ import os
 import sys
 
 
-def checksums(model) -> dict[str, float]:
-    policy = sum(float(p.detach().double().sum()) for n, p in model.named_parameters() if not n.startswith("v_head."))
-    head = sum(float(p.detach().double().sum()) for n, p in model.named_parameters() if n.startswith("v_head."))
-    return {"policy": policy, "v_head": head}
+def checksums(trainer) -> dict[str, float]:
+    def total(module):
+        return sum(float(p.detach().double().sum()) for p in module.parameters())
+
+    return {"policy": total(trainer.policy_and_value.policy), "value_head": total(trainer.value_head)}
+
+
+def optimizer_has(trainer, module) -> bool:
+    """Whether every parameter of ``module`` is in the optimizer (the DDP-prepared one, unwrapped by accelerate)."""
+    optimized = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    return all(id(p) in optimized for p in module.parameters())
 
 
 def main(out_dir: str):
@@ -31,6 +38,7 @@ def main(out_dir: str):
 
     torch.set_num_threads(1)
     model, tokenizer = tiny_model_and_tokenizer("qwen2")
+    names = [n for n, _ in model.named_parameters()]
     dataset = Dataset.from_dict({"prompt": WORKER_PROMPTS})
 
     args = ThawPPOConfig(**tiny_training_fields(os.path.join(out_dir, "trainer"), max_steps=4, kv_cache_memory=8 * 2**20,
@@ -46,13 +54,15 @@ def main(out_dir: str):
         return output
 
     trainer._generate_and_score_completions = recording
-    initial = checksums(trainer.model)
+    initial = checksums(trainer)
     trainer.train()
     rank = trainer.accelerator.process_index
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump({"rank": rank, "world_size": trainer.accelerator.num_processes, "prompts": prompts,
-                   "initial_checksums": initial, "checksums": checksums(trainer.model),
-                   "log_history": trainer.state.log_history}, f)
+                   "initial_checksums": initial, "checksums": checksums(trainer),
+                   "log_history": trainer.state.log_history,
+                   "user_model_names_unchanged": [n for n, _ in model.named_parameters()] == names,
+                   "optimizer_has_value_head": optimizer_has(trainer, trainer.value_head)}, f)
     return trainer  # kept alive by the caller until os._exit
 
 

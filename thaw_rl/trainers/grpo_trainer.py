@@ -132,7 +132,11 @@ class ThawGRPOTrainer(GRPOTrainer):
 
     def _live_parameters(self) -> dict[str, torch.Tensor]:
         """The policy's parameters as they are now, not gathered (a pool replacement's fallback source)."""
-        return dict(self.accelerator.unwrap_model(self.model).named_parameters())
+        return dict(self._policy_of(self.accelerator.unwrap_model(self.model)).named_parameters())
+
+    def _policy_of(self, module: torch.nn.Module) -> torch.nn.Module:
+        """The causal LM inside an unwrapped training module: the module itself here (PPO: its ``policy``)."""
+        return module
 
     # -- checks ---------------------------------------------------------------------------------------
     @staticmethod
@@ -226,7 +230,7 @@ class ThawGRPOTrainer(GRPOTrainer):
             self._dist.summon_full_params(self.model_wrapped, recurse=False),
             paused_deepspeed_forward_hooks(self._deepspeed_engine(), self._dist.zero_stage),
         ):
-            yield unwrapped_model
+            yield self._policy_of(unwrapped_model)
 
     def _deepspeed_engine(self):
         """The ``DeepSpeedEngine`` wrapping the policy, or None without DeepSpeed."""
@@ -328,7 +332,7 @@ class ThawGRPOTrainer(GRPOTrainer):
         """TRL's ``train``, with the models in ``thaw_tree`` attention mode throughout (tree_attention.py says why)."""
         if not self.args.shared_prefix_training:
             return super().train(*args, **kwargs)
-        models = [self.accelerator.unwrap_model(self.model)]
+        models = [self._policy_of(self.accelerator.unwrap_model(self.model))]
         if getattr(self, "ref_model", None) is not None:
             models.append(self.accelerator.unwrap_model(self.ref_model))
         with tree_attention_mode(*models):
@@ -351,7 +355,7 @@ class ThawGRPOTrainer(GRPOTrainer):
         if self.args.shared_prefix_training and not compute_aux_loss and not any(
                 v is not None for v in multimodal.values()):
             scores = packed_logps(
-                model, self.accelerator.unwrap_model(model), input_ids, attention_mask, logits_to_keep,
+                model, self._policy_of(self.accelerator.unwrap_model(model)), input_ids, attention_mask, logits_to_keep,
                 max_rows=batch_size, max_tokens=self.args.shared_prefix_max_tokens,
                 mask_kind=self.args.shared_prefix_attention, compute_entropy=compute_entropy,
                 autocast=self.accelerator.autocast)

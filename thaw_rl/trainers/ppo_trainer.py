@@ -15,8 +15,14 @@ checkpointing, and ``accelerate launch`` (DDP, ZeRO-2). Three seams change:
   ``loss/...``, ``policy/...`` and ``val/...`` metrics.
 - ``_get_per_token_logps_and_entropies`` opens a value capture around the parent's call for the policy,
   so every policy forward (old logprobs at rollout time, the loss forward) also yields values from the
-  same backbone pass (see ``value_head.py``). With ``shared_prefix_training`` that pass runs over packed
+  same backbone pass (see ``policy_and_value.py``). With ``shared_prefix_training`` that pass runs over packed
   token trees, and the values are read back per row at each token's predictor, like the logprobs.
+
+The value head is the trainer's, not the model's: after ``__init__``, ``trainer.model`` is a
+``PolicyAndValueHead`` holding the user's policy (unchanged: no attribute, parameter or hook is added to
+it) and ``trainer.value_head``; that wrapper is what the Trainer prepares with accelerate and optimizes, so
+DDP, DeepSpeed ZeRO and FSDP2 train and synchronize the head with the policy (``policy_and_value.py`` says
+why a wrapper). ``_policy_of`` hands the bare policy to the engine, the pool and the checkpoint code.
 
 Batches: a rollout batch is ``per_device_train_batch_size * gradient_accumulation_steps *
 num_mini_batches`` completions per rank; it is shuffled once and split into mini-batches by TRL's
@@ -26,13 +32,15 @@ Values at shared tree nodes: with ``tree_gae`` the tokens of a node shared by se
 value and one advantage (GAE runs once per node, see ``ppo_objective.tree_gae``). With
 ``shared_prefix_training`` (default) the policy/value forward also computes each shared token once.
 
-Checkpoints: the policy is saved as a plain causal LM and the value head beside it as
-``value_head.safetensors``; ``resume_from_checkpoint`` restores both, and ``ThawPPOTrainer(model=<that
-directory>)`` loads the head back.
+Checkpoints: the policy is saved as a plain causal LM (its own keys, no value-head keys) and the value
+head beside it as ``value_head.safetensors``, in each ``checkpoint-N`` and by ``save_model``;
+``resume_from_checkpoint`` restores both, ``ThawPPOTrainer(model=<that directory>)`` loads the head back,
+and ``value_head.load_value_head(<that directory>)`` gives it to a user (its docstring shows how).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import inspect
@@ -63,15 +71,8 @@ from thaw_rl.trainers.ppo_objective import (
     tree_gae,
     value_loss,
 )
-from thaw_rl.trainers.value_head import (
-    VALUE_HEAD_FILE,
-    ValueHead,
-    attach_value_head,
-    load_value_head,
-    remove_value_head,
-    save_value_head,
-    split_state_dict,
-)
+from thaw_rl.trainers.policy_and_value import VALUE_HEAD_PREFIX, PolicyAndValueHead, split_state_dict
+from thaw_rl.trainers.value_head import VALUE_HEAD_FILE, ValueHead, load_value_head, save_value_head, value_head_for
 
 
 class ThawPPOTrainer(ThawGRPOTrainer):
@@ -80,7 +81,8 @@ class ThawPPOTrainer(ThawGRPOTrainer):
     Same constructor as ``GRPOTrainer``; ``args`` must be a ``ThawPPOConfig`` and ``reward_funcs`` is
     required. Overrides ``_generate_and_score_completions``, ``_compute_loss`` and
     ``_get_per_token_logps_and_entropies`` (see the module docstring). ``value_head`` is the critic,
-    ``ref_model`` the frozen reference policy (None when ``kl_coef == 0``).
+    ``policy_and_value`` (also ``model`` from construction on) the module trained, ``ref_model`` the frozen
+    reference policy (None when ``kl_coef == 0``).
     """
 
     _tag_names = ["trl", "ppo", "thaw-rl"]
@@ -102,10 +104,13 @@ class ThawPPOTrainer(ThawGRPOTrainer):
         self._check_ppo_arguments(args, arguments)
         ref_source = self._reference_source(model, args)
         super().__init__(model, reward_funcs, args, *rest, **kwargs)
-        self.value_head: ValueHead = attach_value_head(self.model)
-        if isinstance(model, str):
-            load_value_head(self.model, model)
         self.ref_model = self._prepare_reference(ref_source)
+        policy = self.model
+        head = load_value_head(model, policy.get_output_embeddings().weight.device) if isinstance(model, str) else None
+        self.value_head: ValueHead = head if head is not None else value_head_for(policy)
+        # what the Trainer prepares (DDP / DeepSpeed / FSDP2) and optimizes from here on: policy and head together
+        self.policy_and_value = PolicyAndValueHead(policy, self.value_head)
+        self.model = self.model_wrapped = self.policy_and_value
         self.beta = args.kl_coef if self.ref_model is not None else 0.0  # GRPO computes ref logps when beta != 0
         if args.stop_token_id is not None:
             self.eos_token_ids = [args.stop_token_id]
@@ -143,7 +148,6 @@ class ThawPPOTrainer(ThawGRPOTrainer):
             if self.args.distributed_state.distributed_type in ("MULTI_GPU", "DEEPSPEED"):
                 init["device_map"] = None
             source = create_model_from_path(source, **init)
-        remove_value_head(source)
         ref = source.eval().requires_grad_(False)
         disable_dropout_in_model(ref)
         add_fused_lm_head(ref, temperature=self.temperature)
@@ -167,12 +171,12 @@ class ThawPPOTrainer(ThawGRPOTrainer):
         if self.ref_model is not None and model is self.ref_model:
             return super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep,
                                                               *args, **kwargs)
-        with self.value_head.capture() as captured:
+        with self.policy_and_value.capture() as captured:
             out = super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep,
                                                              *args, **kwargs)
         if not captured:
-            raise RuntimeError("the policy forward did not run its backbone through the value head's hook "
-                               "(TRL's fused LM head no longer calls model.base_model?)")
+            raise RuntimeError("the policy forward did not run through PolicyAndValueHead (was it called on the "
+                               "policy itself, not on trainer.model?)")
         if self.last_packed_batch is not None:
             # packed token trees: each completion token's value is read at its predictor, like its logprob
             self._captured_values = self.last_packed_batch.unpack([v[0] for v in captured])  # (B, T)
@@ -298,21 +302,60 @@ class ThawPPOTrainer(ThawGRPOTrainer):
         optimizer.add_param_group({"params": list(self.value_head.parameters()), "lr": lr, "weight_decay": 0.0})
         return optimizer
 
+    # -- the policy inside the wrapper ---------------------------------------------------------------------
+    def _policy_of(self, module: torch.nn.Module) -> torch.nn.Module:
+        return module.policy if isinstance(module, PolicyAndValueHead) else module
+
+    @contextlib.contextmanager
+    def _policy_as_model(self):
+        """``self.model`` is the bare policy inside the block (what the Trainer's save and load code expects)."""
+        wrapper = self.model
+        self.model = self._policy_of(wrapper)
+        try:
+            yield self.model
+        finally:
+            self.model = wrapper
+
     # -- checkpoints ---------------------------------------------------------------------------------------
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        """The policy as a plain causal LM (no ``v_head.*`` keys), the head as ``value_head.safetensors``."""
+        """The policy as a plain causal LM (the user's own keys), the head as ``value_head.safetensors`` beside it.
+
+        ``state_dict`` is the wrapper's (the Trainer gathers it from the DDP / DeepSpeed / FSDP module).
+        """
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if state_dict is None:
             state_dict = self.accelerator.unwrap_model(self.model).state_dict()
-        check_finite_state_dict(state_dict, output_dir)  # the value head too
         policy_state, head_state = split_state_dict(state_dict)
-        super()._save(output_dir, state_dict=policy_state)
+        check_finite_state_dict({**policy_state, **{VALUE_HEAD_PREFIX + k: v for k, v in head_state.items()}},
+                                output_dir)
+        with self._policy_as_model():
+            super()._save(output_dir, state_dict=policy_state)
         if self.args.should_save and head_state:
             save_value_head(head_state, output_dir)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-        target = self.accelerator.unwrap_model(model if model is not None else self.model)
-        if not load_value_head(target, resume_from_checkpoint):
-            raise ValueError(f"{resume_from_checkpoint} has no {VALUE_HEAD_FILE}: it was not written by "
-                             f"ThawPPOTrainer, so the critic cannot be restored. Resume from a ThawPPOTrainer checkpoint.")
+        """The policy from ``model.safetensors``, the head from ``value_head.safetensors``.
+
+        Under FSDP the Trainer restores the whole wrapper from its own sharded checkpoint (head included);
+        under DeepSpeed it never calls this (the engine's checkpoint holds both).
+        """
+        if self.is_fsdp_enabled:
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+            return
+        policy = self._policy_of(self.accelerator.unwrap_model(model if model is not None else self.model))
+        super()._load_from_checkpoint(resume_from_checkpoint, policy)
+        self._load_value_head_from(resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:  # their checkpoints hold the wrapper, head included
+            return super()._load_best_model()
+        with self._policy_as_model():
+            super()._load_best_model()
+        self._load_value_head_from(self.state.best_model_checkpoint)
+
+    def _load_value_head_from(self, directory: str) -> None:
+        head = load_value_head(directory, self.value_head.summary.weight.device)
+        if head is None:
+            raise ValueError(f"{directory} has no {VALUE_HEAD_FILE}: it was not written by ThawPPOTrainer, so the "
+                             f"critic cannot be restored. Resume from a ThawPPOTrainer checkpoint.")
+        self.value_head.load_state_dict(head.state_dict())
