@@ -365,3 +365,15 @@ def test_two_ranks_train_in_lockstep(tmp_path):
     assert len(steps) == 4 and all(math.isfinite(h["loss/policy_avg"]) for h in steps)
     rollouts = [h for h in ranks[0]["log_history"] if "thaw/num_forks" in h]
     assert [h["thaw/num_forks"] for h in rollouts] == [2.0, 2.0]  # one group per rank, summed over ranks
+
+
+@pytest.mark.slow  # two torchrun ranks (~1 min on 2 cores, mostly imports)
+def test_fsdp2_reduces_the_value_heads_gradient_over_ranks_like_the_policys(tmp_path):
+    """FSDP2 sharding as accelerate does it (layers, then the root wrapper holding the head), 2 CPU ranks, one row each:
+    every rank's full gradient equals an unsharded copy's over both rows, for the head as for the policy."""
+    ranks = torchrun_ranks(Path(__file__).with_name("policy_and_value_fsdp2_worker.py"), tmp_path)
+    for rank in ranks:
+        assert rank["names_are_the_wrappers"]
+        for name, grad in rank["grads"].items():
+            assert any(abs(g) > 0 for g in grad), name
+            assert grad == pytest.approx(rank["reference_grads"][name], rel=1e-4, abs=1e-7), name
