@@ -99,7 +99,7 @@ class PoolRollouts:
 
     def _for_pool(self, parameters: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         names = set(self.pool.parameter_names)
-        return {k: v for k, v in parameters.items() if k in names}  # e.g. PPO's value head stays here
+        return {k: v for k, v in parameters.items() if k in names}  # anything the workers' model lacks stays here
 
     def metrics(self) -> dict[str, float]:
         pool = self.pool
