@@ -275,6 +275,8 @@ def test_fixed_batch_optimisation_lowers_the_value_loss(tmp_path):
 def test_values_and_gradients_are_the_same_under_gradient_checkpointing(tmp_path, packed):
     """The value capture hooks the backbone's output, outside the recomputed layers: nothing changes."""
     trainer = make_trainer(tmp_path, shared_prefix_training=packed)
+    with torch.no_grad():  # a critic that values states differently (the zero-initialised one says 0 everywhere)
+        trainer.value_head.summary.weight.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(0))
     trainer.model.train()
     batch = trainer._generate_and_score_completions(batch_inputs())
 
@@ -286,7 +288,7 @@ def test_values_and_gradients_are_the_same_under_gradient_checkpointing(tmp_path
         return trainer._captured_values.detach().clone(), grads
 
     values, grads = values_and_grads()
-    assert grads["value_head.summary.weight"].abs().sum() > 0
+    assert values.abs().min() > 0 and grads["value_head.summary.weight"].abs().sum() > 0
     trainer.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # TRL's default
     assert trainer.policy_and_value.policy.is_gradient_checkpointing
     checkpointed_values, checkpointed_grads = values_and_grads()

@@ -22,6 +22,7 @@ from thaw_rl.testing import tiny_model, tiny_model_and_tokenizer
 from thaw_rl.trainers import ThawBestOfNConfig, ThawBestOfNTrainer, ThawGRPOConfig, ThawGRPOTrainer
 from thaw_rl.trainers.ppo_config import ThawPPOConfig
 from thaw_rl.trainers.ppo_trainer import ThawPPOTrainer
+from thaw_rl.trainers import shared_prefix
 from thaw_rl.trainers.prefix_packing import pack_rows
 from thaw_rl.trainers.shared_prefix import packed_logps, shuffle_groups
 from thaw_rl.trainers.tree_attention import tree_attention_mask, tree_attention_mode
@@ -279,15 +280,43 @@ def test_best_of_n_loss_equals_flat(tmp_path):
     assert_same_loss_and_grads(trainer, inputs)
 
 
+def random_value_head(trainer) -> None:
+    """A trained-looking critic: the zero-initialised one values every state 0, which any layout reproduces."""
+    with torch.no_grad():
+        trainer.value_head.summary.weight.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(0))
+        trainer.value_head.summary.bias.fill_(0.25)
+
+
 def test_ppo_policy_and_value_losses_equal_flat(tmp_path):
     trainer = trainer_for(tmp_path, ThawPPOTrainer, ThawPPOConfig, kl_coef=0.0)
+    random_value_head(trainer)
     inputs = generation_batch(trainer)
     assert_same_loss_and_grads(trainer, inputs)
     values_packed = trainer._captured_values.detach().clone()
     trainer.args.shared_prefix_training = False
     trainer._compute_loss(trainer.model, inputs)
     valid = inputs["completion_mask"].bool()
+    assert values_packed[valid].abs().min() > 0
     torch.testing.assert_close(values_packed[valid], trainer._captured_values.detach()[valid], atol=1e-5, rtol=0)
+
+
+def test_ppo_values_of_a_padded_pack_are_read_only_at_real_tokens(tmp_path, monkeypatch):
+    """On CUDA a pack runs padded to 128 tokens (``pad_multiple``); the padding's values must not reach the
+    padding columns of rows that stopped early (they read index N, the zero). The padding is forced here."""
+    trainer = trainer_for(tmp_path, ThawPPOTrainer, ThawPPOConfig, kl_coef=0.0, stop_token="eos", seed=1,
+                          max_completion_length=10)
+    random_value_head(trainer)
+    inputs = generation_batch(trainer)
+    valid = inputs["completion_mask"].bool()
+    assert not valid.all()  # some rows stopped early
+    trainer._compute_loss(trainer.model, inputs)
+    unpadded = trainer._captured_values.detach().clone()
+    monkeypatch.setattr(shared_prefix, "pad_multiple", lambda kind, device: 128)
+    trainer._compute_loss(trainer.model, inputs)
+    padded = trainer._captured_values.detach()
+    assert trainer.last_packed_batch.num_tokens % 128  # the packs really were padded
+    torch.testing.assert_close(padded[valid], unpadded[valid], atol=1e-5, rtol=0)
+    assert padded[~valid].eq(0).all() and unpadded[~valid].eq(0).all()
 
 
 def test_training_logs_fewer_packed_tokens_and_changes_every_parameter(tmp_path):

@@ -179,7 +179,10 @@ class ThawPPOTrainer(ThawGRPOTrainer):
                                "policy itself, not on trainer.model?)")
         if self.last_packed_batch is not None:
             # packed token trees: each completion token's value is read at its predictor, like its logprob
-            self._captured_values = self.last_packed_batch.unpack([v[0] for v in captured])  # (B, T)
+            # (a chunk's forward may run padding tokens after its N real ones: index N must read unpack's zero)
+            chunks = self.last_packed_batch.chunks
+            self._captured_values = self.last_packed_batch.unpack(
+                [v[0, :c.num_tokens] for v, c in zip(captured, chunks, strict=True)])  # (B, T)
             return out
         # position j's hidden state is the state before token j + 1: keep the T states before the completion tokens
         self._captured_values = torch.cat([v[:, :-1][:, -logits_to_keep:] for v in captured], dim=0)  # (B, T)
