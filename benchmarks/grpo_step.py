@@ -227,7 +227,7 @@ def make_callback(trainer):
         def on_step_begin(self, args, state, control, **kwargs):
             sync()
             trainer.clock["start"] = time.perf_counter()
-            for key in ("generation", "generated_tokens", "generate_and_score", "loss_forward",
+            for key in ("generation", "generated_tokens", "weight_sync", "generate_and_score", "loss_forward",
                         "after_generation_gib", "generation_peak_gib"):
                 trainer.clock[key].append(0)
             if torch.cuda.is_available():
@@ -304,6 +304,21 @@ def cpu_sync_weights(generation) -> None:
     llm.reset_prefix_cache()
 
 
+def time_weight_sync(trainer, cpu: bool) -> None:
+    """Time TRL's weight load into vLLM + cache reset (already inside the generation time) on its own."""
+    generation = trainer.vllm_generation
+    inner = (lambda: cpu_sync_weights(generation)) if cpu else generation.sync_weights
+
+    def timed_sync() -> None:
+        sync()
+        start = time.perf_counter()
+        inner()
+        sync()
+        trainer.clock["weight_sync"][-1] += time.perf_counter() - start
+
+    generation.sync_weights = timed_sync
+
+
 def vllm_facts(trainer) -> dict:
     """What vLLM ran with, for the receipt (engine fields read defensively: vLLM moves them between releases)."""
     import vllm
@@ -372,16 +387,17 @@ def run(kind: str, args, out_dir: str) -> dict:
                         processing_class=tokenizer)
     sync()
     init_seconds = time.perf_counter() - start  # trl-vllm: mostly the vLLM engine's start
-    if kind == "trl-vllm" and args.device == "cpu":
-        trainer.vllm_generation.sync_weights = lambda: cpu_sync_weights(trainer.vllm_generation)
+    if kind == "trl-vllm":
+        time_weight_sync(trainer, cpu=args.device == "cpu")
     if args.ignore_eos:  # TRL: cut completions at no token; transformers: generate without eos; thaw: ignore_eos
         trainer.eos_token_ids = [-1]
         if not trainer.use_vllm:  # vLLM: SamplingParams(ignore_eos, min_tokens) from vllm_fields
             trainer.generation_config.eos_token_id = None
         model.generation_config.eos_token_id = None
         trainer.ignore_eos = True
-    trainer.clock = {key: [] for key in ("generation", "generated_tokens", "step", "generate_and_score", "loss_forward",
-                                         "after_generation_gib", "generation_peak_gib", "training_peak_gib")}
+    trainer.clock = {key: [] for key in ("generation", "generated_tokens", "weight_sync", "step", "generate_and_score",
+                                         "loss_forward", "after_generation_gib", "generation_peak_gib",
+                                         "training_peak_gib")}
     trainer.kind, trainer.profile_dir, trainer.profiler = kind, args.profile, None
     trainer.add_callback(make_callback(trainer))
     trainer.train()
@@ -409,6 +425,9 @@ def run(kind: str, args, out_dir: str) -> dict:
         "memory_gib": {key: max(trainer.clock[key][timed], default=0.0)
                        for key in ("generation_peak_gib", "after_generation_gib", "training_peak_gib")},
     }
+    if kind == "trl-vllm":
+        row["weight_sync_seconds"] = statistics.median(trainer.clock["weight_sync"][timed])
+        row["per_step"]["weight_sync_seconds"] = trainer.clock["weight_sync"][timed]
     if kind == "trl-vllm":  # the logprob gap between vLLM's samples and the training model: same weights?
         row["vllm"] = vllm_facts(trainer)
         keys = sorted({k for h in history for k in h if k.startswith("sampling/")})
@@ -442,6 +461,10 @@ def table(rows: list[dict]) -> str:
         out.append(f"thaw-defaults (pool released after generation) vs thaw (kept pool): generation "
                    f"{d['generation_seconds'] / h['generation_seconds']:.2f}x the time, training peak "
                    f"{d['memory_gib']['training_peak_gib']:.1f} vs {h['memory_gib']['training_peak_gib']:.1f} GiB")
+    if "trl-vllm" in by:
+        v = by["trl-vllm"]
+        out.append(f"trl-vllm: vLLM engine start {v['init_seconds']:.1f} s (once); weight sync + cache reset "
+                   f"{v['weight_sync_seconds']:.2f} s of each step's generation")
     if "thaw" in by and "thaw/train_tokens" in by["thaw"].get("thaw", {}):
         m = by["thaw"]["thaw"]
         out.append(f"thaw training tokens per step: {m['thaw/train_tokens']:,.0f} packed vs "

