@@ -11,7 +11,8 @@ Same model weights, data, reward, seeds and TRL config for all; only the generat
   and its prefix-cache reset run inside ``_generate_single_turn`` (``VLLMGeneration.sync_weights``), so
   they count as generation. TRL's importance-sampling correction stays on (its default,
   ``sequence_mask``), which makes TRL run a no-grad logprob pass over every sample: that counts as
-  training. Engine start is the trainer's construction, reported apart (``init_seconds``).
+  training (``scoring_seconds``). Engine start is the trainer's construction, reported apart
+  (``init_seconds``); ``memory_gib`` includes vLLM's weights and KV cache (same process, same allocator).
 - ``thaw``: ThawGRPOTrainer (default ``tree_spec="grpo"``): each prompt prefilled once and forked into
   its group on thaw-rl's paged engine, over the same live model object, and trained with shared-prefix
   packing (each prompt, and each shared tree node, once in the training forward/backward too).
