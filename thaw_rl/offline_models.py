@@ -97,15 +97,20 @@ def smollm2_path(cache_dir: str | os.PathLike | None = None, package: str | None
     )
 
 
-def load_smollm2_gguf(dtype: torch.dtype = torch.float32, cache_dir=None, device="cpu"):
-    """(model, tokenizer) read straight from the GGUF: slow (~20-25 s). `load_smollm2` caches this."""
+def load_smollm2_gguf(dtype: torch.dtype = torch.float32, cache_dir=None, device="cpu", gguf=None):
+    """(model, tokenizer) read straight from the GGUF: slow (~20-25 s). `load_smollm2` caches this.
+
+    `gguf` names the file (e.g. a copy carried to a machine without the package); default `smollm2_path`.
+    """
     for needed in ("gguf", "accelerate"):
         if importlib.util.find_spec(needed) is None:
             raise ImportError(f"Loading the SmolLM2 GGUF needs {needed!r}: `{INSTALL_HINT}`.")
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    gguf = smollm2_path(cache_dir)
+    gguf = smollm2_path(cache_dir) if gguf is None else Path(gguf).expanduser()
+    if not gguf.is_file():
+        raise ValueError(f"gguf={str(gguf)!r} is not a file; give the path of {SMOLLM2_GGUF_FILE}.")
     with _progress_bars_off(hf_logging):
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype)
@@ -124,25 +129,35 @@ def load_smollm2(dtype: torch.dtype = torch.float32, cache_dir=None, device="cpu
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target = smollm2_cache_path(cache_dir)
-    if not _is_complete(target):
-        _publish_once(target, lambda tmp: _convert_smollm2(tmp, cache_dir))
+    target = convert_smollm2(smollm2_cache_path(cache_dir), cache_dir=cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(target, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype, local_files_only=True)
     return _finish(model, tokenizer, device)
 
 
-def _convert_smollm2(out_dir: Path, cache_dir) -> None:
+def convert_smollm2(out_dir: str | os.PathLike, gguf=None, cache_dir=None) -> Path:
+    """`out_dir`, holding SmolLM2-135M-Instruct as fp32 safetensors plus its tokenizer and chat template
+    (a plain HF directory: transformers and vLLM load it), converted from `gguf` unless already there.
+
+    Published atomically like the cache (see the module docstring); `gguf` defaults to `smollm2_path`.
+    """
+    target = Path(out_dir).expanduser()
+    if not _is_complete(target):
+        _publish_once(target, lambda tmp: _convert_smollm2(tmp, cache_dir, gguf))
+    return target
+
+
+def _convert_smollm2(out_dir: Path, cache_dir, gguf=None) -> None:
     print(f"thaw_rl: converting SmolLM2-135M-Instruct GGUF to safetensors in {out_dir.parent} "
           f"(once, ~25 s)", file=sys.stderr, flush=True)
     from transformers.utils import logging as hf_logging
 
     start = time.perf_counter()
     with _progress_bars_off(hf_logging):
-        model, tokenizer = load_smollm2_gguf(torch.float32, cache_dir)
+        model, tokenizer = load_smollm2_gguf(torch.float32, cache_dir, gguf=gguf)
         model.save_pretrained(out_dir)
         tokenizer.save_pretrained(out_dir)
-    source = smollm2_path(cache_dir)
+    source = smollm2_path(cache_dir) if gguf is None else Path(gguf).expanduser()
     info = {"source": str(source), "source_bytes": source.stat().st_size,
             "seconds": round(time.perf_counter() - start, 1)}
     (out_dir / MARKER_FILE).write_text(json.dumps(info))  # last: marks the directory complete

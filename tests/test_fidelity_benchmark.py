@@ -1,0 +1,71 @@
+"""benchmarks/fidelity.py's measurement core on a tiny model in fp32 on CPU (no vLLM): every line it reports
+for the engine is rounding-level, and the checks that must match exactly do."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+
+import fidelity  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def results(make_tiny_model, tiny_tokenizer):
+    torch.manual_seed(0)
+    model = make_tiny_model("llama", seed=3)
+    prompts = [{"kind": "arithmetic", "ids": fidelity.chat_ids(tiny_tokenizer, [{"role": "user", "content": q}])}
+               for q in ("What is 2 + 3?", "What is 7 x 8?")]
+    text = "A long system document about paged KV caches and forked rollouts. " * 2
+    prompts.append({"kind": "long", "ids": fidelity.chat_ids(
+        tiny_tokenizer, [{"role": "system", "content": text}, {"role": "user", "content": "Summarize it."}])})
+    return fidelity.measure(model, tiny_tokenizer, prompts, group=4, max_tokens=12, temperature=1.0, seed=5,
+                            greedy_prompts=2, greedy_tokens=16, packed_masks=["dense"],
+                            engine_kwargs={"block_size": 16}, log=lambda m: None)
+
+
+def line(results, name, prompts="all"):
+    return next(r for r in results["lines"] if r["line"] == name and r["prompts"] == prompts)
+
+
+def test_engine_logprobs_equal_the_training_forward_in_fp32(results):
+    assert results["training_forward"] == "trl fused lm head"
+    engine = line(results, "engine - train")
+    assert engine["tokens"] > 3 * 4
+    assert engine["max"] < 2e-5 and engine["share_gt_0.01"] == 0.0
+    for kind in ("arithmetic", "long"):
+        assert line(results, "engine - train", kind)["max"] < 2e-5
+    ratio = results["is_ratio"]["engine"]
+    assert ratio["sequences"] == 12 and abs(ratio["min"] - 1) < 1e-4 and abs(ratio["max"] - 1) < 1e-4
+
+
+def test_floors_and_packed_training_are_rounding_level(results):
+    assert line(results, "floor: train rows alone - train group")["max"] < 2e-5
+    assert line(results, "floor: plain logits - fused head")["max"] < 2e-5
+    assert line(results, "packed (dense) - flat train")["max"] < 2e-5
+
+
+def test_greedy_agrees_with_generate_and_forks_match_scratch_and_snapshots(results):
+    greedy = results["greedy"]["engine"]
+    assert greedy["sequences"] == 2 and greedy["identical_share"] == 1.0
+    assert greedy["mean_first_divergence"] is None
+    for check in ("fork_vs_scratch", "snapshot_vs_original"):
+        stats = results["fork_snapshot"][check]
+        assert stats["sequences"] == 4 and stats["tokens_identical_share"] == 1.0
+        assert stats["max_abs_logprob_diff"] < 1e-5
+
+
+def test_statistics_helpers_on_known_values():
+    stats = fidelity.diff_stats([[0.0, 0.0, 0.5]], [[0.0, 0.05, 0.0]])
+    assert stats["tokens"] == 3 and stats["max"] == pytest.approx(0.5)
+    assert stats["share_gt_0.01"] == pytest.approx(2 / 3) and stats["share_gt_0.1"] == pytest.approx(1 / 3)
+    ratio = fidelity.is_ratio_stats([[-1.0, -1.0], [-2.0]], [[-1.0, -1.0 + 2.0], [-2.0]])
+    assert ratio["max"] == pytest.approx(torch.e ** 2) and ratio["min"] == pytest.approx(1.0)
+    assert ratio["share_gt_3"] == pytest.approx(0.5)
+    assert fidelity.first_divergence([1, 2, 3], [1, 2, 3]) is None
+    assert fidelity.first_divergence([1, 2, 3], [1, 5, 3]) == 1
+    assert fidelity.first_divergence([1, 2], [1, 2, 3]) == 2
+    agree = fidelity.agreement([[1, 2], [1, 2]], [[1, 2], [1, 3]])
+    assert agree["identical_share"] == 0.5 and agree["mean_first_divergence"] == 1.0
