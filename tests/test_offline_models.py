@@ -183,6 +183,19 @@ def test_a_failed_conversion_leaves_no_target_and_no_temp_dir(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == [".model.lock"]
 
 
+
+def test_convert_smollm2_from_a_missing_gguf_names_it_and_leaves_nothing(tmp_path):
+    with pytest.raises(ValueError, match="nowhere.gguf"):
+        offline_models.convert_smollm2(tmp_path / "hf", gguf=tmp_path / "nowhere.gguf")
+    assert [p.name for p in tmp_path.iterdir()] == [".hf.lock"]
+
+
+def test_convert_smollm2_returns_a_complete_directory_as_it_is(smollm2):
+    target = smollm2_cache_path()
+    marker = (target / MARKER_FILE).stat().st_mtime_ns
+    assert offline_models.convert_smollm2(target, gguf="/nowhere.gguf") == target  # not read: nothing to convert
+    assert (target / MARKER_FILE).stat().st_mtime_ns == marker
+
 # --- tiny models -----------------------------------------------------------------------------------
 
 
