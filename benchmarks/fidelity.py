@@ -36,8 +36,6 @@ anything touches CUDA in this process (it may start an engine process that re-im
 from __future__ import annotations
 
 import argparse
-import copy
-import math
 import os
 import sys
 import time
@@ -123,7 +121,7 @@ def build_prompts(tokenizer, num_short: int, num_long: int, long_tokens: list[in
     return prompts
 
 
-def template_check(model_dir: Path, gguf: Path | None, prompts: list[dict], vllm_ok: bool) -> dict:
+def template_check(model_dir: Path, gguf: Path | None, vllm_ok: bool) -> dict:
     """Do the directory's tokenizer (as transformers and vLLM load it) and the GGUF's give the same prompt ids?"""
     from transformers import AutoTokenizer
 
@@ -172,7 +170,13 @@ def start_vllm(args, model_dir: Path, max_model_len: int):
     else:
         kwargs["kv_cache_memory_bytes"] = args.vllm_kv_bytes
     start = time.perf_counter()
-    llm = LLM(**kwargs)
+    try:
+        llm = LLM(**kwargs)
+    except Exception as e:  # noqa: BLE001 - the engine's lines still run
+        import traceback
+
+        traceback.print_exc()
+        return None, f"LLM() failed: {type(e).__name__}: {e}"[:500]
     return llm, {"version": vllm.__version__, "start_seconds": time.perf_counter() - start,
                  "kwargs": {k: v for k, v in kwargs.items() if k != "model"}}
 
@@ -417,42 +421,61 @@ def measure(model, tokenizer, prompts: list[dict], *, group: int, max_tokens: in
             "share_ending_in_eos": sum(bool(t) and t[-1] in eos for g in groups for t, _ in g) / len(lengths)}
     timings["train_forward"] = time.perf_counter() - t0
 
-    t0 = time.perf_counter()  # floors: the training forward against itself
-    comps = [[t for t, _ in g] for g in eng]
-    alone = [train_logps(model, p, [c], temperature)[0] for p, cs in zip(ids, comps) for c in cs]
-    results["lines"].append({"line": "floor: train rows alone - train group", "prompts": "all",
-                             **diff_stats(alone, train["engine"])})
-    if fused:
-        plain = [lp for p, cs in zip(ids, comps) for lp in train_logps(model, p, cs, temperature, fused=False)]
-        results["lines"].append({"line": "floor: plain logits - fused head", "prompts": "all",
-                                 **diff_stats(plain, train["engine"])})
-        for kind in packed_masks:  # line 6
-            packed = [lp for p, cs in zip(ids, comps) for lp in packed_train_logps(model, p, cs, kind)]
-            results["lines"].append({"line": f"packed ({kind}) - flat train", "prompts": "all",
-                                     **diff_stats(packed, train["engine"])})
-    timings["floors_and_packed"] = time.perf_counter() - t0
+    def guarded(name: str, fn) -> None:
+        """Run one optional part; a failure is recorded (and printed), the other parts still run."""
+        t0 = time.perf_counter()
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 - one GPU call must bring back everything that worked
+            import traceback
 
-    t0 = time.perf_counter()  # line 4: greedy against model.generate
+            traceback.print_exc()
+            results.setdefault("errors", {})[name] = f"{type(e).__name__}: {e}"[:500]
+        timings[name] = time.perf_counter() - t0
+
+    comps = [[t for t, _ in g] for g in eng]
+
+    def floors():  # the training forward against itself
+        alone = [train_logps(model, p, [c], temperature)[0] for p, cs in zip(ids, comps) for c in cs]
+        results["lines"].append({"line": "floor: train rows alone - train group", "prompts": "all",
+                                 **diff_stats(alone, train["engine"])})
+        if fused:
+            plain = [lp for p, cs in zip(ids, comps) for lp in train_logps(model, p, cs, temperature, fused=False)]
+            results["lines"].append({"line": "floor: plain logits - fused head", "prompts": "all",
+                                     **diff_stats(plain, train["engine"])})
+
+    def packed(kind: str):  # line 6
+        scored = [lp for p, cs in zip(ids, comps) for lp in packed_train_logps(model, p, cs, kind)]
+        results["lines"].append({"line": f"packed ({kind}) - flat train", "prompts": "all",
+                                 **diff_stats(scored, train["engine"])})
+
     short = [i for i, p in enumerate(prompts) if p["kind"] == "arithmetic"]
     long = [i for i, p in enumerate(prompts) if p["kind"] == "long"]
-    pick = (short[:(greedy_prompts + 1) // 2] + long[:greedy_prompts // 2])
-    pick = (pick + [i for i in range(len(prompts)) if i not in pick])[:greedy_prompts]
-    greedy_ids = [ids[i] for i in pick]
-    reference = [hf_greedy(model, p, greedy_tokens) for p in greedy_ids]
-    greedy = SamplingParams(temperature=0.0, max_tokens=greedy_tokens, ignore_eos=True)
-    sessions = engine.prefill_many(greedy_ids)
-    outs = engine.generate(sessions, greedy)
-    for s in sessions:
-        engine.free(s)
-    results["greedy"]["engine"] = agreement(reference, [o.token_ids for o in outs])
-    if vllm_greedy is not None:
-        results["greedy"]["vllm"] = agreement(reference, [vllm_greedy[i] for i in pick])
-    results["greedy"]["prompt_indices"] = pick
-    timings["greedy"] = time.perf_counter() - t0
 
-    t0 = time.perf_counter()  # line 5
-    results["fork_snapshot"] = forks_and_snapshots(engine, make_engine, ids[long[0] if long else 0], params, group)
-    timings["fork_snapshot"] = time.perf_counter() - t0
+    def greedy():  # line 4: against model.generate, batch 1, eos ignored
+        pick = (short[:(greedy_prompts + 1) // 2] + long[:greedy_prompts // 2])
+        pick = (pick + [i for i in range(len(prompts)) if i not in pick])[:greedy_prompts]
+        results["greedy"]["prompt_indices"] = pick
+        greedy_ids = [ids[i] for i in pick]
+        reference = [hf_greedy(model, p, greedy_tokens) for p in greedy_ids]
+        sessions = engine.prefill_many(greedy_ids)
+        outs = engine.generate(sessions, SamplingParams(temperature=0.0, max_tokens=greedy_tokens, ignore_eos=True))
+        for s in sessions:
+            engine.free(s)
+        results["greedy"]["engine"] = agreement(reference, [o.token_ids for o in outs])
+        if vllm_greedy is not None:
+            results["greedy"]["vllm"] = agreement(reference, [vllm_greedy[i] for i in pick])
+
+    def fork_snapshot():  # line 5
+        prompt = ids[long[0] if long else 0]
+        results["fork_snapshot"] = forks_and_snapshots(engine, make_engine, prompt, params, group)
+
+    guarded("floors", floors)
+    if fused:
+        for kind in packed_masks:
+            guarded(f"packed_{kind}", lambda kind=kind: packed(kind))
+    guarded("greedy", greedy)
+    guarded("fork_snapshot", fork_snapshot)
     return results
 
 
@@ -482,8 +505,9 @@ def table(results: dict) -> str:
     out += [_grid(head, rows), ""]
     head = ["engine check", "seqs", "tokens identical", "max |dlogp|"]
     rows = [[name, fmt(s["sequences"]), fmt(s["tokens_identical_share"], "{:.2%}"), fmt(s["max_abs_logprob_diff"])]
-            for name, s in results["fork_snapshot"].items()]
+            for name, s in results.get("fork_snapshot", {}).items()]
     out.append(_grid(head, rows))
+    out += [f"FAILED {name}: {error}" for name, error in results.get("errors", {}).items()]
     return "\n".join(out)
 
 
@@ -535,13 +559,21 @@ def main(argv=None) -> None:
             vllm_info = {"skipped": vllm_info}
         else:
             print(f"vLLM {vllm_info['version']} started in {vllm_info['start_seconds']:.1f} s", flush=True)
-            vllm_sample(llm, ids[:1], 2, 1.0, 4, eos)  # warm-up
-            t0 = time.perf_counter()
-            vllm_groups = vllm_sample(llm, ids, args.group, args.temperature, args.max_tokens, eos)
-            vllm_info["sample_seconds"] = time.perf_counter() - t0
-            vllm_greedy = [g[0][0] for g in vllm_sample(llm, ids, 1, 0.0, args.greedy_tokens, eos, ignore_eos=True)]
-            print(f"vLLM sampled {sum(len(t) for g in vllm_groups for t, _ in g)} tokens in "
-                  f"{vllm_info['sample_seconds']:.1f} s", flush=True)
+            try:
+                vllm_sample(llm, ids[:1], 2, 1.0, 4, eos)  # warm-up
+                t0 = time.perf_counter()
+                vllm_groups = vllm_sample(llm, ids, args.group, args.temperature, args.max_tokens, eos)
+                vllm_info["sample_seconds"] = time.perf_counter() - t0
+                vllm_greedy = [g[0][0] for g in vllm_sample(llm, ids, 1, 0.0, args.greedy_tokens, eos,
+                                                            ignore_eos=True)]
+                print(f"vLLM sampled {sum(len(t) for g in vllm_groups for t, _ in g)} tokens in "
+                      f"{vllm_info['sample_seconds']:.1f} s", flush=True)
+            except Exception as e:  # noqa: BLE001 - the engine's lines still run
+                import traceback
+
+                traceback.print_exc()
+                vllm_info["error"] = f"{type(e).__name__}: {e}"[:500]
+                vllm_groups = vllm_greedy = None
 
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa",
@@ -555,7 +587,10 @@ def main(argv=None) -> None:
                       vllm_groups=vllm_groups, vllm_greedy=vllm_greedy,
                       log=lambda m: print(m, flush=True))
     results["vllm"] = vllm_info
-    results["chat_template"] = template_check(model_dir, args.gguf, prompts, vllm_groups is not None)
+    try:
+        results["chat_template"] = template_check(model_dir, args.gguf, vllm_groups is not None)
+    except Exception as e:  # noqa: BLE001
+        results["chat_template"] = f"not checked: {type(e).__name__}: {e}"[:300]
     results["prompts"] = [{"kind": p["kind"], "tokens": len(p["ids"])} for p in prompts]
     results["total_seconds"] = time.perf_counter() - start
     data = receipt("fidelity", args, results)
