@@ -94,13 +94,31 @@ class PagedKVCache:
         self.storage, self.kv, self.num_blocks = storage, kv, num_blocks
 
     def release(self) -> None:
-        """Drop the storage (its memory goes back to the allocator); ``reallocate`` brings a zeroed one back."""
+        """Drop the storage and, on CUDA, hand its memory back to the device; ``reallocate`` brings a zeroed one back.
+
+        Why empty the cache: left in PyTorch's caching allocator, the pool's one large segment is split by
+        training's allocations, and the next ``reallocate`` of the whole pool then finds no contiguous room
+        (seen on an H200: a 68 GiB pool failed with 62 GiB "reserved but unallocated").
+        """
         self._device, self._released_ptr = self.storage.device, self.storage.data_ptr()
         self.storage, self.kv = None, None
+        if self._device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def reallocate(self) -> bool:
         """After ``release``: zeroed storage of the same size; True when it landed at the same address."""
-        storage = self._zeros(self.num_blocks, self._device)
+        try:
+            storage = self._zeros(self.num_blocks, self._device)
+        except torch.OutOfMemoryError:
+            if self._device.type != "cuda":
+                raise
+            torch.cuda.empty_cache()  # what training cached since, then once more
+            try:
+                storage = self._zeros(self.num_blocks, self._device)
+            except torch.OutOfMemoryError as e:
+                raise torch.OutOfMemoryError(
+                    f"the engine's KV pool ({self.nbytes / 2**30:.1f} GiB) no longer fits after training: lower "
+                    f"kv_cache_memory, or keep the pool allocated with release_kv_cache=False. ({e})") from e
         same = storage.data_ptr() == self._released_ptr
         self.storage, self.kv = storage, self._view(storage)
         return same
