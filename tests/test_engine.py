@@ -364,6 +364,9 @@ class _CaptureFailsGraphs:
     def forward(self, chunks):
         return None
 
+    def forward_decode(self, *tensors):  # the async decode loop's entry (inputs already on the device)
+        return None
+
 
 def test_a_failed_graph_capture_falls_back_to_eager_decode_and_says_so(caplog):
     model, tok = tiny_model_and_tokenizer("qwen2")

@@ -185,6 +185,17 @@ class BlockManager:
         self.release(session.block_table)
         session.block_table = []
 
+    def trim(self, session: Session) -> None:
+        """Release the blocks past what the session's computed tokens need (tail first).
+
+        The async decode loop allocates a block for a row's next token before it learns that the row
+        stopped; trimming gives the table exactly the blocks a synchronous step would have left.
+        """
+        keep = self.blocks_for(session.num_computed)
+        if len(session.block_table) > keep:
+            self.release(session.block_table[keep:])
+            del session.block_table[keep:]
+
     def preempt(self, session: Session) -> None:
         """Drop the session's KV; its tokens stay and are recomputed later from scratch.
 

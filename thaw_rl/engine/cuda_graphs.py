@@ -118,9 +118,27 @@ class DecodeGraphs:
         self.block_tables[:bs, :width].copy_(host_table.to(self.runner.device, non_blocking=True))
         return bs
 
-    def forward(self, chunks) -> torch.Tensor | None:
-        """Logits (n, V) float32 by graph replay; None if this batch size's capture failed (run eagerly)."""
-        bs = self._fill(chunks)
+    def forward_decode(self, input_ids, positions, slot_blocks, slot_offsets, block_tables, seq_lens
+                       ) -> torch.Tensor | None:
+        """``forward`` for inputs already on the device (the async decode loop): device-to-device copies
+        into the static buffers, padding rows reset to the null block, no host work per row."""
+        n = input_ids.shape[0]
+        bs = self._padded(n)
+        width = block_tables.shape[1]
+        self.input_ids[:n].copy_(input_ids)
+        self.positions[:n].copy_(positions)
+        self.slot_blocks[:n].copy_(slot_blocks)
+        self.slot_offsets[:n].copy_(slot_offsets)
+        self.seq_lens[:n].copy_(seq_lens)
+        self.block_tables[:n, :width].copy_(block_tables)
+        if bs > n:  # padding rows: one token in the null block (stale rows would write into live blocks)
+            for buf in (self.input_ids, self.positions, self.slot_blocks, self.slot_offsets):
+                buf[n:bs].zero_()
+            self.seq_lens[n:bs].fill_(1)
+            self.block_tables[n:bs, 0].zero_()
+        return self._replay(bs, n)
+
+    def _replay(self, bs: int, n: int) -> torch.Tensor | None:
         if bs not in self.graphs:
             try:
                 self.graphs[bs] = self._capture(bs)
@@ -129,4 +147,8 @@ class DecodeGraphs:
                 return None
         graph, logits = self.graphs[bs]
         graph.replay()
-        return logits[: len(chunks)].float()
+        return logits[:n].float()
+
+    def forward(self, chunks) -> torch.Tensor | None:
+        """Logits (n, V) float32 by graph replay; None if this batch size's capture failed (run eagerly)."""
+        return self._replay(self._fill(chunks), len(chunks))

@@ -25,6 +25,7 @@ from __future__ import annotations
 import numbers
 import random
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Sequence
 
@@ -32,6 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from thaw_rl.engine.block_manager import BlockManager, KVCacheExhaustedError, prefix_salt
+from thaw_rl.engine.decode_batch import DecodeBatch, LateTokens
 from thaw_rl.engine.kv_cache import KVCacheSpec, PagedKVCache
 from thaw_rl.engine.model_runner import ModelRunner
 from thaw_rl.engine.sampling import SamplingBatch, SamplingParams, check_token_ids, params_per_session, sample
@@ -93,6 +95,34 @@ class _Request:
     logprobs: list[float] = field(default_factory=list)
     entropies: list[float] = field(default_factory=list)
     finish_reason: str | None = None
+
+
+@dataclass
+class DecodeProfile:
+    """Where the async decode loop's time goes (host seconds, ``time.perf_counter``), summed over steps.
+
+    ``prepare``: choosing rows, allocating blocks, the device ops and copies that make the next inputs;
+    ``launch``: queueing the forward and the sampler; ``wait``: blocked on the previous step's tokens (the
+    host is ahead of the GPU); ``process``: appending tokens, stop checks, hashing full blocks. With the
+    overlap working, a step costs max(GPU, prepare + launch + process), and ``wait`` is the GPU's lead.
+    """
+
+    steps: int = 0
+    rows: int = 0
+    prepare: float = 0.0
+    launch: float = 0.0
+    wait: float = 0.0
+    process: float = 0.0
+
+
+@dataclass
+class _Step:
+    """A launched async decode step: its rows, their input positions, and its tokens on the way back."""
+
+    rows: list[_Request]
+    positions: list[int]
+    sampled: torch.Tensor  # (n,) on the device: the next step's input ids
+    tokens: LateTokens  # the same tokens (and logprobs, entropies) on their way to the host
 
 
 def _tokens_done(requests: list[_Request]) -> int:
@@ -173,6 +203,10 @@ class ThawEngine:
         self._engine_id = id(self)
         self._stats = EngineStats()
         self._transfer: KVTransfer | None = None
+        # Pure-decode steps run in the async loop (``_decode_steps``): inputs made on the device, tokens read
+        # one step late. False runs every step synchronously (the same outputs; kept to compare and profile).
+        self.async_decode = True
+        self.decode_profile: DecodeProfile | None = None  # set one to time the async loop's phases
 
     # -- construction helpers -------------------------------------------------------------------------
     def _pool_size(self, kv_cache_memory: int | float | None) -> tuple[int, int]:
@@ -606,7 +640,11 @@ class ThawEngine:
             pending = [s for s in live if s.num_uncomputed > 0]
             if not pending:
                 break
-            # 2) one packed forward over prefill chunks and decode tokens
+            # 2) every pending session decodes one token: the async loop runs until they finish (or blocks run out)
+            if requests is not None and self._decodes_async(pending, by_session):
+                if self._decode_steps(pending, by_session, requests, bar):
+                    continue
+            # 3) one packed forward over prefill chunks and decode tokens
             chunks = self.scheduler.schedule(pending)
             if not chunks:
                 self.scheduler.make_room(sessions, pending, generating=requests is not None)
@@ -647,16 +685,134 @@ class ThawEngine:
             device=logits.device,
         )
         tokens, logprobs, entropies = sample(logits, batch)
-        for r, s, t, lp, ent in zip(reqs, sessions, tokens.tolist(), logprobs.tolist(), entropies.tolist()):
-            s.token_ids.append(t)
-            s.next_logits = None
-            r.token_ids.append(t)
-            r.logprobs.append(lp)
-            r.entropies.append(ent)
-            self._stats.tokens_generated += 1
-            stop = (t in self.eos_token_ids and not r.params.ignore_eos) or t in r.params.stop_token_ids
-            if stop:
-                r.finish_reason = "stop"
-            elif len(r.token_ids) >= r.params.max_tokens:
-                r.finish_reason = "length"
+        for r, t, lp, ent in zip(reqs, tokens.tolist(), logprobs.tolist(), entropies.tolist()):
+            self._record(r, t, lp, ent)
+
+    def _record(self, r: _Request, token: int, logprob: float, entropy: float) -> None:
+        """Append one sampled token to its request and session; set finish_reason on a stop or max_tokens."""
+        s = r.session
+        s.token_ids.append(token)
+        s.next_logits = None
+        r.token_ids.append(token)
+        r.logprobs.append(logprob)
+        r.entropies.append(entropy)
+        self._stats.tokens_generated += 1
+        stop = (token in self.eos_token_ids and not r.params.ignore_eos) or token in r.params.stop_token_ids
+        if stop:
+            r.finish_reason = "stop"
+        elif len(r.token_ids) >= r.params.max_tokens:
+            r.finish_reason = "length"
+
+    # -- internals: the async decode loop -----------------------------------------------------------------
+    def _decodes_async(self, pending: list[Session], by_session: dict[int, _Request]) -> bool:
+        """Whether these sessions can go through the async loop: each has exactly one token to compute
+        (no prefill or recompute left) and no repetition penalty (that needs every row's tokens on the host
+        each step)."""
+        return self.async_decode and all(
+            s.num_uncomputed == 1 and s.next_logits is None and by_session[id(s)].params.repetition_penalty == 1.0
+            for s in pending)
+
+    def _decode_steps(self, queue: list[Session], by_session: dict[int, _Request], requests: list[_Request],
+                      bar) -> bool:
+        """Decode ``queue`` with the host one step behind the device; False if no step could start.
+
+        Each iteration prepares and launches step N+1, then processes step N's tokens while the GPU runs
+        N+1 (vLLM v1's async scheduling, SGLang's overlap scheduler). Step N+1's input ids are step N's
+        sampled tokens, moved on the device (``DecodeBatch``), so the host needs no tokens to launch it.
+        The price: a row that stops at step N (eos or a stop id) is found only after N+1 was launched
+        with it. Its extra token is dropped in ``_finish_step`` (never returned, never counted) and the
+        block allocated for it is released (``BlockManager.trim``), so outputs, stats and block tables are
+        exactly those of synchronous steps. max_tokens is known ahead and never overrun.
+
+        Rows are taken in queue order up to the step's row and token budgets (as ``Scheduler.schedule``);
+        a row that finishes makes room for the next waiting one. When the free blocks cannot cover the next
+        step, the loop drains and returns to ``_run``, whose scheduler preempts.
+        """
+        bm, bs, prof = self.block_manager, self.block_size, self.decode_profile
+        max_rows = min(self.max_num_seqs, self.max_num_batched_tokens)
+        batch = DecodeBatch(self.device, bs, self.vocab_size)
+        waiting = deque(by_session[id(s)] for s in queue)
+        rows: list[_Request] = []  # the rows of the step in flight
+        positions: list[int] = []  # their input positions
+        inflight: _Step | None = None
+        launched = False
+        while True:
+            t0 = time.perf_counter()
+            # 1) the next step's rows: the in-flight rows that may go on, then waiting ones in queue order
+            keep, next_rows, next_pos = [], [], []
+            for i, (r, p) in enumerate(zip(rows, positions)):
+                if r.finish_reason is None and len(r.token_ids) + 1 < r.params.max_tokens:  # +1: the in-flight token
+                    keep.append(i)
+                    next_rows.append(r)
+                    next_pos.append(p + 1)
+            joining = []
+            while waiting and len(next_rows) < max_rows:
+                r = waiting.popleft()
+                joining.append(r)
+                next_rows.append(r)
+                next_pos.append(r.session.num_computed)
+            # 2) a block for each row whose next token starts one; all or nothing (else the scheduler preempts)
+            need = [j for j, (r, p) in enumerate(zip(next_rows, next_pos)) if p >= len(r.session.block_table) * bs]
+            step = None
+            if next_rows and bm.can_allocate(len(need)):
+                new_blocks = []
+                for j in need:
+                    s = next_rows[j].session
+                    bm.allocate(s, next_pos[j] + 1)
+                    new_blocks.append((j, next_pos[j] // bs, s.block_table[-1]))
+                base = len(keep)
+                batch.advance(
+                    inflight.sampled if inflight is not None else None, keep,
+                    [(r.session.token_ids[-1], next_pos[base + k], r.session.block_table, r.params, r.seed)
+                     for k, r in enumerate(joining)],
+                    new_blocks)
+                width = max(-(-(p + 1) // bs) for p in next_pos)
+                t1 = time.perf_counter()
+                # 3) launch: forward and sampler are queued on the device; nothing here waits for it
+                logits = self.runner.forward_decode(batch.input_ids, batch.positions, batch.block_tables[:, :width])
+                tokens, logprobs, entropies = sample(logits, batch.sampling_for_step())
+                step = _Step(next_rows, next_pos, tokens, LateTokens(tokens, logprobs, entropies))
+                launched = True
+                t2 = time.perf_counter()
+                if prof is not None:
+                    prof.steps += 1
+                    prof.rows += len(next_rows)
+                    prof.prepare += t1 - t0
+                    prof.launch += t2 - t1
+            else:
+                waiting.extendleft(reversed(joining))
+            # 4) the previous step's tokens, while the device runs this one
+            if inflight is not None:
+                self._finish_step(inflight, bar, requests)
+            inflight, rows, positions = step, next_rows if step else [], next_pos if step else []
+            if step is None:
+                return launched
+
+    def _finish_step(self, step: _Step, bar, requests: list[_Request]) -> None:
+        """Record an async step's tokens (waiting for them if the device is still on it)."""
+        prof, bm = self.decode_profile, self.block_manager
+        t0 = time.perf_counter()
+        tokens, logprobs, entropies = step.tokens.wait()
+        t1 = time.perf_counter()
+        kept = False
+        for r, p, t, lp, ent in zip(step.rows, step.positions, tokens, logprobs, entropies):
+            if r.finish_reason is not None:
+                continue  # it stopped the step before: this token was computed speculatively and is dropped
+            kept = True
+            s = r.session
+            if p == 0:
+                s.weight_version = self.weight_version  # all of its KV is (re)computed with these weights
+            s.num_computed = p + 1
+            self._stats.tokens_computed += 1
+            self._stats.prompt_tokens_computed += p < s.num_prompt_tokens
+            bm.register_full(s)
+            self._record(r, t, lp, ent)
+            if r.finish_reason is not None:
+                bm.trim(s)  # the block allocated for its next (never to come) token, if any
+        if kept:
+            self._stats.num_forward_steps += 1
+        bar.update(_tokens_done(requests) - bar.n)
+        if prof is not None:
+            prof.wait += t1 - t0
+            prof.process += time.perf_counter() - t1
 

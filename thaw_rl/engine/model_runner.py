@@ -168,6 +168,33 @@ class ModelRunner:
         with self.grad_off():
             return self._forward(chunks)
 
+    def forward_decode(self, input_ids: torch.Tensor, positions: torch.Tensor, block_tables: torch.Tensor
+                       ) -> torch.Tensor:
+        """Logits (n, V) float32 of one decode token per row, from inputs already on the device.
+
+        The async decode loop (``decode_batch.py``) keeps these tensors on the device between steps; the
+        slot of each new token and the context lengths are derived here by device ops, so nothing is built
+        on the host. ``block_tables`` (n, W) need only cover each row's blocks up to its position.
+        """
+        with self.grad_off():
+            slot_blocks = block_tables.gather(1, (positions // self.block_size)[:, None])[:, 0].long()
+            slot_offsets = positions % self.block_size
+            seq_lens = (positions + 1).to(torch.int32)
+            if self.graphs is not None and self.graphs.fits(input_ids.shape[0]):
+                logits = self.graphs.forward_decode(input_ids, positions, slot_blocks, slot_offsets, block_tables,
+                                                    seq_lens)
+                if logits is not None:
+                    return logits
+                self._give_up_graphs()
+            n = input_ids.shape[0]
+            meta = AttentionMetadata(
+                kv_cache=self.kv_cache, slot_blocks=slot_blocks, slot_offsets=slot_offsets, block_tables=block_tables,
+                seq_lens=seq_lens, cu_seqlens_q=torch.arange(n + 1, dtype=torch.int32, device=self.device),
+                max_seqlen_q=1,
+            )
+            last = torch.arange(n, device=self.device)  # every token is its row's last (as pack() gives)
+            return self.run_model(input_ids, positions, meta, last).float()
+
     def _forward(self, chunks: list[Chunk]) -> torch.Tensor:
         if self.graphs is not None and all(c.num_new == 1 for c in chunks) and self.graphs.fits(len(chunks)):
             logits = self.graphs.forward(chunks)

@@ -190,6 +190,50 @@ class SamplingBatch:
         )
 
 
+    # -- a persistent decode batch (decode_batch.py) reshapes its rows on the device, without host syncs --
+    def select(self, idx: torch.Tensor) -> "SamplingBatch":
+        """The rows ``idx`` (a device index tensor); call ``refresh_flags`` after with their params."""
+        return dataclasses.replace(
+            self, temperature=self.temperature.index_select(0, idx), top_p=self.top_p.index_select(0, idx),
+            top_k=self.top_k.index_select(0, idx), min_p=self.min_p.index_select(0, idx),
+            seeds=self.seeds.index_select(0, idx), positions=self.positions.index_select(0, idx))
+
+    @staticmethod
+    def concat(a: "SamplingBatch", b: "SamplingBatch") -> "SamplingBatch":
+        """Rows of ``a`` then rows of ``b``; call ``refresh_flags`` after with their params."""
+        cat = lambda name: torch.cat([getattr(a, name), getattr(b, name)])
+        return dataclasses.replace(
+            a, temperature=cat("temperature"), top_p=cat("top_p"), top_k=cat("top_k"), min_p=cat("min_p"),
+            seeds=cat("seeds"), positions=cat("positions"),
+            repetition_penalty=a.repetition_penalty + b.repetition_penalty,
+            seen_token_ids=a.seen_token_ids + b.seen_token_ids)
+
+    def to(self, device: torch.device) -> "SamplingBatch":
+        """The same batch on ``device``; from CPU to CUDA through pinned memory, without blocking the host."""
+        from thaw_rl.engine.decode_batch import to_device
+
+        move = lambda t: to_device(t, device)
+        return dataclasses.replace(self, temperature=move(self.temperature), top_p=move(self.top_p),
+                                   top_k=move(self.top_k), min_p=move(self.min_p), seeds=move(self.seeds),
+                                   positions=move(self.positions))
+
+    def refresh_flags(self, params: list[SamplingParams], vocab_size: int) -> None:
+        """Recompute the host-side flags (which code path ``sample`` takes) for these rows' params.
+
+        They are what ``build`` computes for the same params, so a batch reshaped on the device samples
+        exactly as one built from scratch for the same rows. Seen tokens are not carried: a row with a
+        repetition penalty needs its tokens on the host, so the engine samples it synchronously instead.
+        """
+        self.repetition_penalty = [p.repetition_penalty for p in params]
+        self.seen_token_ids = [[] for _ in params]
+        self.any_filter = any(p.top_p < 1.0 or 0 < p.top_k < vocab_size or p.min_p > 0 for p in params if not p.greedy)
+        self.all_greedy = all(p.greedy for p in params)
+
+    def at_positions(self, positions: torch.Tensor) -> "SamplingBatch":
+        """The same rows drawing the token at ``positions`` (a device tensor; the noise depends on it)."""
+        return dataclasses.replace(self, positions=positions)
+
+
 def _apply_repetition_penalty(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     """HF's rule: a seen token's logit is divided by the penalty if positive, multiplied if negative."""
     rows = [i for i, p in enumerate(batch.repetition_penalty) if p != 1.0]
