@@ -1,10 +1,24 @@
-"""Where a decode step's time goes: host scheduling, graph replay, sampling (GPU, CUDA events + wall).
+"""Where a decode step's time goes, synchronous steps against the async decode loop, in one call.
 
-    python benchmarks/profile_decode.py --model qwen2.5-1.5b --batches 1,128 --prompt-len 512 --steps 64
+    python benchmarks/profile_decode.py --model qwen2.5-1.5b --batches 128,1024 --prompt-len 512 --steps 64 \
+        --compile-layers --out benchmarks/results/profile_decode_h200.json
 
-Wraps the engine's step phases with synchronising timers (so phases don't overlap: the sum is a bit
-more than a real step) and prints ms per step for each phase, then a torch.profiler table of the
-top CUDA kernels of a few steps.
+For each batch size, after a warm-up of both modes (graph capture, compile):
+
+- ``sync`` (``engine.async_decode = False``, the engine before the async loop): the plain step time, then
+  the same call with each phase wrapped in synchronising timers (phases don't overlap there: their sum is a
+  bit more than a real step): scheduling, filling the static buffers, graph replay, sampling.
+- ``async`` (the default): the plain step time; the host's own time per step from ``DecodeProfile``
+  (prepare the next inputs, launch forward + sampler, process the previous step's tokens) and how long it
+  waited for the device; the device's time per step from CUDA events around forward + sampler (they do not
+  synchronise, so the loop runs as it does unprofiled). A step costs about max(GPU, host): when ``wait`` is
+  most of the step, the host work is off the critical path.
+- ``syncs/step``: CUDA synchronisations PyTorch reports in the decode call (``set_sync_debug_mode``), per
+  forward step; the async loop's only wait is the event of the late token copy, which is not counted.
+
+Runs on CPU too (``--model smollm2 --batches 2,8 --prompt-len 32 --steps 8``): there is no device column,
+and "launch" is the forward itself (CPU ops run as they are issued), so only the totals compare.
+Prints a short table last and writes a JSON receipt with ``--out``.
 """
 
 from __future__ import annotations
@@ -14,82 +28,194 @@ import collections
 import os
 import sys
 import time
+import warnings
+from pathlib import Path
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-
 sys.path.insert(0, os.path.dirname(__file__))
 from engine_throughput import load_model  # noqa: E402
+from receipt_utils import receipt, write_receipt  # noqa: E402
+
 from thaw_rl import SamplingParams, ThawEngine  # noqa: E402
 from thaw_rl.engine import engine as engine_mod  # noqa: E402
+from thaw_rl.engine.engine import DecodeProfile  # noqa: E402
 
 
-def timed(phases, name, fn):
-    def wrapper(*a, **k):
+def _sync(device):
+    if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+def timed(phases, name, fn, device):
+    """Wrap fn so its time, device work included, adds to phases[name] (synchronises before and after)."""
+
+    def wrapper(*a, **k):
+        _sync(device)
         t0 = time.perf_counter()
         out = fn(*a, **k)
-        torch.cuda.synchronize()
+        _sync(device)
         phases[name] += time.perf_counter() - t0
         return out
 
     return wrapper
 
 
+class GpuTimer:
+    """CUDA events around each async step's forward and sampler: device time without synchronising."""
+
+    def __init__(self, engine):
+        self.engine, self.pairs = engine, []
+        self.runner_fwd, self.sample = engine.runner.forward_decode, engine_mod.sample
+
+    def __enter__(self):
+        def forward_decode(*a, **k):
+            start = torch.cuda.Event(enable_timing=True)
+            start.record()
+            self.pairs.append([start, None])
+            return self.runner_fwd(*a, **k)
+
+        def sample(*a, **k):
+            out = self.sample(*a, **k)
+            if self.pairs and self.pairs[-1][1] is None:
+                end = torch.cuda.Event(enable_timing=True)
+                end.record()
+                self.pairs[-1][1] = end
+            return out
+
+        self.engine.runner.forward_decode, engine_mod.sample = forward_decode, sample
+        return self
+
+    def __exit__(self, *exc):
+        self.engine.runner.forward_decode, engine_mod.sample = self.runner_fwd, self.sample
+
+    def seconds(self) -> float:
+        torch.cuda.synchronize()
+        return sum(a.elapsed_time(b) for a, b in self.pairs if b is not None) / 1e3
+
+
+def run_call(engine, prompts, params, device, count_syncs=False):
+    """prefill, generate (timed), free; returns (seconds, forward steps, CUDA syncs reported in generate)."""
+    sessions = engine.prefill_many(prompts)
+    _sync(device)
+    steps0 = engine.stats.num_forward_steps
+    syncs = 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if count_syncs and device.type == "cuda":
+            torch.cuda.set_sync_debug_mode("warn")
+        t0 = time.perf_counter()
+        try:
+            engine.generate(sessions, params)
+            _sync(device)
+        finally:
+            if device.type == "cuda":
+                torch.cuda.set_sync_debug_mode("default")
+        seconds = time.perf_counter() - t0
+        syncs = sum("synchroniz" in str(w.message) for w in caught)
+    steps = engine.stats.num_forward_steps - steps0
+    for s in sessions:
+        engine.free(s)
+    return seconds, max(steps, 1), syncs
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="qwen2.5-1.5b")
-    ap.add_argument("--batches", default="1,128")
+    ap.add_argument("--batches", default="128,1024")
     ap.add_argument("--prompt-len", type=int, default=512)
-    ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=64, help="tokens per row (decode steps)")
     ap.add_argument("--compile-layers", action="store_true")
+    ap.add_argument("--kernels", action="store_true", help="also print a torch.profiler table of top CUDA kernels")
+    ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
-    model, tok = load_model(args.model, torch.bfloat16, "cuda")
-    engine = ThawEngine(model, tok, kv_cache_memory=0.4, compile_layers=args.compile_layers)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model, tok = load_model(args.model, dtype, str(device))
+    batches = [int(x) for x in args.batches.split(",")]
+    kv = 0.4 if device.type == "cuda" else 1 << 30
+    engine = ThawEngine(model, tok, kv_cache_memory=kv, compile_layers=args.compile_layers,
+                        max_num_seqs=max(256, *batches))
     vocab = model.config.vocab_size
-    for b in [int(x) for x in args.batches.split(",")]:
+    rows = []
+    for b in batches:
         g = torch.Generator().manual_seed(b)
         prompts = [torch.randint(10, vocab, (args.prompt_len,), generator=g).tolist() for _ in range(b)]
         params = SamplingParams(temperature=1.0, max_tokens=args.steps, ignore_eos=True, seed=0)
-        for _ in range(2):  # warm-up (graph capture) then timed plain run
+        for mode in (False, True):  # warm-up: graph capture for every size, compile, autotune
+            engine.async_decode = mode
+            run_call(engine, prompts, params, device)
+
+        # -- sync: plain, then phases under synchronising timers --
+        engine.async_decode = False
+        plain, steps, syncs = run_call(engine, prompts, params, device, count_syncs=True)
+        phases = collections.Counter()
+        graphs = engine.runner.graphs
+        saved = (engine._sample, engine.scheduler.schedule, engine_mod.sample,
+                 graphs and graphs._fill, graphs and graphs.forward)
+        engine._sample = timed(phases, "sampling (build + sample + tolist)", engine._sample, device)
+        engine_mod.sample = timed(phases, "  of which sample() kernels", engine_mod.sample, device)
+        engine.scheduler.schedule = timed(phases, "schedule", engine.scheduler.schedule, device)
+        if graphs is not None:
+            graphs._fill = timed(phases, "  of which fill static buffers", graphs._fill, device)
+            graphs.forward = timed(phases, "graph forward (fill + replay)", graphs.forward, device)
+        instrumented, isteps, _ = run_call(engine, prompts, params, device)
+        engine._sample, engine.scheduler.schedule, engine_mod.sample = saved[:3]
+        if graphs is not None:
+            graphs._fill, graphs.forward = saved[3:]
+        sync_row = dict(batch=b, mode="sync", step_ms=plain / steps * 1e3, steps=steps, syncs_per_step=syncs / steps,
+                        phases_ms={k: v / isteps * 1e3 for k, v in phases.items()},
+                        instrumented_step_ms=instrumented / isteps * 1e3)
+        print(f"\nbatch {b} sync: step {sync_row['step_ms']:.2f} ms (instrumented {sync_row['instrumented_step_ms']:.2f})")
+        for name, ms in sync_row["phases_ms"].items():
+            print(f"  {name:38s} {ms:8.3f} ms/step")
+
+        # -- async: plain, then host phases (DecodeProfile) and device time (CUDA events) --
+        engine.async_decode = True
+        plain, steps, syncs = run_call(engine, prompts, params, device, count_syncs=True)
+        engine.decode_profile = prof = DecodeProfile()
+        if device.type == "cuda":
+            with GpuTimer(engine) as gpu:
+                instrumented, _, _ = run_call(engine, prompts, params, device)
+            gpu_s = gpu.seconds()
+        else:
+            instrumented, _, _ = run_call(engine, prompts, params, device)
+            gpu_s = None
+        engine.decode_profile = None
+        n = max(prof.steps, 1)
+        host = {k: getattr(prof, k) / n * 1e3 for k in ("prepare", "launch", "process", "wait")}
+        async_row = dict(batch=b, mode="async", step_ms=plain / steps * 1e3, steps=steps, syncs_per_step=syncs / steps,
+                         async_steps=prof.steps, rows_per_step=prof.rows / n, host_ms=host,
+                         host_work_ms=host["prepare"] + host["launch"] + host["process"],
+                         gpu_ms=gpu_s / n * 1e3 if gpu_s is not None else None,
+                         instrumented_step_ms=instrumented / n * 1e3)
+        print(f"batch {b} async: step {async_row['step_ms']:.2f} ms; host work {async_row['host_work_ms']:.2f} ms/step "
+              f"(prepare {host['prepare']:.3f}, launch {host['launch']:.3f}, process {host['process']:.3f}), "
+              f"waiting on the device {host['wait']:.3f}"
+              + (f", device {async_row['gpu_ms']:.2f} ms/step" if gpu_s is not None else ""))
+        rows += [sync_row, async_row]
+
+        if args.kernels and device.type == "cuda":
             sessions = engine.prefill_many(prompts)
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            engine.generate(sessions, params)
-            torch.cuda.synchronize()
-            plain = time.perf_counter() - t0
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                    torch.profiler.ProfilerActivity.CUDA]) as p:
+                engine.generate(sessions, SamplingParams(temperature=1.0, max_tokens=8, ignore_eos=True, seed=0))
+                torch.cuda.synchronize()
             for s in sessions:
                 engine.free(s)
-        phases = collections.Counter()
-        runner, graphs = engine.runner, engine.runner.graphs
-        originals = (graphs._fill, graphs.forward, engine._sample, engine.scheduler.schedule, engine_mod.sample)
-        graphs._fill = timed(phases, "fill static buffers", graphs._fill)
-        orig_replay_forward = graphs.forward
-        graphs.forward = timed(phases, "graph forward (fill+replay)", orig_replay_forward)
-        engine._sample = timed(phases, "_sample (build+sample+tolist)", engine._sample)
-        engine_mod.sample = timed(phases, "sample() kernels", engine_mod.sample)
-        engine.scheduler.schedule = timed(phases, "schedule", engine.scheduler.schedule)
-        sessions = engine.prefill_many(prompts)
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        engine.generate(sessions, params)
-        torch.cuda.synchronize()
-        total = time.perf_counter() - t0
-        graphs._fill, graphs.forward, engine._sample, engine.scheduler.schedule, engine_mod.sample = originals
-        for s in sessions:
-            engine.free(s)
-        print(f"\nbatch {b}: plain step {plain / args.steps * 1e3:.2f} ms, instrumented {total / args.steps * 1e3:.2f} ms")
-        for name, sec in phases.most_common():
-            print(f"  {name:34s} {sec / args.steps * 1e3:7.3f} ms/step")
-        sessions = engine.prefill_many(prompts)
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                                torch.profiler.ProfilerActivity.CUDA]) as prof:
-            engine.generate(sessions, SamplingParams(temperature=1.0, max_tokens=8, ignore_eos=True, seed=0))
-            torch.cuda.synchronize()
-        for s in sessions:
-            engine.free(s)
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
+            print(p.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
+
+    write_receipt(args.out, receipt("profile_decode", args, rows))
+    print(f"\ndevice={device} model={args.model} prompt={args.prompt_len} steps={args.steps} "
+          f"compile_layers={args.compile_layers}")
+    print("| batch | mode | step ms | device ms | host work ms | host waits ms | syncs/step |")
+    print("|---:|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        gpu = f"{r['gpu_ms']:.2f}" if r.get("gpu_ms") is not None else "-"
+        work = f"{r['host_work_ms']:.2f}" if "host_work_ms" in r else "(serial)"
+        wait = f"{r['host_ms']['wait']:.2f}" if "host_ms" in r else "-"
+        print(f"| {r['batch']} | {r['mode']} | {r['step_ms']:.2f} | {gpu} | {work} | {wait} | {r['syncs_per_step']:.2f} |")
 
 
 if __name__ == "__main__":
