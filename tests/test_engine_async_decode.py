@@ -168,3 +168,15 @@ def test_trim_releases_the_blocks_past_the_computed_tokens_tail_first():
     t = Session(engine_id=0, token_ids=list(range(2)), num_prompt_tokens=2)
     bm.allocate(t, 4)
     assert t.block_table == [4]  # fresh blocks first; block 3 waits in the freed queue
+
+
+def test_graph_sizes_cover_every_batch_up_to_2048_rows_with_little_padding():
+    from thaw_rl.engine.cuda_graphs import _batch_sizes
+
+    sizes = _batch_sizes(2048)
+    assert sizes[:4] == [1, 2, 4, 8] and sizes[-1] == 2048 and len(sizes) <= 90
+    for n in range(1, 2049):
+        padded = next(s for s in sizes if s >= n)
+        assert padded - n < max(8, n // 16 + 1), (n, padded)
+    assert _batch_sizes(256) == [1, 2, 4] + list(range(8, 257, 8))  # unchanged below 256
+    assert _batch_sizes(300)[-1] == 300 and _batch_sizes(3) == [1, 2, 3]

@@ -19,7 +19,19 @@ from thaw_rl.engine.attention import AttentionMetadata
 
 
 def _batch_sizes(max_num_seqs: int) -> list[int]:
-    sizes = [1, 2, 4] + list(range(8, max_num_seqs + 1, 8))
+    """Padded batch sizes: 1, 2, 4, then steps of 8 to 256, 16 to 512, 32 to 1,024, 64 beyond, and max_num_seqs.
+
+    Every decode batch up to ``max_num_seqs`` replays a graph, padded by at most ~6% (vLLM's ladder is
+    similar); coarser steps above 256 keep the number of captures of a shrinking GRPO batch (1,024 rows
+    finishing one by one) near 80 instead of 256.
+    """
+    sizes = [1, 2, 4]
+    step, size = 8, 8
+    while size <= max_num_seqs:
+        sizes.append(size)
+        if size >= 32 * step:  # 256 -> 16, 512 -> 32, 1,024 -> 64, 2,048 -> 128
+            step *= 2
+        size += step
     return sorted({s for s in sizes if s <= max_num_seqs} | {max_num_seqs})
 
 
@@ -45,6 +57,7 @@ class DecodeGraphs:
         self._host_table_np = self._host_table.numpy()
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
+        self.logits: torch.Tensor | None = None  # (max_bs, V): every graph's output (see _capture)
         self.capture_error: str | None = None  # why a capture failed (the runner then runs eagerly)
 
     def fits(self, num_seqs: int) -> bool:
@@ -65,21 +78,30 @@ class DecodeGraphs:
         )
 
     def _capture(self, bs: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """Capture size ``bs``; its logits land in the one output buffer all sizes share.
+
+        Each graph's own logits tensor is dropped after capture, so its memory goes back to the shared
+        pool: with up to ~80 sizes captured (a 2,048-row ladder) per-graph outputs would otherwise pin
+        tens of GB (bs x vocab each), where one shared buffer costs max_bs x vocab once.
+        """
         run = lambda: self.runner.run_model(self.input_ids[:bs], self.positions[:bs], self._meta(bs), 0)
         stream = torch.cuda.Stream(self.runner.device)
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):  # warm up (allocator, autotuning) outside the graph
-                run()
+                warm = run()
         torch.cuda.current_stream().wait_stream(stream)
+        if self.logits is None:  # outside the graph's pool: it outlives every capture
+            self.logits = torch.empty(self.max_bs, warm.shape[-1], dtype=warm.dtype, device=warm.device)
+        del warm
         graph = torch.cuda.CUDAGraph()
         # thread_local: what other threads do meanwhile (NCCL's watchdog polling events, a data loader)
         # cannot invalidate this capture; a sync in this thread still does (see ModelRunner._give_up_graphs).
         with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-            logits = run()  # (bs, V)
+            self.logits[:bs].copy_(run())  # (bs, V)
         if self.pool is None:
             self.pool = graph.pool()
-        return graph, logits
+        return graph, self.logits
 
     def _fill(self, chunks) -> int:
         """Copy this step's decode metadata into the static buffers; returns the padded batch size.

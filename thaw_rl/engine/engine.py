@@ -53,6 +53,7 @@ __all__ = ["SUPPORTED_MODEL_TYPES", "Completion", "EngineStats", "KVCacheExhaust
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 CPU_KV_CACHE_LIMIT = 512 * 2**20  # the most a default CPU pool grows to (bytes)
 CPU_KV_CACHE_INITIAL_BLOCKS = 64  # a default CPU pool starts this small and grows with what calls need
+DEFAULT_MAX_NUM_SEQS_CUDA = 2048  # rows per step on CUDA when not given (CPU: 256)
 
 
 @dataclass
@@ -154,7 +155,7 @@ class ThawEngine:
         block_size: int = 16,
         kv_cache_memory: int | float | None = None,
         max_num_batched_tokens: int | None = None,
-        max_num_seqs: int = 256,
+        max_num_seqs: int | None = None,
         layout: str = "layer_major",
         use_cuda_graphs: bool | None = None,
         compile_layers: bool = False,
@@ -171,7 +172,8 @@ class ThawEngine:
         block_size = _positive_int("block_size", block_size, 16)
         if block_size & (block_size - 1):
             raise ValueError(f"block_size={block_size} must be a power of two (e.g. 16).")
-        max_num_seqs = _positive_int("max_num_seqs", max_num_seqs, 256)
+        if max_num_seqs is not None:
+            max_num_seqs = _positive_int("max_num_seqs", max_num_seqs, 256)
         if max_num_batched_tokens is not None:
             max_num_batched_tokens = _positive_int("max_num_batched_tokens", max_num_batched_tokens, 2048)
         self.model = model
@@ -189,6 +191,9 @@ class ThawEngine:
         self.block_manager = BlockManager(num_blocks, block_size, prefix_salt(self.fingerprint, self.weight_version))
         self.kv_cache = PagedKVCache(self.spec, num_blocks, self.device, layout)
         self.max_num_batched_tokens = max_num_batched_tokens or (8192 if self.device.type == "cuda" else 2048)
+        # Rows per step. On CUDA a GRPO step's rows (up to 2,048) decode together, every batch size a graph
+        # replay (cuda_graphs._batch_sizes); on CPU a step's cost grows with its rows, so 256 stays.
+        max_num_seqs = max_num_seqs or (DEFAULT_MAX_NUM_SEQS_CUDA if self.device.type == "cuda" else 256)
         self.max_num_seqs = max_num_seqs
         self.scheduler = Scheduler(self.block_manager, self.max_num_batched_tokens, max_num_seqs)
         if use_cuda_graphs is None:
