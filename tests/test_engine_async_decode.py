@@ -82,6 +82,16 @@ def test_seeded_sampling_with_early_stops_matches_synchronous_steps(family, one_
     assert len(stop_lengths) > 1  # stops at several different steps
 
 
+def test_without_stops_the_batches_match_and_everything_is_bitwise_equal(one_torch_thread):
+    """No row stops early, so every async step holds exactly the rows of the sync step: logprobs and
+    entropies are bitwise equal too (the device-made inputs are the host-built ones)."""
+    model, tok = tiny_model_and_tokenizer("llama")
+    params = SamplingParams(temperature=1.0, max_tokens=12, seed=2, ignore_eos=True)
+    sync, _ = _run(model, tok, False, params)
+    asyn, prof = _run(model, tok, True, params)
+    assert prof.steps > 0 and asyn == sync
+
+
 def test_rows_join_as_others_finish_under_max_num_seqs(one_torch_thread):
     """More rows than one step holds: waiting rows join the device batch when rows leave it."""
     model, tok = tiny_model_and_tokenizer("qwen2")

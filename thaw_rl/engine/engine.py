@@ -726,12 +726,15 @@ class ThawEngine:
         sampled tokens, moved on the device (``DecodeBatch``), so the host needs no tokens to launch it.
         The price: a row that stops at step N (eos or a stop id) is found only after N+1 was launched
         with it. Its extra token is dropped in ``_finish_step`` (never returned, never counted) and the
-        block allocated for it is released (``BlockManager.trim``), so outputs, stats and block tables are
-        exactly those of synchronous steps. max_tokens is known ahead and never overrun.
+        block allocated for it is released (``BlockManager.trim``): tokens, finish reasons, sessions (tokens,
+        computed count, hashes, number of blocks) and stats are those of synchronous steps; block ids may
+        differ (the released block goes back to the free queue later than it would have been handed out).
+        max_tokens is known ahead and never overrun.
 
         Rows are taken in queue order up to the step's row and token budgets (as ``Scheduler.schedule``);
-        a row that finishes makes room for the next waiting one. When the free blocks cannot cover the next
-        step, the loop drains and returns to ``_run``, whose scheduler preempts.
+        a row that finishes makes room for the next waiting one, one step late after a stop, so a call with
+        more rows than ``max_num_seqs`` can take a few more forward steps. When the free blocks cannot cover
+        the next step, the loop drains and returns to ``_run``, whose scheduler preempts.
         """
         bm, bs, prof = self.block_manager, self.block_size, self.decode_profile
         max_rows = min(self.max_num_seqs, self.max_num_batched_tokens)
