@@ -736,65 +736,84 @@ class ThawEngine:
         more rows than ``max_num_seqs`` can take a few more forward steps. When the free blocks cannot cover
         the next step, the loop drains and returns to ``_run``, whose scheduler preempts.
         """
-        bm, bs, prof = self.block_manager, self.block_size, self.decode_profile
+        prof = self.decode_profile
         max_rows = min(self.max_num_seqs, self.max_num_batched_tokens)
-        batch = DecodeBatch(self.device, bs, self.vocab_size)
+        batch = DecodeBatch(self.device, self.block_size, self.vocab_size)
         waiting = deque(by_session[id(s)] for s in queue)
-        rows: list[_Request] = []  # the rows of the step in flight
-        positions: list[int] = []  # their input positions
         inflight: _Step | None = None
         launched = False
         while True:
             t0 = time.perf_counter()
-            # 1) the next step's rows: the in-flight rows that may go on, then waiting ones in queue order
-            keep, next_rows, next_pos = [], [], []
-            for i, (r, p) in enumerate(zip(rows, positions)):
-                if r.finish_reason is None and len(r.token_ids) + 1 < r.params.max_tokens:  # +1: the in-flight token
-                    keep.append(i)
-                    next_rows.append(r)
-                    next_pos.append(p + 1)
-            joining = []
-            while waiting and len(next_rows) < max_rows:
-                r = waiting.popleft()
-                joining.append(r)
-                next_rows.append(r)
-                next_pos.append(r.session.num_computed)
-            # 2) a block for each row whose next token starts one; all or nothing (else the scheduler preempts)
-            need = [j for j, (r, p) in enumerate(zip(next_rows, next_pos)) if p >= len(r.session.block_table) * bs]
+            keep, rows, positions, joining = self._next_rows(inflight, waiting, max_rows)
+            new_blocks = self._allocate_next(rows, positions)
             step = None
-            if next_rows and bm.can_allocate(len(need)):
-                new_blocks = []
-                for j in need:
-                    s = next_rows[j].session
-                    bm.allocate(s, next_pos[j] + 1)
-                    new_blocks.append((j, next_pos[j] // bs, s.block_table[-1]))
+            if rows and new_blocks is not None:
                 base = len(keep)
                 batch.advance(
                     inflight.sampled if inflight is not None else None, keep,
-                    [(r.session.token_ids[-1], next_pos[base + k], r.session.block_table, r.params, r.seed)
+                    [(r.session.token_ids[-1], positions[base + k], r.session.block_table, r.params, r.seed)
                      for k, r in enumerate(joining)],
                     new_blocks)
-                width = max(-(-(p + 1) // bs) for p in next_pos)
                 t1 = time.perf_counter()
-                # 3) launch: forward and sampler are queued on the device; nothing here waits for it
-                logits = self.runner.forward_decode(batch.input_ids, batch.positions, batch.block_tables[:, :width])
-                tokens, logprobs, entropies = sample(logits, batch.sampling_for_step())
-                step = _Step(next_rows, next_pos, tokens, LateTokens(tokens, logprobs, entropies))
+                step = self._launch(batch, rows, positions)
                 launched = True
-                t2 = time.perf_counter()
                 if prof is not None:
                     prof.steps += 1
-                    prof.rows += len(next_rows)
+                    prof.rows += len(rows)
                     prof.prepare += t1 - t0
-                    prof.launch += t2 - t1
+                    prof.launch += time.perf_counter() - t1
             else:
                 waiting.extendleft(reversed(joining))
-            # 4) the previous step's tokens, while the device runs this one
-            if inflight is not None:
+            if inflight is not None:  # the previous step's tokens, while the device runs this one
                 self._finish_step(inflight, bar, requests)
-            inflight, rows, positions = step, next_rows if step else [], next_pos if step else []
+            inflight = step
             if step is None:
                 return launched
+
+    @staticmethod
+    def _next_rows(inflight: _Step | None, waiting: deque[_Request], max_rows: int
+                   ) -> tuple[list[int], list[_Request], list[int], list[_Request]]:
+        """The next step's rows: the in-flight rows that may go on (their indices ``keep``), then waiting
+        ones in queue order up to ``max_rows`` (``joining``, taken off ``waiting``); with input positions.
+
+        An in-flight row goes on unless it is known to have stopped or its in-flight token is its last
+        (max_tokens is known ahead; a stop is known one step late and costs that row one dropped token).
+        """
+        keep, rows, positions = [], [], []
+        if inflight is not None:
+            for i, (r, p) in enumerate(zip(inflight.rows, inflight.positions)):
+                if r.finish_reason is None and len(r.token_ids) + 1 < r.params.max_tokens:  # +1: the in-flight token
+                    keep.append(i)
+                    rows.append(r)
+                    positions.append(p + 1)
+        joining = []
+        while waiting and len(rows) < max_rows:
+            r = waiting.popleft()
+            joining.append(r)
+            rows.append(r)
+            positions.append(r.session.num_computed)
+        return keep, rows, positions, joining
+
+    def _allocate_next(self, rows: list[_Request], positions: list[int]) -> list[tuple[int, int, int]] | None:
+        """A block for each row whose next token starts one: the ``(row, column, block)`` writes, or None
+        (nothing allocated) when the free blocks cannot cover them all: then the scheduler preempts."""
+        bm, bs = self.block_manager, self.block_size
+        need = [j for j, (r, p) in enumerate(zip(rows, positions)) if p >= len(r.session.block_table) * bs]
+        if not bm.can_allocate(len(need)):
+            return None
+        new_blocks = []
+        for j in need:
+            s = rows[j].session
+            bm.allocate(s, positions[j] + 1)
+            new_blocks.append((j, positions[j] // bs, s.block_table[-1]))
+        return new_blocks
+
+    def _launch(self, batch: DecodeBatch, rows: list[_Request], positions: list[int]) -> _Step:
+        """Queue the forward and the sampler on the device and start the tokens' late copy; nothing waits."""
+        width = max(positions) // self.block_size + 1  # table columns in use (as pack() gives)
+        logits = self.runner.forward_decode(batch.input_ids, batch.positions, batch.block_tables[:, :width])
+        tokens, logprobs, entropies = sample(logits, batch.sampling_for_step())  # (n,) each, on the device
+        return _Step(rows, positions, tokens, LateTokens(tokens, logprobs, entropies))
 
     def _finish_step(self, step: _Step, bar, requests: list[_Request]) -> None:
         """Record an async step's tokens (waiting for them if the device is still on it)."""
