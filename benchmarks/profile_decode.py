@@ -16,8 +16,8 @@ For each batch size, after a warm-up of both modes (graph capture, compile):
 - ``syncs/step``: CUDA synchronisations PyTorch reports in the decode call (``set_sync_debug_mode``), per
   forward step; the async loop's only wait is the event of the late token copy, which is not counted.
 
-Runs on CPU too (``--model smollm2 --batches 2,8 --prompt-len 32 --steps 8``): there is no device column,
-and "launch" is the forward itself (CPU ops run as they are issued), so only the totals compare.
+Runs on CPU too (``--model tiny-qwen2 --batches 2,8 --prompt-len 32 --steps 8``, or smollm2): there is no
+device column, and "launch" is the forward itself (CPU ops run as they are issued), so only totals compare.
 Prints a short table last and writes a JSON receipt with ``--out``.
 """
 
@@ -132,7 +132,13 @@ def main():
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model, tok = load_model(args.model, dtype, str(device))
+    if args.model.startswith("tiny-"):  # a seconds-long CPU check of this script: tiny-llama, tiny-qwen2, tiny-qwen3
+        from thaw_rl.testing import tiny_model_and_tokenizer
+
+        model, tok = tiny_model_and_tokenizer(args.model[5:], dtype=dtype)
+        model.to(device)
+    else:
+        model, tok = load_model(args.model, dtype, str(device))
     batches = [int(x) for x in args.batches.split(",")]
     kv = 0.4 if device.type == "cuda" else 1 << 30
     engine = ThawEngine(model, tok, kv_cache_memory=kv, compile_layers=args.compile_layers,
