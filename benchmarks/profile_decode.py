@@ -96,7 +96,7 @@ class GpuTimer:
 
 
 def run_call(engine, prompts, params, device, count_syncs=False):
-    """prefill, generate (timed), free; returns (seconds, forward steps, CUDA syncs reported in generate)."""
+    """prefill, generate (timed), free; returns (seconds, forward steps, CUDA syncs reported in generate, tokens)."""
     sessions = engine.prefill_many(prompts)
     _sync(device)
     steps0 = engine.stats.num_forward_steps
@@ -107,7 +107,7 @@ def run_call(engine, prompts, params, device, count_syncs=False):
             torch.cuda.set_sync_debug_mode("warn")
         t0 = time.perf_counter()
         try:
-            engine.generate(sessions, params)
+            out = engine.generate(sessions, params)
             _sync(device)
         finally:
             if device.type == "cuda":
@@ -117,7 +117,7 @@ def run_call(engine, prompts, params, device, count_syncs=False):
     steps = engine.stats.num_forward_steps - steps0
     for s in sessions:
         engine.free(s)
-    return seconds, max(steps, 1), syncs
+    return seconds, max(steps, 1), syncs, [c.token_ids for c in out]
 
 
 def main():
@@ -149,13 +149,17 @@ def main():
         g = torch.Generator().manual_seed(b)
         prompts = [torch.randint(10, vocab, (args.prompt_len,), generator=g).tolist() for _ in range(b)]
         params = SamplingParams(temperature=1.0, max_tokens=args.steps, ignore_eos=True, seed=0)
+        tokens = {}
         for mode in (False, True):  # warm-up: graph capture for every size, compile, autotune
             engine.async_decode = mode
-            run_call(engine, prompts, params, device)
+            tokens[mode] = run_call(engine, prompts, params, device)[3]
+        # no row stops early (ignore_eos), so both modes run the same batches: the same tokens, exactly
+        same_tokens = tokens[False] == tokens[True]
+        print(f"batch {b}: async tokens == sync tokens: {same_tokens}")
 
         # -- sync: plain, then phases under synchronising timers --
         engine.async_decode = False
-        plain, steps, syncs = run_call(engine, prompts, params, device, count_syncs=True)
+        plain, steps, syncs, _ = run_call(engine, prompts, params, device, count_syncs=True)
         phases = collections.Counter()
         graphs = engine.runner.graphs
         saved = (engine._sample, engine.scheduler.schedule, engine_mod.sample,
@@ -166,11 +170,11 @@ def main():
         if graphs is not None:
             graphs._fill = timed(phases, "  of which fill static buffers", graphs._fill, device)
             graphs.forward = timed(phases, "graph forward (fill + replay)", graphs.forward, device)
-        instrumented, isteps, _ = run_call(engine, prompts, params, device)
+        instrumented, isteps, _, _ = run_call(engine, prompts, params, device)
         engine._sample, engine.scheduler.schedule, engine_mod.sample = saved[:3]
         if graphs is not None:
             graphs._fill, graphs.forward = saved[3:]
-        sync_row = dict(batch=b, mode="sync", step_ms=plain / steps * 1e3, steps=steps, syncs_per_step=syncs / steps,
+        sync_row = dict(batch=b, mode="sync", same_tokens=same_tokens, step_ms=plain / steps * 1e3, steps=steps, syncs_per_step=syncs / steps,
                         phases_ms={k: v / isteps * 1e3 for k, v in phases.items()},
                         instrumented_step_ms=instrumented / isteps * 1e3)
         print(f"\nbatch {b} sync: step {sync_row['step_ms']:.2f} ms (instrumented {sync_row['instrumented_step_ms']:.2f})")
@@ -179,19 +183,19 @@ def main():
 
         # -- async: plain, then host phases (DecodeProfile) and device time (CUDA events) --
         engine.async_decode = True
-        plain, steps, syncs = run_call(engine, prompts, params, device, count_syncs=True)
+        plain, steps, syncs, _ = run_call(engine, prompts, params, device, count_syncs=True)
         engine.decode_profile = prof = DecodeProfile()
         if device.type == "cuda":
             with GpuTimer(engine) as gpu:
-                instrumented, _, _ = run_call(engine, prompts, params, device)
+                instrumented, _, _, _ = run_call(engine, prompts, params, device)
             gpu_s = gpu.seconds()
         else:
-            instrumented, _, _ = run_call(engine, prompts, params, device)
+            instrumented, _, _, _ = run_call(engine, prompts, params, device)
             gpu_s = None
         engine.decode_profile = None
         n = max(prof.steps, 1)
         host = {k: getattr(prof, k) / n * 1e3 for k in ("prepare", "launch", "process", "wait")}
-        async_row = dict(batch=b, mode="async", step_ms=plain / steps * 1e3, steps=steps, syncs_per_step=syncs / steps,
+        async_row = dict(batch=b, mode="async", same_tokens=same_tokens, step_ms=plain / steps * 1e3, steps=steps, syncs_per_step=syncs / steps,
                          async_steps=prof.steps, rows_per_step=prof.rows / n, host_ms=host,
                          host_work_ms=host["prepare"] + host["launch"] + host["process"],
                          gpu_ms=gpu_s / n * 1e3 if gpu_s is not None else None,
@@ -215,13 +219,13 @@ def main():
     write_receipt(args.out, receipt("profile_decode", args, rows))
     print(f"\ndevice={device} model={args.model} prompt={args.prompt_len} steps={args.steps} "
           f"compile_layers={args.compile_layers}")
-    print("| batch | mode | step ms | device ms | host work ms | host waits ms | syncs/step |")
-    print("|---:|---|---:|---:|---:|---:|---:|")
+    print("| batch | mode | step ms | device ms | host work ms | host waits ms | syncs/step | same tokens |")
+    print("|---:|---|---:|---:|---:|---:|---:|---|")
     for r in rows:
         gpu = f"{r['gpu_ms']:.2f}" if r.get("gpu_ms") is not None else "-"
         work = f"{r['host_work_ms']:.2f}" if "host_work_ms" in r else "(serial)"
         wait = f"{r['host_ms']['wait']:.2f}" if "host_ms" in r else "-"
-        print(f"| {r['batch']} | {r['mode']} | {r['step_ms']:.2f} | {gpu} | {work} | {wait} | {r['syncs_per_step']:.2f} |")
+        print(f"| {r['batch']} | {r['mode']} | {r['step_ms']:.2f} | {gpu} | {work} | {wait} | {r['syncs_per_step']:.2f} | {r['same_tokens']} |")
 
 
 if __name__ == "__main__":
