@@ -85,3 +85,21 @@ def test_make_room_never_preempts_the_head_and_says_who_holds_the_pool():
     head2 = session(12, 100)
     with pytest.raises(KVCacheExhaustedError, match="0 by other sessions of this call and 1 by sessions outside it"):
         sched.make_room([head2], [head2], generating=False)
+
+
+def test_allocate_decode_gives_a_block_only_to_rows_starting_one_and_is_all_or_nothing():
+    """The async decode loop's step: one token per row at known positions, blocks taken before the tokens are."""
+    bm = BlockManager(num_blocks=6, block_size=BS)
+    sched = Scheduler(bm, max_num_batched_tokens=64, max_num_seqs=8)
+    a, b = session(4), session(3)
+    bm.allocate(a, 4)  # block 1, full after 4 tokens
+    bm.allocate(b, 3)  # block 2
+    assert sched.allocate_decode([a, b], [4, 3]) == [(0, 1, 3)]  # a's position 4 starts block column 1
+    assert a.block_table == [1, 3] and b.block_table == [2]
+    assert sched.allocate_decode([a, b], [5, 4]) == [(1, 1, 4)]
+    c = session(8)
+    bm.allocate(c, 4)  # block 5: the pool is now empty
+    assert bm.num_free_blocks == 0
+    assert sched.allocate_decode([b, c], [5, 4]) is None  # c needs a block, none is free: nothing taken
+    assert c.block_table == [5] and b.block_table == [2, 4]
+    assert sched.allocate_decode([], []) == [] and sched.allocate_decode([b], [6]) == []

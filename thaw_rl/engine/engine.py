@@ -745,7 +745,7 @@ class ThawEngine:
         while True:
             t0 = time.perf_counter()
             keep, rows, positions, joining = self._next_rows(inflight, waiting, max_rows)
-            new_blocks = self._allocate_next(rows, positions)
+            new_blocks = self.scheduler.allocate_decode([r.session for r in rows], positions)
             step = None
             if rows and new_blocks is not None:
                 base = len(keep)
@@ -793,20 +793,6 @@ class ThawEngine:
             rows.append(r)
             positions.append(r.session.num_computed)
         return keep, rows, positions, joining
-
-    def _allocate_next(self, rows: list[_Request], positions: list[int]) -> list[tuple[int, int, int]] | None:
-        """A block for each row whose next token starts one: the ``(row, column, block)`` writes, or None
-        (nothing allocated) when the free blocks cannot cover them all: then the scheduler preempts."""
-        bm, bs = self.block_manager, self.block_size
-        need = [j for j, (r, p) in enumerate(zip(rows, positions)) if p >= len(r.session.block_table) * bs]
-        if not bm.can_allocate(len(need)):
-            return None
-        new_blocks = []
-        for j in need:
-            s = rows[j].session
-            bm.allocate(s, positions[j] + 1)
-            new_blocks.append((j, positions[j] // bs, s.block_table[-1]))
-        return new_blocks
 
     def _launch(self, batch: DecodeBatch, rows: list[_Request], positions: list[int]) -> _Step:
         """Queue the forward and the sampler on the device and start the tokens' late copy; nothing waits."""

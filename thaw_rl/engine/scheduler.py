@@ -62,6 +62,24 @@ class Scheduler:
             budget -= n
         return chunks
 
+    def allocate_decode(self, sessions: Sequence[Session], positions: Sequence[int]
+                        ) -> list[tuple[int, int, int]] | None:
+        """Blocks for one decode token per session at ``positions`` (a step of the async decode loop).
+
+        Returns the ``(row, column, block_id)`` table writes of the sessions whose token starts a new
+        block, for the device copy of the tables; or None, allocating nothing, when the free blocks
+        cannot cover them all (the engine then drains and steps through ``schedule``, which preempts).
+        """
+        bm, bs = self.block_manager, self.block_manager.block_size
+        need = [i for i, (s, p) in enumerate(zip(sessions, positions)) if p >= len(s.block_table) * bs]
+        if not bm.can_allocate(len(need)):
+            return None
+        writes = []
+        for i in need:
+            bm.allocate(sessions[i], positions[i] + 1)
+            writes.append((i, positions[i] // bs, sessions[i].block_table[-1]))
+        return writes
+
     def make_room(self, sessions: Sequence[Session], pending: Sequence[Session], generating: bool) -> Session:
         """No chunk fit: preempt one session of this call and return it, or raise with a clear error.
 
