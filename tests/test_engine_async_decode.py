@@ -190,3 +190,27 @@ def test_graph_sizes_cover_every_batch_up_to_2048_rows_with_little_padding():
         assert padded - n < max(8, n // 16 + 1), (n, padded)
     assert _batch_sizes(256) == [1, 2, 4] + list(range(8, 257, 8))  # unchanged below 256
     assert _batch_sizes(300)[-1] == 300 and _batch_sizes(3) == [1, 2, 3]
+
+
+def test_seeded_tokens_are_those_the_engine_drew_before_the_async_loop(one_torch_thread):
+    """Recorded from the synchronous engine before this loop existed (main at 61246e0), same call: a seeded
+    batch with stop ids (rows stop at different steps), then one greedy and one top-k/top-p row."""
+    model, tok = tiny_model_and_tokenizer("qwen2")
+    engine = ThawEngine(model, tok, block_size=4)
+    g = torch.Generator().manual_seed(1)
+    sessions = engine.prefill_many([torch.randint(4, 100, (n,), generator=g).tolist() for n in (3, 9, 14)])
+    out = engine.generate(engine.fork(sessions[1], 3) + sessions,
+                          SamplingParams(temperature=0.9, max_tokens=16, seed=7, stop_token_ids=list(range(10, 16))))
+    out += engine.generate(engine.fork(sessions[0], 2), [
+        SamplingParams(temperature=0.0, max_tokens=8),
+        SamplingParams(temperature=1.0, top_k=8, top_p=0.9, max_tokens=8, seed=3)])
+    assert [(c.token_ids, c.finish_reason) for c in out] == [
+        ([35, 99, 93, 34, 0, 48, 94, 46, 40, 8, 90, 31, 61, 6, 35, 87], "length"),
+        ([44, 35, 55, 68, 45, 69, 90, 70, 81, 19, 22, 48, 90, 26, 79, 29], "length"),
+        ([32, 68, 30, 50, 21, 23, 40, 7, 37, 13], "stop"),
+        ([1, 69, 47, 71, 70, 69, 14], "stop"),
+        ([12], "stop"),
+        ([29, 73, 0, 43, 82, 61, 90, 89, 82, 19, 11], "stop"),
+        ([14] * 8, "length"),
+        ([44, 26, 41, 58, 92, 79, 44, 44], "length"),
+    ]
