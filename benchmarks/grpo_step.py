@@ -63,6 +63,7 @@ JSON receipt (device, versions, git commit, command, per-step numbers).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gc
 import os
@@ -171,27 +172,16 @@ class StepClock:
         return dataclasses.replace(params, ignore_eos=True, stop_token_ids=[]) if self.ignore_eos else params
 
     def _generate_and_score_completions(self, *args, **kwargs):
-        sync()
-        start = time.perf_counter()
-        out = super()._generate_and_score_completions(*args, **kwargs)
-        sync()
-        self.clock["generate_and_score"][-1] += time.perf_counter() - start
-        return out
+        with clocked(self, "generate_and_score"):
+            return super()._generate_and_score_completions(*args, **kwargs)
 
     def compute_loss(self, *args, **kwargs):
-        sync()
-        start = time.perf_counter()
-        out = super().compute_loss(*args, **kwargs)
-        sync()
-        self.clock["loss_forward"][-1] += time.perf_counter() - start
-        return out
+        with clocked(self, "loss_forward"):
+            return super().compute_loss(*args, **kwargs)
 
     def _generate_single_turn(self, *args, **kwargs):
-        sync()
-        start = time.perf_counter()
-        out = super()._generate_single_turn(*args, **kwargs)
-        sync()
-        self.clock["generation"][-1] += time.perf_counter() - start
+        with clocked(self, "generation"):
+            out = super()._generate_single_turn(*args, **kwargs)
         self.clock["generated_tokens"][-1] += sum(len(c) for c in out[0])
         if torch.cuda.is_available():  # what generation holds when it returns, then training's own peak
             self.clock["after_generation_gib"][-1] = torch.cuda.memory_allocated() / 2**30
@@ -203,6 +193,21 @@ class StepClock:
 def sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
+
+
+# per-step clock entries: zeroed at each step's start and added to while it runs
+STEP_SUMS = ("generation", "generated_tokens", "weight_sync", "generate_and_score", "loss_forward",
+             "after_generation_gib", "generation_peak_gib")
+
+
+@contextlib.contextmanager
+def clocked(trainer, key: str):
+    """Add the block's wall time, device work included (synchronised both ends), to this step's ``key``."""
+    sync()
+    start = time.perf_counter()
+    yield
+    sync()
+    trainer.clock[key][-1] += time.perf_counter() - start
 
 
 def profiler_activities():
@@ -228,8 +233,7 @@ def make_callback(trainer):
         def on_step_begin(self, args, state, control, **kwargs):
             sync()
             trainer.clock["start"] = time.perf_counter()
-            for key in ("generation", "generated_tokens", "weight_sync", "generate_and_score", "loss_forward",
-                        "after_generation_gib", "generation_peak_gib"):
+            for key in STEP_SUMS:
                 trainer.clock[key].append(0)
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
@@ -311,11 +315,8 @@ def time_weight_sync(trainer, cpu: bool) -> None:
     inner = (lambda: cpu_sync_weights(generation)) if cpu else generation.sync_weights
 
     def timed_sync() -> None:
-        sync()
-        start = time.perf_counter()
-        inner()
-        sync()
-        trainer.clock["weight_sync"][-1] += time.perf_counter() - start
+        with clocked(trainer, "weight_sync"):
+            inner()
 
     generation.sync_weights = timed_sync
 
@@ -396,9 +397,7 @@ def run(kind: str, args, out_dir: str) -> dict:
             trainer.generation_config.eos_token_id = None
         model.generation_config.eos_token_id = None
         trainer.ignore_eos = True
-    trainer.clock = {key: [] for key in ("generation", "generated_tokens", "weight_sync", "step", "generate_and_score",
-                                         "loss_forward", "after_generation_gib", "generation_peak_gib",
-                                         "training_peak_gib")}
+    trainer.clock = {key: [] for key in (*STEP_SUMS, "step", "training_peak_gib")}
     trainer.kind, trainer.profile_dir, trainer.profiler = kind, args.profile, None
     trainer.add_callback(make_callback(trainer))
     trainer.train()
