@@ -243,14 +243,12 @@ def use_trl_head(model, temperature: float) -> bool:
     return True
 
 
-def group_batch(prompt: list[int], completions: list[list[int]], pad: int, device):
-    """TRL's layout for one group: prompt + completion, right-padded; (ids, mask, width)."""
-    import torch
+def group_batch(prompt: list[int], completions: list[list[int]], device):
+    """TRL's layout for one group (one prompt, right-padded completions): (ids, mask, width)."""
+    from thaw_rl.testing import trl_rows
 
     width = max(1, max(len(c) for c in completions))
-    ids = [prompt + c + [pad] * (width - len(c)) for c in completions]
-    mask = [[1] * (len(prompt) + len(c)) + [0] * (width - len(c)) for c in completions]
-    return torch.tensor(ids, device=device), torch.tensor(mask, device=device), width
+    return (*trl_rows([prompt] * len(completions), completions, width, device=device), width)
 
 
 def train_logps(model, prompt: list[int], completions: list[list[int]], temperature: float,
@@ -258,12 +256,12 @@ def train_logps(model, prompt: list[int], completions: list[list[int]], temperat
     """Per completion, the training forward's logprobs of its tokens (float32 tensors on CPU)."""
     import torch
 
-    ids, mask, width = group_batch(prompt, completions, 0, model.device)
+    ids, mask, width = group_batch(prompt, completions, model.device)
     with torch.no_grad():
         if fused and use_trl_head(model, temperature):
-            labels = ids.masked_fill(mask == 0, -100)
-            labels[:, :-width] = -100
-            lp = model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True).log_probs[:, -width:]
+            from thaw_rl.testing import trl_flat_logps
+
+            lp = trl_flat_logps(model, ids, mask, width)[0]
         else:
             logits = model(input_ids=ids, attention_mask=mask).logits[:, -width - 1:-1].float() / temperature
             lp = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, -width:, None])[..., 0]  # (G, width)
@@ -277,7 +275,7 @@ def packed_train_logps(model, prompt, completions, mask_kind: str) -> list:
 
     from thaw_rl.trainers.shared_prefix import packed_logps
 
-    ids, mask, width = group_batch(prompt, completions, 0, model.device)
+    ids, mask, width = group_batch(prompt, completions, model.device)
     with torch.no_grad():
         scores = packed_logps(model, model, ids, mask, width, max_rows=None, max_tokens=None, mask_kind=mask_kind,
                               compute_entropy=False)

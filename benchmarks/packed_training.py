@@ -76,20 +76,6 @@ def make_rows(shape: str, groups: int, vocab: int, gen: torch.Generator):
     return prompts, completions, completion_len
 
 
-def padded(prompts, completions, width, device):
-    p_w = max(len(p) for p in prompts)
-    ids = [[1] * (p_w - len(p)) + p + c + [1] * (width - len(c)) for p, c in zip(prompts, completions)]
-    mask = [[0] * (p_w - len(p)) + [1] * (len(p) + len(c)) + [0] * (width - len(c)) for p, c in zip(prompts, completions)]
-    return torch.tensor(ids, device=device), torch.tensor(mask, device=device)
-
-
-def flat_scores(model, ids, mask, width, entropy: bool):
-    labels = ids.masked_fill(mask == 0, -100)
-    labels[:, :-width] = -100
-    out = model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True)
-    return out.log_probs[:, -width:], (out.entropy[:, -width:] if entropy else None)
-
-
 def timed(fn, repeats):
     times = []
     for i in range(repeats + 1):
@@ -107,6 +93,7 @@ def main():
     from engine_throughput import load_model
     from trl.trainer.utils import add_fused_lm_head
 
+    from thaw_rl.testing import trl_flat_logps, trl_rows
     from thaw_rl.trainers.shared_prefix import packed_logps
     from thaw_rl.trainers.tree_attention import tree_attention_mode
 
@@ -119,7 +106,7 @@ def main():
     rows = []
     for shape in args.shapes.split(","):
         prompts, completions, width = make_rows(shape, args.groups, model.config.vocab_size, gen)
-        ids, mask = padded(prompts, completions, width, "cuda")
+        ids, mask = trl_rows(prompts, completions, width, pad=1, device="cuda")
         valid = mask[:, -width:].bool()
         result = {"shape": shape, "rows": len(prompts), "flat_tokens": ids.numel()}
         logps = {}
@@ -129,7 +116,7 @@ def main():
                 with mode:  # held through backward: checkpointed layers recompute with the tree mask
                     with torch.set_grad_enabled(grad), torch.autocast("cuda", torch.bfloat16):
                         if path == "flat":
-                            lp, ent = flat_scores(model, ids, mask, width, entropy)
+                            lp, ent = trl_flat_logps(model, ids, mask, width)
                         else:
                             s = packed_logps(model, model, ids, mask, width, max_rows=None, max_tokens=None,
                                              mask_kind=path, compute_entropy=entropy)
@@ -159,7 +146,7 @@ def main():
             with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
                 rev = torch.arange(len(prompts) - 1, -1, -1, device="cuda")
                 half = len(prompts) // 2
-                parts = [flat_scores(model, ids[rev[i:i + half]], mask[rev[i:i + half]], width, False)[0]
+                parts = [trl_flat_logps(model, ids[rev[i:i + half]], mask[rev[i:i + half]], width)[0]
                          for i in (0, half)]
             again = torch.cat(parts)[rev.argsort()].float()
             d = (again - logps["flat"])[valid].abs()

@@ -18,7 +18,7 @@ from datasets import Dataset
 from trl.trainer.utils import add_fused_lm_head
 
 from thaw_rl.summary import summarize
-from thaw_rl.testing import tiny_model, tiny_model_and_tokenizer
+from thaw_rl.testing import tiny_model, tiny_model_and_tokenizer, trl_flat_logps, trl_rows
 from thaw_rl.trainers import ThawBestOfNConfig, ThawBestOfNTrainer, ThawGRPOConfig, ThawGRPOTrainer
 from thaw_rl.trainers.ppo_config import ThawPPOConfig
 from thaw_rl.trainers.ppo_trainer import ThawPPOTrainer
@@ -27,18 +27,6 @@ from thaw_rl.trainers.prefix_packing import pack_rows
 from thaw_rl.trainers.shared_prefix import packed_logps, shuffle_groups
 from thaw_rl.trainers.tree_attention import tree_attention_mask, tree_attention_mode
 from tiny_training import PROMPTS, reward_chars, tiny_training_fields
-
-PAD = 0
-
-
-def padded_rows(prompts: list[list[int]], completions: list[list[int]], completion_width: int):
-    """TRL's layout: left-padded prompts, right-padded completions -> (input_ids, attention_mask) (B, L)."""
-    width = max(len(p) for p in prompts)
-    ids, mask = [], []
-    for p, c in zip(prompts, completions):
-        ids.append([PAD] * (width - len(p)) + p + c + [PAD] * (completion_width - len(c)))
-        mask.append([0] * (width - len(p)) + [1] * len(p) + [1] * len(c) + [0] * (completion_width - len(c)))
-    return torch.tensor(ids), torch.tensor(mask)
 
 
 def tree_batch(vocab_size: int, seed: int = 0):
@@ -55,15 +43,7 @@ def tree_batch(vocab_size: int, seed: int = 0):
     plain = [tokens(7), tokens(4), tokens(6)]
     prompts = [p1] * 4 + [p2] * 3 + [p1]
     completions = tree + plain + [tree[0]]
-    return padded_rows(prompts, completions, completion_width=7), prompts, completions
-
-
-def flat_scores(model, input_ids, attention_mask, width):
-    """TRL 1.16's flat scoring call (``_get_per_token_logps_and_entropies``'s body for one chunk)."""
-    labels = input_ids.masked_fill(attention_mask == 0, -100)
-    labels[:, :-width] = -100
-    out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, fused_lm_head=True)
-    return out.log_probs[:, -width:], None if out.entropy is None else out.entropy[:, -width:]
+    return trl_rows(prompts, completions, completion_width=7), prompts, completions
 
 
 # -- the layout -----------------------------------------------------------------------------------------------
@@ -125,7 +105,7 @@ def test_packed_logprobs_entropies_and_gradients_equal_flat(family):
     add_fused_lm_head(model, temperature=0.7, outputs=("log_probs", "entropy"))
     (ids, mask), _, _ = tree_batch(model.config.vocab_size)
     valid = mask[:, -7:].bool()
-    flat_logps, flat_entropy = flat_scores(model, ids, mask, 7)
+    flat_logps, flat_entropy = trl_flat_logps(model, ids, mask, 7)
     scores = packed_logps(model, model, ids, mask, 7, max_rows=None, max_tokens=None, mask_kind="dense",
                           compute_entropy=True)
     assert scores.batch.num_tokens < scores.batch.num_flat_tokens / 2
@@ -139,7 +119,7 @@ def test_packed_logprobs_entropies_and_gradients_equal_flat(family):
         (logps * weights).sum().backward()
         return {n: p.grad.clone() for n, p in model.named_parameters()}
 
-    expected = grads(flat_scores(model, ids, mask, 7)[0])
+    expected = grads(trl_flat_logps(model, ids, mask, 7)[0])
     got = grads(packed_logps(model, model, ids, mask, 7, max_rows=None, max_tokens=None, mask_kind="dense",
                              compute_entropy=False).logps)
     for name in expected:
@@ -165,7 +145,7 @@ def test_gradient_checkpointing_recomputes_with_the_tree_mask():
     (ids, mask), _, _ = tree_batch(model.config.vocab_size)
     valid = mask[:, -7:].bool().float()
     model.zero_grad()
-    (flat_scores(model, ids, mask, 7)[0] * valid).sum().backward()
+    (trl_flat_logps(model, ids, mask, 7)[0] * valid).sum().backward()
     expected = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -387,7 +367,7 @@ def test_block_mask_from_subtree_ends_equals_flex_own_construction():
             tail = torch.randint(3, 50, (int(torch.randint(1, 200, (), generator=g)),), generator=g).tolist()
             prompts.append(prompt)
             completions.append((trunk if i % 2 else []) + tail)
-    ids, mask = padded_rows(prompts, completions, max(len(c) for c in completions))
+    ids, mask = trl_rows(prompts, completions, max(len(c) for c in completions))
     (chunk,) = pack_rows(ids, mask, ids.size(1) - max(len(p) for p in prompts)).chunks
     _, _, _, ends = padded_tree(chunk, 128)
     ours = tree_block_mask(ends)
@@ -424,7 +404,7 @@ def test_sliding_window_models_pack_with_the_window_along_each_path(family):
     (ids, mask), _, _ = tree_batch(model.config.vocab_size)
     valid = mask[:, -7:].bool()
     with torch.no_grad():
-        flat, _ = flat_scores(model, ids, mask, 7)
+        flat, _ = trl_flat_logps(model, ids, mask, 7)
         packed = packed_logps(model, model, ids, mask, 7, max_rows=None, max_tokens=None, mask_kind="dense",
                               compute_entropy=False).logps
         torch.testing.assert_close(packed[valid], flat[valid], atol=1e-5, rtol=0)
@@ -444,7 +424,7 @@ def test_windowed_block_mask_covers_every_visible_pair_and_marks_nothing_full():
     g = torch.Generator().manual_seed(5)
     prompt = torch.randint(3, 50, (200,), generator=g).tolist()
     completions = [torch.randint(3, 50, (n,), generator=g).tolist() for n in (150, 90, 180)]
-    ids, mask = padded_rows([prompt] * 3, completions, 180)
+    ids, mask = trl_rows([prompt] * 3, completions, 180)
     (chunk,) = pack_rows(ids, mask, 180).chunks
     _, positions, _, ends = padded_tree(chunk, 128)
     window = 40

@@ -18,6 +18,9 @@ vocab = the tiny tokenizer's 100, 256 positions, sdpa attention, eval mode. The 
 weights, which HF initializes to 0 and 1, are randomized too, so a path that skips them shows up.
 The same seed gives the same weights in any dtype (weights are made in fp32, then cast), and the
 global RNG is left as it was. Override any config field: `tiny_model("qwen3", num_hidden_layers=5)`.
+
+`trl_rows` and `trl_flat_logps` are TRL 1.16's padded layout and its flat scoring call, the reference the
+shared-prefix tests and the packed_training / fidelity benchmarks compare against.
 """
 
 from __future__ import annotations
@@ -131,6 +134,27 @@ def _randomize_biases_and_norms(model) -> None:
             param.normal_(0.0, 0.1)
         elif "norm" in name:
             param.normal_(1.0, 0.1)
+
+
+def trl_rows(prompts: list[list[int]], completions: list[list[int]], completion_width: int, pad: int = 0,
+             device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """TRL's layout: left-padded prompts, right-padded completions -> (input_ids, attention_mask) (B, L)."""
+    width = max(len(p) for p in prompts)
+    ids, mask = [], []
+    for p, c in zip(prompts, completions):
+        ids.append([pad] * (width - len(p)) + p + c + [pad] * (completion_width - len(c)))
+        mask.append([0] * (width - len(p)) + [1] * len(p) + [1] * len(c) + [0] * (completion_width - len(c)))
+    return torch.tensor(ids, device=device), torch.tensor(mask, device=device)
+
+
+def trl_flat_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_width: int):
+    """TRL 1.16's flat scoring call (``_get_per_token_logps_and_entropies``'s body for one chunk) on a model
+    with TRL's fused LM head: (log-probs, entropies or None), each ``(B, completion_width)``."""
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    labels[:, :-completion_width] = -100
+    out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, fused_lm_head=True)
+    entropy = None if out.entropy is None else out.entropy[:, -completion_width:]
+    return out.log_probs[:, -completion_width:], entropy
 
 
 def free_port() -> int:
