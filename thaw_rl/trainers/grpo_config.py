@@ -133,7 +133,8 @@ class ThawGRPOConfig(GRPOConfig):
         default=False,
         metadata={"help": "Regional torch.compile of the decoder layers for the engine's forwards only (the model "
                           "trains uncompiled). Costs about a minute at the first generation; measured 2x faster "
-                          "pure decode on an H100 (benchmarks/results). Use with release_kv_cache=False."})
+                          "pure decode on an H100 (benchmarks/results). Kept across generations either way "
+                          "(release_kv_cache releases only the KV pool)."})
     shared_prefix_training: bool = field(
         default=True,
         metadata={"help": "Compute each shared prefix once in training too: the training forward/backward and the "
