@@ -660,12 +660,7 @@ class ThawEngine:
             finished_rows, finished = [], []
             for row, c in enumerate(chunks):
                 s = c.session
-                if c.start == 0:
-                    s.weight_version = self.weight_version  # all of its KV is (re)computed with these weights
-                self._stats.tokens_computed += c.num_new
-                self._stats.prompt_tokens_computed += max(0, min(c.end, s.num_prompt_tokens) - c.start)
-                s.num_computed = c.end
-                self.block_manager.register_full(s)
+                self._mark_computed(s, c.start, c.end)
                 if s.num_uncomputed == 0:
                     finished_rows.append(row)
                     finished.append(s)
@@ -678,6 +673,16 @@ class ThawEngine:
                 self._sample([by_session[id(s)] for s in finished], logits.index_select(0, rows))
                 bar.update(_tokens_done(requests) - bar.n)
         bar.close()
+
+    def _mark_computed(self, s: Session, start: int, end: int) -> None:
+        """Positions ``[start, end)`` of ``s`` went through a forward (a prefill chunk or one decode token):
+        count them, advance the session and register its newly full blocks."""
+        if start == 0:
+            s.weight_version = self.weight_version  # all of its KV is (re)computed with these weights
+        self._stats.tokens_computed += end - start
+        self._stats.prompt_tokens_computed += max(0, min(end, s.num_prompt_tokens) - start)
+        s.num_computed = end
+        self.block_manager.register_full(s)
 
     def _sample(self, reqs: list[_Request], logits: torch.Tensor) -> None:
         sessions = [r.session for r in reqs]
@@ -813,12 +818,7 @@ class ThawEngine:
                 continue  # it stopped the step before: this token was computed speculatively and is dropped
             kept = True
             s = r.session
-            if p == 0:
-                s.weight_version = self.weight_version  # all of its KV is (re)computed with these weights
-            s.num_computed = p + 1
-            self._stats.tokens_computed += 1
-            self._stats.prompt_tokens_computed += p < s.num_prompt_tokens
-            bm.register_full(s)
+            self._mark_computed(s, p, p + 1)
             self._record(r, t, lp, ent)
             if r.finish_reason is not None:
                 bm.trim(s)  # the block allocated for its next (never to come) token, if any
