@@ -37,7 +37,8 @@ def parse_args():
     p.add_argument("--shapes", default="16x512+256,16x2048+512,tree:4.2.2x64:512+256",
                    help="comma list of GxP+C (a GRPO group) or tree:B1.B2.B3xS:P+C (a segment tree)")
     p.add_argument("--groups", type=int, default=1, help="groups (trees) per micro-batch")
-    p.add_argument("--paths", default="flat,dense,flex")
+    p.add_argument("--paths", default="flat,dense,flex",
+                   help="flat, dense, flex, or flex@VARIANT: flex compiled another way (FLEX_VARIANTS)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--no-checkpointing", action="store_true")
     p.add_argument("--out", type=Path, default=None)
@@ -88,6 +89,29 @@ def timed(fn, repeats):
     return statistics.median(times), out
 
 
+FLEX_VARIANTS = {  # how tree_attention's flex call is compiled, to measure alternatives to its default
+    "autotune": dict(mode="max-autotune-no-cudagraphs"),
+    "safe": dict(kernel_options={"ROWS_GUARANTEED_SAFE": True}),  # every token sees itself: no empty rows
+    "autotune_safe": dict(mode="max-autotune-no-cudagraphs", kernel_options={"ROWS_GUARANTEED_SAFE": True}),
+}
+
+
+def use_flex_variant(variant: str) -> None:
+    """Point tree_attention's compiled flex at ``FLEX_VARIANTS[variant]`` ('' = the library's default)."""
+    import functools
+
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from thaw_rl.trainers import tree_attention
+
+    if not variant:
+        tree_attention._flex = None
+        return
+    options = dict(FLEX_VARIANTS[variant])
+    fn = torch.compile(flex_attention, mode=options.pop("mode", None))
+    tree_attention._flex = functools.partial(fn, **options) if options else fn
+
+
 def main():
     args = parse_args()
     from engine_throughput import load_model
@@ -111,6 +135,10 @@ def main():
         result = {"shape": shape, "rows": len(prompts), "flat_tokens": ids.numel()}
         logps = {}
         for path in args.paths.split(","):
+            kind, _, variant = path.partition("@")
+            if kind == "flex":
+                use_flex_variant(variant)
+
             def score(grad: bool, entropy: bool = True):
                 mode = tree_attention_mode(model) if path != "flat" else contextlib.nullcontext()
                 with mode:  # held through backward: checkpointed layers recompute with the tree mask
@@ -119,7 +147,7 @@ def main():
                             lp, ent = trl_flat_logps(model, ids, mask, width)
                         else:
                             s = packed_logps(model, model, ids, mask, width, max_rows=None, max_tokens=None,
-                                             mask_kind=path, compute_entropy=entropy)
+                                             mask_kind=kind, compute_entropy=entropy)
                             result["packed_tokens"] = s.batch.num_tokens
                             lp, ent = s.logps, s.entropies
                     if not grad:
@@ -130,6 +158,9 @@ def main():
                 return lp.detach()
 
             torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+            score(True)  # compile / autotune outside the timing
+            result.setdefault("first_call_seconds", {})[path] = time.perf_counter() - t0
             t_train, lp = timed(lambda: score(True), args.repeats)
             peak = torch.cuda.max_memory_allocated() / 2**30
             t_nograd, _ = timed(lambda: score(False, entropy=False), args.repeats)

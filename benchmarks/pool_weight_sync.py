@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 from thaw_rl.pool import ForkPool  # noqa: E402
@@ -57,7 +58,6 @@ def parse_args() -> argparse.Namespace:
 
 
 def build_config(name: str):
-    from transformers import AutoConfig
 
     family, fields = SHAPES[name]
     return AutoConfig.for_model(family, max_position_embeddings=4096, **fields)
@@ -76,7 +76,9 @@ def main() -> None:
     args = parse_args()
     dtype = DTYPES[args.dtype]
     config = build_config(args.model)
-    model = model_from_config(config, dtype)[0].to(args.trainer_device)
+    torch.manual_seed(0)
+    with torch.device(args.trainer_device):  # a random init, on the trainer's device (fast on a GPU)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
     params = dict(model.named_parameters())
     nbytes = sum(p.numel() * p.element_size() for p in params.values())
     factory = functools.partial(model_from_config, config, dtype)

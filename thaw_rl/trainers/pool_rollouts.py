@@ -41,10 +41,20 @@ logger = logging.getLogger(__name__)
 
 
 def model_from_config(config, dtype: torch.dtype) -> tuple[torch.nn.Module, None]:
-    """A worker's model: the policy's architecture with placeholder weights (the trainer sends the real ones)."""
-    from transformers import AutoModelForCausalLM
+    """A worker's model: the policy's architecture with placeholder weights (the trainer sends the real ones).
 
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    The placeholders are zeros, not a random init: initializing an 8B model's weights on the host takes
+    minutes, and every one of them is overwritten by the first weight push anyway.
+    """
+    from transformers import AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.tie_weights()  # skipped with the init above; the trainer's parameters are tied (e.g. lm_head)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.zero_()
     return model.eval(), None
 
 
