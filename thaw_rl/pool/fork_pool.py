@@ -151,7 +151,8 @@ class ForkPool(PoolWeights):
         self._incarnations = itertools.count()
         self._faults: dict[int, list[Fault]] = {}  # test hooks kept for replacements
         self._closed = False
-        self._finalizer = weakref.finalize(self, _close_all, self._workers)
+        self._parent_groups: list[TransferGroup] = []  # every group end this process made (closed with the pool)
+        self._finalizer = weakref.finalize(self, _close_all, self._workers, self._parent_groups)
         self._version = 0
         self._weights: PackedWeights | None = None  # shared_memory: the latest update, for replacements
         self._group: TransferGroup | None = None  # distributed: the parent's end of the parent+workers group
@@ -543,11 +544,15 @@ def _group(indices, owners: Sequence[int]) -> dict[int, list[int]]:
     return out
 
 
-def _close_all(workers: list[WorkerProcess | None], timeout_s: float = 10.0) -> None:
-    """Ask all to exit at once, then reap each (killing what is still alive at the deadline)."""
+def _close_all(workers: list[WorkerProcess | None], groups: list[TransferGroup] = (), timeout_s: float = 10.0) -> None:
+    """Ask all to exit at once, then reap each (killing what is still alive at the deadline); then close
+    this process's ends of the weight-sync groups."""
     live = [w for w in workers if w is not None]
     for w in live:
         w.request_close()
     deadline = time.perf_counter() + timeout_s
     for w in live:
         w.close(max(0.0, deadline - time.perf_counter()))
+    for group in groups:
+        group.close()
+    groups.clear()

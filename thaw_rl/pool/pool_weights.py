@@ -131,6 +131,7 @@ class PoolWeights:
             try:
                 if group is None:
                     group = TransferGroup(spec, next(iter(tensors.values())).device, store)
+                    self._parent_groups.append(group)
                     if everyone:
                         self._group = group
                     else:

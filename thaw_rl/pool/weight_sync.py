@@ -128,6 +128,22 @@ class TransferGroup:
         else:
             raise ValueError(f"backend={spec.backend!r}: use 'gloo' or 'nccl'.")
 
+    def close(self) -> None:
+        """Tear this end down. An NCCL group left alive makes the process hang at exit (seen on two H200s:
+        the pool's parent never exited after its last push), so the pool closes its ends on close."""
+        pg, self.pg = self.pg, None
+        if pg is None or self.spec.backend != "nccl":
+            return
+        for name in ("shutdown", "abort"):
+            fn = getattr(pg, name, None)
+            if fn is None:
+                continue
+            try:
+                fn()
+                return
+            except Exception:  # noqa: BLE001 (teardown: try the harder way, then give up quietly)
+                continue
+
     def broadcast(self, buffer: torch.Tensor, root: int):
         import torch.distributed as dist
 
