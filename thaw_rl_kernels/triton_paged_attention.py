@@ -93,6 +93,13 @@ def _paged_attention_kernel(
     DOT_PRECISION: tl.constexpr,
     DOT_UPCAST: tl.constexpr,
     SLIDING_WINDOW: tl.constexpr = 0,  # 0: full causal; w: a row at p sees keys in (p - w, p]
+    kv_start_ptr=None,  # (S,) int32 first key position of each sequence (cascade tail pass), if HAS_KV_START
+    lse_ptr=None,  # (T, H) fp32 natural-log LSE of each row, written if STORE_LSE (and NUM_SPLITS == 1)
+    prefix_out_ptr=None,  # (T, H, HEAD_DIM) fp32 contiguous, the shared pass's output, if PREFIX_STATE
+    prefix_lse_ptr=None,  # (T, H) fp32 the shared pass's LSE, if PREFIX_STATE
+    HAS_KV_START: tl.constexpr = False,
+    STORE_LSE: tl.constexpr = False,
+    PREFIX_STATE: tl.constexpr = False,  # start the online softmax from the shared pass's state (fused merge)
 ):
     tile_idx = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -129,6 +136,10 @@ def _paged_attention_kernel(
     first_tile = 0
     if SLIDING_WINDOW > 0:
         first_tile = tl.maximum(first_pos + first_q - SLIDING_WINDOW + 1, 0) // TILE_N
+    kv_start = 0
+    if HAS_KV_START:
+        kv_start = tl.load(kv_start_ptr + seq)
+        first_tile = tl.maximum(first_tile, kv_start // TILE_N)
     if NUM_SPLITS == 1:
         tile_lo = first_tile
         tile_hi = num_tiles
@@ -140,11 +151,21 @@ def _paged_attention_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+    if PREFIX_STATE:  # (m, l, acc) = (lse, 1, o) is the state whose result is o with log-sum-exp lse
+        first_split_start = tl.where(split == 0, kv_start, 0)  # only split 0 holds the shared state
+        use = row_valid & (offs_m * 0 + first_split_start > 0)  # block-shaped: the interpreter rejects bool scalars
+        state = row_token * NUM_HEADS + row_head  # (BLOCK_M,)
+        m_i = tl.load(prefix_lse_ptr + state, mask=use, other=float("-inf")) * 1.4426950408889634
+        l_i = tl.where(use, 1.0, 0.0)
+        acc = tl.load(prefix_out_ptr + state[:, None] * HEAD_DIM + offs_d[None, :],
+                      mask=use[:, None] & d_valid[None, :], other=0.0)
     offs_n = tl.arange(0, TILE_N)
     block_table_row = block_tables_ptr + seq.to(tl.int64) * stride_block_table
     for tile in range(tile_lo, tile_hi):
         key_pos = tile * TILE_N + offs_n
         key_valid = key_pos < kv_len
+        if HAS_KV_START:
+            key_valid = key_valid & (key_pos >= kv_start)
         block = tl.load(block_table_row + key_pos // BLOCK_SIZE, mask=key_valid, other=0).to(tl.int64)
         kv_offs = (
             block[:, None] * stride_kv_block
@@ -159,6 +180,8 @@ def _paged_attention_kernel(
         # .to: under torch.compile the scalar arrives as fp64, which would make the softmax state fp64
         s = (_dot(q, tl.trans(k), DOT_PRECISION, DOT_UPCAST) * qk_scale).to(tl.float32)  # (BLOCK_M, TILE_N)
         visible = key_pos[None, :] <= row_pos[:, None]
+        if HAS_KV_START:
+            visible = visible & key_valid[None, :]
         if SLIDING_WINDOW > 0:
             visible = visible & (key_pos[None, :] > row_pos[:, None] - SLIDING_WINDOW)
         s = tl.where(visible, s, float("-inf"))
@@ -174,6 +197,9 @@ def _paged_attention_kernel(
         o_offs = row_token[:, None] * stride_o_token + row_head[:, None] * stride_o_head + offs_d[None, :]
         out = acc / l_i[:, None]
         tl.store(out_ptr + o_offs, out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & d_valid[None, :])
+        if STORE_LSE:
+            lse = (m_i + tl.log2(l_i)) * 0.6931471805599453  # natural log
+            tl.store(lse_ptr + row_token * NUM_HEADS + row_head, lse, mask=row_valid)
     else:
         part = (row_token * NUM_HEADS + row_head) * NUM_SPLITS + split  # (BLOCK_M,)
         tl.store(part_max_ptr + part, m_i, mask=row_valid)
@@ -196,6 +222,8 @@ def _merge_splits_kernel(
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
+    lse_ptr=None,  # (T, H) fp32 natural-log LSE, written if STORE_LSE
+    STORE_LSE: tl.constexpr = False,
 ):
     token = tl.program_id(0)
     head = tl.program_id(1)
@@ -209,9 +237,12 @@ def _merge_splits_kernel(
     acc = tl.load(part_acc_ptr + part[:, None] * HEAD_DIM_PAD + offs_d[None, :])  # (NUM_SPLITS, D_PAD)
     m_max = tl.max(m, axis=0)  # finite: the split holding the row's own position always has a key
     w = tl.exp2(m - m_max)  # 0 for empty splits (m = -inf)
-    out = tl.sum(acc * w[:, None], axis=0) / tl.sum(l * w, axis=0)
+    total = tl.sum(l * w, axis=0)
+    out = tl.sum(acc * w[:, None], axis=0) / total
     o_offs = token.to(tl.int64) * stride_o_token + head * stride_o_head + offs_d
     tl.store(out_ptr + o_offs, out.to(out_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)
+    if STORE_LSE:
+        tl.store(lse_ptr + token.to(tl.int64) * NUM_HEADS + head, (m_max + tl.log2(total)) * 0.6931471805599453)
 
 
 def paged_attention_triton(
@@ -327,8 +358,18 @@ def launch_paged_attention(
     num_warps: int = 4,
     num_stages: int = 2,
     sliding_window: int = 0,
+    kv_start: torch.Tensor | None = None,
+    lse: torch.Tensor | None = None,
+    prefix_out: torch.Tensor | None = None,
+    prefix_lse: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Launch with an explicit tiling (inputs already checked); tests and benchmarks sweep it here."""
+    """Launch with an explicit tiling (inputs already checked); tests and benchmarks sweep it here.
+
+    The cascade tail pass (``triton_cascade_attention.py``) adds: ``kv_start`` (S,) int32, keys before it are
+    skipped; ``lse`` (T, H) fp32, written with each row's natural-log LSE; ``prefix_out`` (T, H, D) fp32
+    contiguous and ``prefix_lse`` (T, H) fp32, the shared pass's result, which rows with ``kv_start > 0``
+    start their softmax from (the merge, fused). Without them the kernel compiles exactly as before.
+    """
     num_tokens, num_heads, head_dim = query.shape
     num_kv_heads = key_cache.shape[2]
     group = num_heads // num_kv_heads
@@ -337,6 +378,8 @@ def launch_paged_attention(
         raise ValueError(f"Bad tiling block_q={block_q} block_m={block_m} tile_n={tile_n} for group={group}.")
     if num_splits < 1 or num_splits & (num_splits - 1):
         raise ValueError(f"num_splits={num_splits} must be a power of two >= 1.")
+    if (prefix_out is None) != (prefix_lse is None) or (prefix_out is not None and kv_start is None):
+        raise ValueError("prefix_out and prefix_lse go together, and need kv_start (rows with kv_start > 0 use them).")
     if num_tokens == 0 or num_seqs == 0:
         return out
     head_dim_pad = max(16, triton.next_power_of_2(head_dim))
@@ -382,6 +425,13 @@ def launch_paged_attention(
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         DOT_UPCAST=query.device.type != "cuda",  # the Triton 3.9 interpreter's bf16 tl.dot returns garbage
         SLIDING_WINDOW=int(sliding_window),
+        kv_start_ptr=kv_start,
+        lse_ptr=lse,
+        prefix_out_ptr=prefix_out,
+        prefix_lse_ptr=prefix_lse,
+        HAS_KV_START=kv_start is not None,
+        STORE_LSE=lse is not None,
+        PREFIX_STATE=prefix_out is not None,
         num_warps=num_warps,
         num_stages=num_stages,
     )
@@ -399,6 +449,8 @@ def launch_paged_attention(
             HEAD_DIM=head_dim,
             HEAD_DIM_PAD=head_dim_pad,
             NUM_SPLITS=num_splits,
+            lse_ptr=lse,
+            STORE_LSE=lse is not None,
             num_warps=4,
         )
     return out
