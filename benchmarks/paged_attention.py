@@ -16,6 +16,15 @@ Contenders, all checked against ``paged_attention_reference`` before they are ti
 Usage:
     python benchmarks/paged_attention.py --out benchmarks/results/paged_attention_h100.json [--sweep] [--flex]
     python benchmarks/paged_attention.py --smoke      # tiny shapes on CPU, reference and gather+sdpa only
+    python benchmarks/paged_attention.py --cascade --out benchmarks/results/cascade_attention_h200.json
+    python benchmarks/paged_attention.py --cascade --smoke   # tiny shapes, Triton in the CPU interpreter
+
+``--cascade`` times plain decode attention (``paged_attention_triton`` over every row's whole context)
+against cascade attention (``cascade_attention_triton``: each group's shared prompt read once for its rows,
+then each row's own tail; fused merge, and the torch merge for comparison) on GRPO decode batches:
+Qwen2.5-1.5B heads, 128 and 1,024 rows in groups of 16 sharing a 256/512/2,048-token prompt, each row with
+its own 64-512 decoded tokens. The plan (``plan_cascade``, host work once per batch composition) is
+built outside the timed region and its host time reported beside it.
 
 ``--sweep`` also times a grid of tilings of the Triton kernel per case and reports the best ones.
 Times are medians of ``triton.testing.do_bench`` (CUDA) or of 20 wall-clock runs (CPU); KV GB/s counts
@@ -34,8 +43,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 from receipt_utils import git_commit  # noqa: E402
 
 QWEN25_1_5B = dict(num_heads=12, num_kv_heads=2, head_dim=128, block_size=16, num_layers=28)
@@ -250,6 +262,148 @@ def environment(cuda: bool) -> dict:
     return env
 
 
+@dataclass
+class CascadeCase:
+    num_rows: int
+    group_size: int
+    prompt_len: int
+    tail_range: tuple[int, int]  # each row's own tokens, uniform in [lo, hi]
+
+    @property
+    def name(self) -> str:
+        return f"{self.num_rows} rows G{self.group_size} prompt {self.prompt_len} tail {self.tail_range[0]}-{self.tail_range[1]}"
+
+
+def cascade_cases(smoke: bool) -> list[CascadeCase]:
+    if smoke:
+        return [CascadeCase(8, 4, 32, (4, 20)), CascadeCase(12, 4, 48, (8, 24))]
+    return [CascadeCase(rows, 16, prompt, (64, 512)) for rows in (128, 1024) for prompt in (256, 512, 2048)]
+
+
+def build_cascade_batch(case: CascadeCase, shape: dict, dtype: torch.dtype, device: str, layout: str,
+                        seed: int = 0) -> dict:
+    """A GRPO decode batch: each group's prompt blocks are the same physical blocks in its rows' tables (as a
+    fork leaves them), each row's decoded tokens in blocks of its own; all blocks shuffled."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    bs, kvh, d, h = shape["block_size"], shape["num_kv_heads"], shape["head_dim"], shape["num_heads"]
+    num_groups = case.num_rows // case.group_size
+    prompt_blocks = -(-case.prompt_len // bs)
+    lo, hi = case.tail_range
+    tails = torch.randint(lo, hi + 1, (case.num_rows,), generator=gen)  # (S,)
+    seq_lens = case.prompt_len + tails
+    own_blocks = [-(-int(n) // bs) - case.prompt_len // bs for n in seq_lens]  # a partial prompt block is copied
+    shared_blocks = case.prompt_len // bs
+    num_blocks = num_groups * shared_blocks + sum(own_blocks) + 1
+    perm = torch.randperm(num_blocks, generator=gen).to(torch.int32)
+    width = max(shared_blocks + n for n in own_blocks)
+    block_tables = torch.zeros(case.num_rows, width, dtype=torch.int32)  # (S, W)
+    start = num_groups * shared_blocks
+    for s in range(case.num_rows):
+        g = s // case.group_size
+        block_tables[s, :shared_blocks] = perm[g * shared_blocks : (g + 1) * shared_blocks]
+        block_tables[s, shared_blocks : shared_blocks + own_blocks[s]] = perm[start : start + own_blocks[s]]
+        start += own_blocks[s]
+    if layout == "block_major":  # (NB, L, 2, BS, KVH, D); attention reads layer 0's strided view
+        storage = torch.randn(num_blocks, shape["num_layers"], 2, bs, kvh, d, device=device, dtype=dtype)
+        key_cache, value_cache = storage[:, 0, 0], storage[:, 0, 1]  # (NB, BS, KVH, D)
+    else:
+        storage = torch.randn(2, num_blocks, bs, kvh, d, device=device, dtype=dtype)
+        key_cache, value_cache = storage[0], storage[1]
+    del prompt_blocks
+    return dict(
+        query=torch.randn(case.num_rows, h, d, device=device, dtype=dtype),  # (S, H, D)
+        key_cache=key_cache,
+        value_cache=value_cache,
+        block_tables=block_tables.to(device),
+        seq_lens=seq_lens.to(torch.int32).to(device),
+        scale=d**-0.5,
+    )
+
+
+def run_cascade(args) -> int:
+    """Plain vs cascade decode attention; prints the table last and writes a receipt."""
+    cuda = torch.cuda.is_available() and not args.smoke
+    if not cuda:  # Triton's interpreter; read when triton is first imported
+        import os
+
+        os.environ["TRITON_INTERPRET"] = "1"
+    from receipt_utils import receipt, write_receipt
+
+    from thaw_rl_kernels.cascade_plan import plan_cascade
+    from thaw_rl_kernels.paged_attention import paged_attention_reference
+    from thaw_rl_kernels.triton_cascade_attention import cascade_attention_triton
+    from thaw_rl_kernels.triton_paged_attention import paged_attention_triton
+
+    device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
+    shape = QWEN25_1_5B if cuda else SMOKE_SHAPE
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    elem = torch.empty((), dtype=dtype).element_size()
+    rows, ok = [], True
+    for case in cascade_cases(args.smoke):
+        batch = build_cascade_batch(case, shape, dtype, device, args.layout)
+        t0 = time.perf_counter()
+        plan = plan_cascade(batch["block_tables"].cpu(), batch["seq_lens"].cpu(), shape["block_size"])
+        plan_ms = (time.perf_counter() - t0) * 1e3
+        plan = plan.to(device)
+        num_rows = case.num_rows
+        cu = torch.arange(num_rows + 1, dtype=torch.int32, device=device)
+        kv = (batch["query"], batch["key_cache"], batch["value_cache"], batch["block_tables"], batch["seq_lens"])
+        out = torch.empty_like(batch["query"])
+        contenders = {
+            "plain": lambda: paged_attention_triton(*kv, cu, 1, batch["scale"], out=out),
+            "cascade": lambda: cascade_attention_triton(*kv, plan, batch["scale"], out=out),
+            "cascade torch merge": lambda: cascade_attention_triton(*kv, plan, batch["scale"], out=out, merge="torch"),
+        }
+        expected = paged_attention_reference(*kv, cu, 1, batch["scale"]).float()
+        token_bytes = 2 * shape["num_kv_heads"] * shape["head_dim"] * elem  # K and V of one token, one layer
+        ctx = batch["seq_lens"].long()
+        read_plain = int(ctx.sum()) * token_bytes
+        read_cascade = (int((ctx - plan.tail_start.long()).sum())
+                        + int(plan.group_num_blocks.long().sum()) * shape["block_size"]) * token_bytes
+        row = dict(case=case.name, num_rows=num_rows, group_size=case.group_size, prompt_len=case.prompt_len,
+                   tail_range=list(case.tail_range), num_groups=plan.num_groups, plan_host_ms=plan_ms,
+                   kv_bytes_plain=read_plain, kv_bytes_cascade=read_cascade, results={})  # fmt: skip
+        for name, fn in contenders.items():
+            err = (fn().float() - expected).abs().max().item()
+            correct = err <= tol * max(1.0, expected.abs().max().item())
+            ok &= correct
+            ms = time_ms(fn, cuda) if cuda else _time_interpreted(fn)
+            row["results"][name] = dict(ms=ms, max_abs_err=err, correct=correct)
+        rows.append(row)
+        del batch, contenders, expected
+        if cuda:
+            torch.cuda.empty_cache()
+    data = receipt("paged_attention_cascade", args, rows)
+    data.update(shape=shape, dtype=str(dtype), all_correct=ok, interpreter=not cuda)
+    write_receipt(args.out, data)
+    print_cascade_table(rows, data["device"], interpreted=not cuda)
+    return 0 if ok else 1
+
+
+def _time_interpreted(fn, runs: int = 3) -> float:
+    """Median wall ms of a few runs: the interpreter is far too slow for do_bench, and its times mean nothing."""
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def print_cascade_table(rows: list[dict], device: str, interpreted: bool) -> None:
+    note = " (Triton INTERPRETER on CPU: these times are not speed claims)" if interpreted else ""
+    print(f"\ncascade vs plain decode attention on {device}{note}")
+    header = (f"{'case':44s}{'groups':>7s}{'plain ms':>11s}{'cascade ms':>12s}{'speedup':>9s}"
+              f"{'torch-merge ms':>16s}{'KV read ratio':>15s}{'plan ms':>9s}")  # fmt: skip
+    print(header + "\n" + "-" * len(header))
+    for r in rows:
+        res = r["results"]
+        flag = "" if all(v["correct"] for v in res.values()) else "  WRONG"
+        plain, cascade, torch_merge = res["plain"]["ms"], res["cascade"]["ms"], res["cascade torch merge"]["ms"]
+        print(f"{r['case']:44s}{r['num_groups']:7d}{plain:11.4f}{cascade:12.4f}{plain / cascade:8.2f}x"
+              f"{torch_merge:16.4f}{r['kv_bytes_plain'] / r['kv_bytes_cascade']:14.2f}x{r['plan_host_ms']:9.2f}{flag}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (reference and gather+sdpa)")
@@ -257,7 +411,11 @@ def main() -> int:
     parser.add_argument("--layout", choices=("block_major", "layer_major"), default="block_major")
     parser.add_argument("--sweep", action="store_true", help="also time a grid of Triton tilings per case")
     parser.add_argument("--flex", action="store_true", help="also time a paged flex_attention (torch.compile)")
+    parser.add_argument("--cascade", action="store_true",
+                        help="time plain vs cascade (shared-prefix) decode attention on GRPO decode batches")
     args = parser.parse_args()
+    if args.cascade:
+        return run_cascade(args)
 
     cuda = torch.cuda.is_available() and not args.smoke
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
