@@ -252,3 +252,16 @@ def test_triton_cascade_misuse_raises():
     bad.tail_start = bad.tail_start.long()
     with pytest.raises(ValueError, match="plan.tail_start"):
         run_triton(batch, bad)
+
+
+@pytest.mark.parametrize(("num_heads", "num_kv_heads"), [
+    pytest.param(12, 2, id="qwen2.5-1.5b-heads"), pytest.param(32, 8, id="llama3-8b-heads", marks=pytest.mark.slow)])
+def test_triton_cascade_at_model_head_shapes(num_heads, num_kv_heads):
+    """Real GQA head counts and head_dim 128, a group of 16 rows (a GRPO group: one 128-vector row tile at GQA 6)
+    beside a group of 3, default tilings."""
+    batch = make_forked_batch([(32, [33 + 2 * i for i in range(16)]), (16, [18, 40, 21])], num_heads=num_heads,
+                              num_kv_heads=num_kv_heads, head_dim=128, block_size=16, dtype=torch.bfloat16, seed=3)
+    plan = plan_cascade(batch.block_tables, batch.seq_lens, block_size=16).to(DEVICE)
+    assert sorted(plan.group_num_blocks.tolist()) == [1, 2] and plan.max_group_rows == 16
+    expected = batch.plain_reference()
+    assert_matches(run_triton(batch, plan), expected, torch.bfloat16)
