@@ -26,6 +26,8 @@ from transformers import AttentionInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from thaw_rl.engine.kv_cache import PagedKVCache
+from thaw_rl_kernels.cascade_attention import cascade_attention
+from thaw_rl_kernels.cascade_plan import CascadePlan
 from thaw_rl_kernels.paged_attention import paged_attention
 
 ATTENTION_NAME = "thaw_paged"
@@ -43,6 +45,7 @@ class AttentionMetadata:
     seq_lens: torch.Tensor  # (S,) int32: context incl. new tokens
     cu_seqlens_q: torch.Tensor  # (S+1,) int32
     max_seqlen_q: int
+    cascade: CascadePlan | None = None  # pure-decode steps only: rows sharing leading blocks (engine/cascade.py)
 
 
 @torch.compiler.disable
@@ -71,9 +74,13 @@ def thaw_paged_attention(
     v_cache[meta.slot_blocks, meta.slot_offsets] = value[0].transpose(0, 1).to(v_cache.dtype)
     q = query[0].transpose(0, 1)  # (T, H, D)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    window = kwargs.get("sliding_window")
+    if meta.cascade is not None and not window:  # a shared prefix read once per group (cascade off in windows)
+        out = cascade_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.cascade, scale)
+        return out[None], None  # (1, T, H, D)
     out = paged_attention(
         q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.cu_seqlens_q, meta.max_seqlen_q, scale,
-        sliding_window=kwargs.get("sliding_window"),  # HF passes the layer's window (Mistral, Qwen2/3 sliding layers)
+        sliding_window=window,  # HF passes the layer's window (Mistral, Qwen2/3 sliding layers)
     )  # (T, H, D)
     return out[None], None  # (1, T, H, D)
 

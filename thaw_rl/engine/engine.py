@@ -33,6 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from thaw_rl.engine.block_manager import BlockManager, KVCacheExhaustedError, prefix_salt
+from thaw_rl.engine.cascade import CASCADE_MODES
 from thaw_rl.engine.decode_batch import DecodeBatch, LateTokens
 from thaw_rl.engine.kv_cache import KVCacheSpec, PagedKVCache
 from thaw_rl.engine.model_runner import ModelRunner
@@ -161,8 +162,12 @@ class ThawEngine:
         compile_layers: bool = False,
         seed: int | None = None,
         weight_version: int = 0,
+        cascade_attention: str = "auto",
     ) -> None:
         config = model.config
+        if cascade_attention not in CASCADE_MODES:
+            raise ValueError(f"cascade_attention={cascade_attention!r} must be one of {CASCADE_MODES}: 'auto' (on "
+                             "for eager decode steps on CUDA), 'on' (also on CPU, through the torch reference), 'off'.")
         if config.model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(
                 f"ThawEngine does not support model_type {config.model_type!r}: its attention hook is tested on "
@@ -201,6 +206,7 @@ class ThawEngine:
         self.runner = ModelRunner(
             model, self.kv_cache, use_cuda_graphs=use_cuda_graphs, max_num_seqs=max_num_seqs,
             max_blocks_per_seq=-(-self.max_model_len // block_size), compile_layers=compile_layers,
+            cascade_attention=cascade_attention,
         )
         self.eos_token_ids = self._eos_ids(model, tokenizer)
         self._weights_digest = weights_digest(model)
@@ -744,6 +750,7 @@ class ThawEngine:
         prof = self.decode_profile
         max_rows = min(self.max_num_seqs, self.max_num_batched_tokens)
         batch = DecodeBatch(self.device, self.block_size, self.vocab_size)
+        self.runner.cascade.reset()
         waiting = deque(by_session[id(s)] for s in queue)
         inflight: _Step | None = None
         launched = False
@@ -754,13 +761,14 @@ class ThawEngine:
             step = None
             if rows and new_blocks is not None:
                 base = len(keep)
+                cascade = self._cascade_plan(keep, batch.num_rows, rows, positions)
                 batch.advance(
                     inflight.sampled if inflight is not None else None, keep,
                     [(r.session.token_ids[-1], positions[base + k], r.session.block_table, r.params, r.seed)
                      for k, r in enumerate(joining)],
                     new_blocks)
                 t1 = time.perf_counter()
-                step = self._launch(batch, rows, positions)
+                step = self._launch(batch, rows, positions, cascade)
                 launched = True
                 if prof is not None:
                     prof.steps += 1
@@ -799,10 +807,19 @@ class ThawEngine:
             positions.append(r.session.num_computed)
         return keep, rows, positions, joining
 
-    def _launch(self, batch: DecodeBatch, rows: list[_Request], positions: list[int]) -> _Step:
+    def _cascade_plan(self, keep: list[int], num_prev: int, rows: list[_Request], positions: list[int]):
+        """The next async step's cascade plan (engine/cascade.py), or None (off, none shared, a graph step)."""
+        planner = self.runner.cascade
+        if not planner.enabled or not self.runner.decodes_eagerly(len(rows)):
+            planner.reset()
+            return None
+        return planner.advance(keep, num_prev, [r.session.block_table for r in rows], [p + 1 for p in positions])
+
+    def _launch(self, batch: DecodeBatch, rows: list[_Request], positions: list[int], cascade=None) -> _Step:
         """Queue the forward and the sampler on the device and start the tokens' late copy; nothing waits."""
         width = max(positions) // self.block_size + 1  # table columns in use (as pack() gives)
-        logits = self.runner.forward_decode(batch.input_ids, batch.positions, batch.block_tables[:, :width])
+        logits = self.runner.forward_decode(batch.input_ids, batch.positions, batch.block_tables[:, :width],
+                                            cascade=cascade)
         tokens, logprobs, entropies = sample(logits, batch.sampling_for_step())  # (n,) each, on the device
         return _Step(rows, positions, tokens, LateTokens(tokens, logprobs, entropies))
 

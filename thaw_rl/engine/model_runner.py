@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 
 from thaw_rl.engine.attention import METADATA_KWARG, AttentionMetadata, model_lock, paged_attention_mode
+from thaw_rl.engine.cascade import CascadePlanner
+from thaw_rl_kernels.cascade_plan import CascadePlan
 from thaw_rl.engine.kv_cache import PagedKVCache
 from thaw_rl.engine.scheduler import Chunk
 from thaw_rl.engine.sharding import fsdp2_modules
@@ -110,7 +112,7 @@ class ModelRunner:
     """Owns the forward pass: packing, device transfer, the attention-mode switch, CUDA graphs."""
 
     def __init__(self, model: torch.nn.Module, kv_cache: PagedKVCache, use_cuda_graphs: bool, max_num_seqs: int,
-                 max_blocks_per_seq: int, compile_layers: bool = False) -> None:
+                 max_blocks_per_seq: int, compile_layers: bool = False, cascade_attention: str = "off") -> None:
         self.model = model
         model_lock(model)  # from now on the model's own forwards wait for ours (attention.py)
         # inference_mode, except under FSDP2: its pre-forward unshard reads the parameters' version
@@ -123,6 +125,7 @@ class ModelRunner:
         self.max_blocks_per_seq = max_blocks_per_seq
         self.graphs = None
         self.graphs_failed: str | None = None  # the capture error, once graphs were given up
+        self.cascade = CascadePlanner(cascade_attention, self.device, self.block_size)
         if use_cuda_graphs:
             from thaw_rl.engine.cuda_graphs import DecodeGraphs
 
@@ -168,13 +171,18 @@ class ModelRunner:
         with self.grad_off():
             return self._forward(chunks)
 
-    def forward_decode(self, input_ids: torch.Tensor, positions: torch.Tensor, block_tables: torch.Tensor
-                       ) -> torch.Tensor:
+    def decodes_eagerly(self, num_rows: int) -> bool:
+        """Whether a pure-decode step of this many rows runs eagerly (no CUDA graph replays it)."""
+        return self.graphs is None or not self.graphs.fits(num_rows)
+
+    def forward_decode(self, input_ids: torch.Tensor, positions: torch.Tensor, block_tables: torch.Tensor,
+                       cascade: CascadePlan | None = None) -> torch.Tensor:
         """Logits (n, V) float32 of one decode token per row, from inputs already on the device.
 
         The async decode loop (``decode_batch.py``) keeps these tensors on the device between steps; the
         slot of each new token and the context lengths are derived here by device ops, so nothing is built
-        on the host. ``block_tables`` (n, W) need only cover each row's blocks up to its position.
+        on the host. ``block_tables`` (n, W) need only cover each row's blocks up to its position. ``cascade``
+        (from ``self.cascade``) is used only when the step runs eagerly.
         """
         with self.grad_off():
             slot_blocks = block_tables.gather(1, (positions // self.block_size)[:, None])[:, 0].long()
@@ -190,7 +198,7 @@ class ModelRunner:
             meta = AttentionMetadata(
                 kv_cache=self.kv_cache, slot_blocks=slot_blocks, slot_offsets=slot_offsets, block_tables=block_tables,
                 seq_lens=seq_lens, cu_seqlens_q=torch.arange(n + 1, dtype=torch.int32, device=self.device),
-                max_seqlen_q=1,
+                max_seqlen_q=1, cascade=cascade,
             )
             last = torch.arange(n, device=self.device)  # every token is its row's last (as pack() gives)
             return self.run_model(input_ids, positions, meta, last).float()
@@ -203,6 +211,8 @@ class ModelRunner:
             self._give_up_graphs()
         batch = pack(chunks, self.block_size)
         meta = self.metadata(batch)
+        if batch.max_seqlen_q == 1 and batch.num_tokens == batch.num_seqs:  # pure decode: maybe cascade
+            meta.cascade = self.cascade.for_rows([c.session.block_table for c in chunks], [c.end for c in chunks])
         last = (batch.cu_seqlens_q[1:] - 1).to(self.device)  # (S,)
         ids = batch.input_ids.to(self.device, non_blocking=True)
         pos = batch.positions.to(self.device, non_blocking=True)
