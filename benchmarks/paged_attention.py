@@ -369,6 +369,8 @@ def run_cascade(args) -> int:
             ok &= correct
             ms = time_ms(fn, cuda) if cuda else _time_interpreted(fn)
             row["results"][name] = dict(ms=ms, max_abs_err=err, correct=correct)
+        if args.sweep and cuda:
+            row["shared_sweep"] = sweep_shared_tilings(kv, plan, batch["scale"], out, shape, expected, tol)
         rows.append(row)
         del batch, contenders, expected
         if cuda:
@@ -378,6 +380,28 @@ def run_cascade(args) -> int:
     write_receipt(args.out, data)
     print_cascade_table(rows, data["device"], interpreted=not cuda)
     return 0 if ok else 1
+
+
+def sweep_shared_tilings(kv: tuple, plan, scale: float, out: torch.Tensor, shape: dict, expected: torch.Tensor,
+                         tol: float) -> list[dict]:
+    """Time the cascade (fused merge) over a grid of shared-pass tilings; best first."""
+    from thaw_rl_kernels.triton_cascade_attention import cascade_attention_triton
+
+    group = shape["num_heads"] // shape["num_kv_heads"]
+    results = []
+    for block_m, tile_n, splits, warps in itertools.product((32, 64, 128), (32, 64), (1, 2, 4, 8), (4, 8)):
+        if block_m < group:
+            continue
+        cfg = dict(block_r=block_m // group, block_m=block_m, tile_n=tile_n, num_splits=splits, num_warps=warps)
+        fn = lambda c=cfg: cascade_attention_triton(*kv, plan, scale, out=out, shared_config=c)  # noqa: E731
+        try:
+            err = (fn().float() - expected).abs().max().item()
+            ms = time_ms(fn, cuda=True, rep_ms=100)
+        except Exception as e:  # noqa: BLE001 - out of shared memory etc.: record and go on
+            results.append(dict(config=cfg, error=f"{type(e).__name__}: {str(e)[:120]}"))
+            continue
+        results.append(dict(config=cfg, ms=ms, correct=err <= tol * max(1.0, expected.abs().max().item())))
+    return sorted(results, key=lambda r: r.get("ms", float("inf")))
 
 
 def _time_interpreted(fn, runs: int = 3) -> float:
@@ -402,6 +426,13 @@ def print_cascade_table(rows: list[dict], device: str, interpreted: bool) -> Non
         plain, cascade, torch_merge = res["plain"]["ms"], res["cascade"]["ms"], res["cascade torch merge"]["ms"]
         print(f"{r['case']:44s}{r['num_groups']:7d}{plain:11.4f}{cascade:12.4f}{plain / cascade:8.2f}x"
               f"{torch_merge:16.4f}{r['kv_bytes_plain'] / r['kv_bytes_cascade']:14.2f}x{r['plan_host_ms']:9.2f}{flag}")
+    sweeps = [r for r in rows if r.get("shared_sweep")]
+    if sweeps:
+        print("\nbest shared-pass tilings (fused merge; default first):")
+        for r in sweeps:
+            best = [s for s in r["shared_sweep"] if "ms" in s][:2]
+            cells = "; ".join(f"{s['ms']:.4f} ms {s['config']}" for s in best)
+            print(f"  {r['case']}: default {r['results']['cascade']['ms']:.4f} ms | {cells}")
 
 
 def main() -> int:

@@ -17,7 +17,7 @@ from thaw_rl_kernels.block_copy import (
 )
 from thaw_rl_kernels.host_transfer import KVTransfer, PinnedBufferPool, TransferHandle
 
-# paged attention: see paged_attention.py
+# paged attention: see paged_attention.py; cascade (shared-prefix) decode attention: cascade_attention.py
 
 __all__ = [
     "copy_blocks",

@@ -158,8 +158,8 @@ def choose_shared_config(num_rows: int, num_groups: int, max_group_rows: int, ma
     block_m = max(16, min(128, triton.next_power_of_2(max(1, max_group_rows) * group)))
     block_m = max(block_m, triton.next_power_of_2(group))
     tile_n = 32 if dtype == torch.float32 else 64
-    num_tiles = num_rows // (block_m // group) + num_groups
-    num_splits = _decode_splits(num_tiles * num_kv_heads, triton.cdiv(max_shared_blocks * block_size, tile_n), device)
+    active_tiles = num_groups * triton.cdiv(max(1, max_group_rows), block_m // group)  # the grid's bound is looser
+    num_splits = _decode_splits(active_tiles * num_kv_heads, triton.cdiv(max_shared_blocks * block_size, tile_n), device)
     num_warps = 8 if block_m >= 128 or dtype == torch.float32 else 4
     return dict(block_r=block_m // group, block_m=block_m, tile_n=tile_n, num_splits=num_splits,
                 num_warps=num_warps, num_stages=2)  # fmt: skip
