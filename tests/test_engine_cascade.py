@@ -13,6 +13,7 @@ import torch
 
 from thaw_rl import SamplingParams, ThawEngine
 from thaw_rl.testing import tiny_model_and_tokenizer
+from thaw_rl_kernels.cascade_plan import CascadePlan
 
 
 def _prompts(lengths, vocab, seed=0):
@@ -24,10 +25,10 @@ def _generate(model, tok, cascade: str, async_decode: bool = True, **engine_kwar
     engine = ThawEngine(model, tok, block_size=4, cascade_attention=cascade, **engine_kwargs)
     engine.async_decode = async_decode
     prompts = engine.prefill_many(_prompts([13, 9, 6], model.config.vocab_size))
-    # groups of 4 and 3 over 3 and 2 full shared blocks (prompt 13 ends mid-block), a lone prompt,
-    # and a trunk forked mid-answer by nothing: plain rows beside the groups
+    # groups of 4 and 3 over 3 and 2 full shared blocks (prompt 13 ends mid-block) beside a lone row
     rows = engine.fork(prompts[0], 4) + engine.fork(prompts[1], 3) + [prompts[2]]
-    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+    # rows finish at different steps: the carried plan is narrowed as they leave
+    params = [SamplingParams(temperature=0.0, max_tokens=7 + i % 4, ignore_eos=True) for i in range(len(rows))]
     out = engine.generate(rows, params)
     return [(c.token_ids, c.logprobs) for c in out], engine.runner.cascade.num_cascade_steps
 
@@ -37,12 +38,17 @@ def _generate(model, tok, cascade: str, async_decode: bool = True, **engine_kwar
     ("llama", False, None),  # the synchronous step loop: a fresh plan each step
     ("qwen2", True, 5),  # rows wait and join as others finish: plans rebuilt on joins, narrowed on leaves
 ])
-def test_greedy_tokens_equal_with_cascade_on_and_off(family, async_decode, max_num_seqs, one_torch_thread):
+def test_greedy_tokens_equal_with_cascade_on_and_off(family, async_decode, max_num_seqs, one_torch_thread,
+                                                      monkeypatch):
     model, tok = tiny_model_and_tokenizer(family)
     kwargs = dict(async_decode=async_decode, max_num_seqs=max_num_seqs)
     off, off_steps = _generate(model, tok, "off", **kwargs)
+    selects = []
+    real_select = CascadePlan.select
+    monkeypatch.setattr(CascadePlan, "select", lambda self, *a, **k: selects.append(1) or real_select(self, *a, **k))
     on, on_steps = _generate(model, tok, "on", **kwargs)
-    assert off_steps == 0 and on_steps >= 9  # cascade really ran in (nearly) every decode step
+    assert off_steps == 0 and on_steps >= 8  # cascade really ran in (nearly) every decode step
+    assert bool(selects) == async_decode  # the async loop carries its plan and narrows it as rows leave
     for (tokens_off, lp_off), (tokens_on, lp_on) in zip(off, on):
         assert tokens_on == tokens_off
         torch.testing.assert_close(torch.tensor(lp_on), torch.tensor(lp_off), rtol=0, atol=1e-5)

@@ -143,6 +143,9 @@ def test_plan_select_after_rows_leave():
     kept = plan.select([4, 0, 2], block_size=16)  # the second group is left with one row: dropped
     assert kept.group_rows.tolist() == [1, 2] and kept.group_num_blocks.tolist() == [3]
     assert kept.tail_start.tolist() == [0, 48, 48]
+    assert (kept.max_group_rows, kept.max_shared_blocks) == (2, 3)
+    assert kept.select([0], block_size=16).num_groups == 0  # no group left
+    assert kept.select([0], block_size=16).select([0], block_size=16).tail_start.tolist() == [0]  # and none to narrow
     fresh = plan_cascade([tables[i] for i in (4, 0, 2)], [60] * 3, block_size=16)
     assert fresh.group_rows.tolist() == kept.group_rows.tolist()
 

