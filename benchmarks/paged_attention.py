@@ -271,7 +271,8 @@ class CascadeCase:
 
     @property
     def name(self) -> str:
-        return f"{self.num_rows} rows G{self.group_size} prompt {self.prompt_len} tail {self.tail_range[0]}-{self.tail_range[1]}"
+        lo, hi = self.tail_range
+        return f"{self.num_rows} rows G{self.group_size} prompt {self.prompt_len} tail {lo}-{hi}"
 
 
 def cascade_cases(smoke: bool) -> list[CascadeCase]:
@@ -348,13 +349,13 @@ def run_cascade(args) -> int:
         num_rows = case.num_rows
         cu = torch.arange(num_rows + 1, dtype=torch.int32, device=device)
         kv = (batch["query"], batch["key_cache"], batch["value_cache"], batch["block_tables"], batch["seq_lens"])
-        out = torch.empty_like(batch["query"])
+        out, scale = torch.empty_like(batch["query"]), batch["scale"]
         contenders = {
-            "plain": lambda: paged_attention_triton(*kv, cu, 1, batch["scale"], out=out),
-            "cascade": lambda: cascade_attention_triton(*kv, plan, batch["scale"], out=out),
-            "cascade torch merge": lambda: cascade_attention_triton(*kv, plan, batch["scale"], out=out, merge="torch"),
+            "plain": lambda: paged_attention_triton(*kv, cu, 1, scale, out=out),
+            "cascade": lambda: cascade_attention_triton(*kv, plan, scale, out=out),
+            "cascade torch merge": lambda: cascade_attention_triton(*kv, plan, scale, out=out, merge="torch"),
         }
-        expected = paged_attention_reference(*kv, cu, 1, batch["scale"]).float()
+        expected = paged_attention_reference(*kv, cu, 1, scale).float()
         token_bytes = 2 * shape["num_kv_heads"] * shape["head_dim"] * elem  # K and V of one token, one layer
         ctx = batch["seq_lens"].long()
         read_plain = int(ctx.sum()) * token_bytes
@@ -370,9 +371,9 @@ def run_cascade(args) -> int:
             ms = time_ms(fn, cuda) if cuda else _time_interpreted(fn)
             row["results"][name] = dict(ms=ms, max_abs_err=err, correct=correct)
         if args.sweep and cuda:
-            row["shared_sweep"] = sweep_shared_tilings(kv, plan, batch["scale"], out, shape, expected, tol)
+            row["shared_sweep"] = sweep_shared_tilings(kv, plan, scale, out, shape, expected, tol)
         rows.append(row)
-        del batch, contenders, expected
+        batch = kv = contenders = expected = out = None  # free this case's cache before the next is built
         if cuda:
             torch.cuda.empty_cache()
     data = receipt("paged_attention_cascade", args, rows)
