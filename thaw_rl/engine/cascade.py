@@ -9,7 +9,9 @@ Modes (``ThawEngine(cascade_attention=...)``):
 - ``"off"``: never.
 - ``"on"``: every eagerly run pure-decode step whose batch has a group (on CPU through the torch reference,
   which is exact but not faster: it is there to test the wiring).
-- ``"auto"``: as "on" on CUDA, off elsewhere.
+- ``"auto"``: as "on" on CUDA when ``AUTO_ON_CUDA`` is True, else off. It is False until an H200 receipt of
+  ``benchmarks/paged_attention.py --cascade`` (and an engine run) shows cascade faster at GRPO shapes: the
+  Triton kernels are tested on CPU under the interpreter only so far.
 Decode steps replayed from a CUDA graph never use it yet (the plan would have to live in the graphs' static
 buffers); nor do layers with a sliding window (the attention hook falls back to the plain kernel).
 """
@@ -22,6 +24,7 @@ from thaw_rl.engine.decode_batch import to_device
 from thaw_rl_kernels.cascade_plan import CascadePlan, plan_cascade
 
 CASCADE_MODES = ("auto", "on", "off")
+AUTO_ON_CUDA = False  # flip by measurement (see the module docstring)
 
 
 class CascadePlanner:
@@ -30,7 +33,7 @@ class CascadePlanner:
     def __init__(self, mode: str, device: torch.device, block_size: int) -> None:
         if mode not in CASCADE_MODES:
             raise ValueError(f"cascade_attention={mode!r} must be one of {CASCADE_MODES} (default 'auto').")
-        self.enabled = mode == "on" or (mode == "auto" and device.type == "cuda")
+        self.enabled = mode == "on" or (mode == "auto" and device.type == "cuda" and AUTO_ON_CUDA)
         self.device = device
         self.block_size = block_size
         self.num_cascade_steps = 0  # decode steps that ran with a plan holding at least one group

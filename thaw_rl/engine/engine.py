@@ -166,8 +166,9 @@ class ThawEngine:
     ) -> None:
         config = model.config
         if cascade_attention not in CASCADE_MODES:
-            raise ValueError(f"cascade_attention={cascade_attention!r} must be one of {CASCADE_MODES}: 'auto' (on "
-                             "for eager decode steps on CUDA), 'on' (also on CPU, through the torch reference), 'off'.")
+            raise ValueError(f"cascade_attention={cascade_attention!r} must be one of {CASCADE_MODES}: 'auto' (the "
+                             "measured default, engine/cascade.py), 'on' (every eager decode step with shared blocks, "
+                             "CPU too), 'off'.")
         if config.model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(
                 f"ThawEngine does not support model_type {config.model_type!r}: its attention hook is tested on "
