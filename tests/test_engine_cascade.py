@@ -60,3 +60,17 @@ def test_auto_is_off_on_cpu_and_bad_modes_raise(one_torch_thread):
     assert steps == 0
     with pytest.raises(ValueError, match="cascade_attention='yes'"):
         ThawEngine(model, tok, cascade_attention="yes")
+
+
+def test_sliding_window_layers_keep_the_plain_kernel(one_torch_thread):
+    """Mistral with a window of 8: every layer slides, so cascade (which ignores windows) must stay out of every
+    layer; the forked rows still decode exactly model.generate's windowed greedy tokens with cascade on."""
+    from test_engine_reliability import hf_greedy, tiny_mistral
+
+    model, tok = tiny_mistral(sliding_window=8)
+    prompt = [40 + i for i in range(13)]
+    engine = ThawEngine(model, tok, block_size=4, kv_cache_memory=4 << 20, cascade_attention="on")
+    rows = engine.fork(engine.prefill(prompt), 3)
+    out = engine.generate(rows, SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True))
+    assert engine.runner.cascade.num_cascade_steps > 0  # planned: the rows share 3 blocks
+    assert all(o.token_ids == hf_greedy(model, prompt, 24) for o in out)
