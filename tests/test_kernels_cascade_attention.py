@@ -243,6 +243,21 @@ def test_triton_cascade_without_groups_is_the_plain_kernel():
     assert_matches(run_triton(batch, plan), batch.plain_reference(), torch.float32)
 
 
+def test_a_plan_padded_to_static_sizes_gives_the_same_result():
+    """CUDA-graph shapes: the grouped-row list padded to every row and 5 empty groups appended change nothing."""
+    batch = make_forked_batch(GROUPS, num_heads=4, num_kv_heads=2, head_dim=16, block_size=16, dtype=torch.float32)
+    plan = plan_cascade(batch.block_tables, batch.seq_lens, block_size=16)
+    padded = plan.padded(num_rows=plan.num_rows, num_groups=plan.num_groups + 5)
+    assert padded.group_rows.shape == (10,) and padded.cu_group_rows.tolist()[-6:] == [9] * 6
+    expected = batch.plain_reference()
+    args = (batch.query, batch.key_cache, batch.value_cache, batch.block_tables, batch.seq_lens)
+    torch.testing.assert_close(cascade_attention_reference(*args, padded.to(DEVICE), batch.scale), expected,
+                               atol=1e-5, rtol=1e-5)  # fmt: skip
+    assert_matches(run_triton(batch, padded.to(DEVICE)), expected, torch.float32)
+    with pytest.raises(ValueError, match="smaller than the plan"):
+        plan.padded(num_rows=plan.num_rows, num_groups=1)
+
+
 def test_triton_cascade_misuse_raises():
     batch = make_forked_batch(GROUPS[:1], num_heads=4, num_kv_heads=2, head_dim=16, block_size=16,
                               dtype=torch.float32)  # fmt: skip

@@ -51,6 +51,8 @@ def shared_prefix_attention_reference(
     lse = torch.full((S, H), float("-inf"), dtype=torch.float32, device=query.device)
     cu = plan.cu_group_rows.tolist()
     for g, n in enumerate(plan.group_num_blocks.tolist()):
+        if n == 0 or cu[g + 1] == cu[g]:  # an empty group of a padded plan
+            continue
         rows = plan.group_rows[cu[g] : cu[g + 1]].long().to(query.device)  # (r,)
         blocks = block_tables[rows[0], :n].long()  # the first row's ids: every row of the group has them
         k = key_cache[blocks].reshape(1, n * bs, *key_cache.shape[2:]).expand(len(rows), -1, -1, -1)  # (r, L, KVH, D)

@@ -56,6 +56,26 @@ class CascadePlan:
                 moved[name] = value.to(device, non_blocking=non_blocking)
         return CascadePlan(**moved)
 
+    def padded(self, num_rows: int, num_groups: int) -> CascadePlan:
+        """This plan in tensors of fixed sizes (a CUDA graph's static buffers): ``num_rows`` rows (the extra
+        ones in no group, e.g. a graph's padding rows) and ``num_groups`` groups (the extra ones empty, so their
+        row tiles exit at once). The kernels' grids depend only on these sizes, so one capture serves every
+        plan that fits. ``max_group_rows`` / ``max_shared_blocks`` still pick the tiling: fix them (or pass
+        explicit tilings) for a capture."""
+        if num_rows < self.num_rows or num_groups < self.num_groups:
+            raise ValueError(f"padded({num_rows}, {num_groups}) is smaller than the plan ({self.num_rows} rows, "
+                             f"{self.num_groups} groups); pass sizes >= those.")
+        num_grouped = self.group_rows.shape[0]
+        group_rows = torch.zeros(num_rows, dtype=torch.int32)  # (num_rows,): R used, the rest never read
+        group_rows[:num_grouped] = self.group_rows
+        cu = torch.full((num_groups + 1,), num_grouped, dtype=torch.int32)  # empty groups past the real ones
+        cu[: self.num_groups + 1] = self.cu_group_rows
+        blocks = torch.zeros(num_groups, dtype=torch.int32)
+        blocks[: self.num_groups] = self.group_num_blocks
+        tail = torch.zeros(num_rows, dtype=torch.int32)
+        tail[: self.num_rows] = self.tail_start
+        return CascadePlan(group_rows, cu, blocks, tail, self.max_group_rows, self.max_shared_blocks)
+
     def select(self, keep: list[int], block_size: int) -> CascadePlan:
         """The plan of the batch made of rows ``keep`` (in that order) of this one: still exact, since the
         remaining rows of a group still share its blocks; groups left with fewer than 2 rows are dropped.

@@ -15,8 +15,10 @@ Semantics and the torch reference: ``cascade_attention.py``. How the work is cut
   *is* the softmax merge (``merge="fused"``, one launch fewer, no tail output round trip); with
   ``merge="torch"`` it writes its own output and LSE and ``merge_attention_states`` combines them.
 
-Both passes read no tensor contents on the host, so they could be captured in a CUDA graph at fixed
-shapes; the engine uses cascade in eager decode steps only for now (the plan is host-built per batch).
+Both passes read no tensor contents on the host and size their grids from tensor shapes only, so with a
+plan padded to fixed sizes (``CascadePlan.padded``) and fixed tilings they can be captured in a CUDA graph;
+the engine uses cascade in eager decode steps only for now (graphs would need the plan in their static
+buffers and a capture per tiling).
 """
 
 from __future__ import annotations
