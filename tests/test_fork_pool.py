@@ -121,6 +121,78 @@ def test_local_first_fills_the_trunks_worker_then_snapshots_once_per_trunk(pool)
     assert [w["num_used_blocks"] for w in pool.stats()["workers"]] == [0, 0]
 
 
+# -- trunks between workers --------------------------------------------------------------------------
+def shm_mapped_bytes(pid: int) -> int:
+    """Bytes of torch shared-memory segments mapped by process ``pid`` (unlinked ones included)."""
+    total = 0
+    with open(f"/proc/{pid}/maps") as f:
+        for line in f:
+            if "/dev/shm/torch_" in line:
+                lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+                total += hi - lo
+    return total
+
+
+def test_a_trunk_forked_across_workers_continues_exactly_like_one_forked_in_place_and_leaves_no_memory(pool):
+    """Cold forks of a fresh trunk over the "host" transport: the trunk's worker gathers it straight into shared
+    memory (no export copy), the other worker restores it, and its child samples the very tokens and
+    logprobs of the child forked in place. Freeing the trunk releases the buffer: the parent and the
+    destination map no more shared memory than before, and the source keeps one idle buffer that it reuses
+    (it maps no more after three trunks than after one)."""
+    assert pool.trunk_transport == "auto" and pool.stats()["trunk_transport"] == "auto"  # CPU: auto is host
+    pids = [os.getpid()] + [w["pid"] for w in pool.stats()["workers"]]
+    baseline = [shm_mapped_bytes(p) for p in pids]
+    same_seed = [SamplingParams(temperature=1.0, max_tokens=10, ignore_eos=True, seed=11)] * 2
+    source_bytes = []
+    for i, at in enumerate([None, 30, None]):  # at=30: children share 1 full block + 14 tokens of the trunk
+        (trunk,) = pool.prefill(random_prompts([37], seed=20 + i), worker=0)
+        before = pool.stats()
+        kids = pool.fork(trunk, 2, at=at)  # spread: one child on each worker
+        assert [k.worker for k in kids] == [0, 1]
+        home, away = pool.generate(kids, same_seed)
+        after = pool.stats()
+
+        assert away.token_ids == home.token_ids and away.logprobs == home.logprobs
+        assert away.entropies == home.entropies
+        assert worker_delta(before, after, "num_snapshots") == [1, 0]
+        assert worker_delta(before, after, "num_trunks_host") == [0, 1]
+        assert worker_delta(before, after, "num_trunks_device") == [0, 0]
+        moved = worker_delta(before, after, "trunk_bytes_host")[1]
+        assert moved == 3 * pool.block_size * pool.kv_bytes_per_token + 4 * 100  # 3 blocks of KV, fp32 logits
+        assert worker_delta(before, after, "snapshot_bytes") == [moved, 0]
+        assert after["transfer"]["host"]["bytes"] - before["transfer"]["host"]["bytes"] == moved
+        assert after["transfer_bytes"] - before["transfer_bytes"] == moved
+        assert "export_seconds" not in after["workers"][0] and "export_seconds" not in after["retired"]
+        assert after["workers"][0]["num_trunk_exports"] == 1  # kept while the parent may send it elsewhere
+        for h in (trunk, *kids):
+            pool.free(h)
+        st = pool.stats()  # the release went before this request down the same pipe
+        assert [w["num_trunk_exports"] for w in st["workers"]] == [0, 0]
+        assert [w["num_used_blocks"] for w in st["workers"]] == [0, 0] and st["num_cached_snapshots"] == 0
+        assert [shm_mapped_bytes(p) for p in pids[:1] + pids[2:]] == baseline[:1] + baseline[2:]
+        source_bytes.append(shm_mapped_bytes(pids[1]) - baseline[1])
+    assert st["workers"][0]["num_idle_trunk_buffers"] == 1
+    # one idle buffer (1 MiB, the pool's granularity), reused for each trunk (it may be an earlier test's)
+    assert source_bytes == [source_bytes[0]] * 3 and source_bytes[0] in (0, 1 << 20)
+
+
+def test_trunk_transport_is_checked_before_any_worker_starts():
+    with pytest.raises(ValueError, match=r"trunk_transport='ipc': use one of \('auto', 'host', 'device'\)"):
+        ForkPool(FACTORY, num_workers=2, trunk_transport="ipc")
+    with pytest.raises(ValueError, match=r"'device' needs every worker on a CUDA device, but \['cpu'\] are not"):
+        ForkPool(FACTORY, num_workers=2, devices=["cpu"], trunk_transport="device")
+
+
+def test_auto_picks_the_device_transport_only_between_cuda_workers():
+    from thaw_rl.pool.trunk_export import pick_transport
+
+    assert pick_transport("auto", "cuda:0", ["cuda:0"]) == "device"  # two workers on one GPU: CUDA IPC
+    assert pick_transport("auto", "cuda:0", ["cuda:1", "cuda:0"]) == "device"  # peer copy to the other GPU
+    assert pick_transport("auto", "cuda:0", ["cuda:1", "cpu"]) == "host"
+    assert pick_transport("auto", "cpu", ["cpu"]) == "host"
+    assert pick_transport("host", "cuda:0", ["cuda:1"]) == "host"
+
+
 # -- failures ----------------------------------------------------------------------------------------
 def test_a_worker_killed_mid_round_is_replaced_and_the_round_completes(pool, caplog):
     ref = native_rollout(SEGMENTS)

@@ -117,6 +117,29 @@ def test_pooled_host_buffer_goes_back_when_the_snapshot_dies_or_is_released(qwen
         engine.restore(snap)
 
 
+def test_snapshot_into_a_given_buffer_writes_there_and_leaves_it_to_the_caller(qwen3, trunk):
+    """``out=``: the gather fills the caller's tensor (ForkPool gives shared memory or a device buffer);
+    the snapshot equals a pooled one bit for bit and takes no buffer from the engine's pool."""
+    _, source, session, snap = trunk
+    shape = source.snapshot_shape(session)
+    assert shape == tuple(snap.kv.shape) == (3, *snap.kv.shape[1:])
+    out = torch.full(shape, float("nan"), dtype=snap.kv.dtype)
+    lent, used = source.kv_transfer.pool.num_lent, pool_state(source)[0]
+    mine = source.snapshot(session, out=out)
+    assert mine.kv is out and source.kv_transfer.pool.num_lent == lent
+    assert_same_snapshot(mine, snap)
+    del mine
+    gc.collect()
+    assert source.kv_transfer.pool.num_lent == lent  # nothing goes back to the pool: out stays the caller's
+    with pytest.raises(ValueError, match=r"out must have shape \[n, L, 2, BS, KVH, D\]"):
+        source.snapshot(session, out=torch.empty(2, *shape[1:], dtype=snap.kv.dtype))
+    with pytest.raises(ValueError, match="dtype"):
+        source.snapshot(session, out=torch.empty(shape, dtype=torch.float64))
+    with pytest.raises(TypeError, match="takes a tensor"):
+        source.snapshot(session, out=[0.0])
+    assert pool_state(source)[0] == used  # every rejected call gave the held blocks back
+
+
 # -- restore -------------------------------------------------------------------------------------------
 def test_restored_prefill_continues_token_for_token_in_another_engine(qwen3, trunk):
     model, tok = qwen3

@@ -134,14 +134,18 @@ class KVTransfer:
         self.host_path = host_path
         self.stream = torch.cuda.Stream(self.device) if on_cuda else None  # the dedicated copy stream
 
-    def snapshot_async(self, kv: torch.Tensor, block_ids) -> TransferHandle:
-        """Gather kv's blocks into a pooled host tensor [n, L, 2, BS, KVH, D]; wait() returns it.
+    def snapshot_async(self, kv: torch.Tensor, block_ids, out: torch.Tensor | None = None) -> TransferHandle:
+        """Gather kv's blocks into ``out`` or a pooled host tensor [n, L, 2, BS, KVH, D]; wait() returns it.
 
+        ``out`` (optional): where the gather writes, on kv's device or in host memory (pinned or registered
+        with CUDA for an asynchronous DMA; e.g. shared memory another process maps). It stays the caller's.
         The blocks must not be overwritten until the handle is done (or ``handle.wait_stream()``).
-        Give the host tensor back with ``release`` when it is no longer needed.
+        Give a pooled host tensor back with ``release`` when it is no longer needed.
         """
         ids, checked = self._host_checked_ids(block_ids, kv, unique=False)
-        out = self.pool.empty((ids.numel(), *kv.shape[:2], *kv.shape[3:]), kv.dtype)  # (n, L, 2, BS, KVH, D)
+        pooled = out is None
+        if pooled:
+            out = self.pool.empty((ids.numel(), *kv.shape[:2], *kv.shape[3:]), kv.dtype)  # (n, L, 2, BS, KVH, D)
         try:
             if self.stream is None:
                 gather_blocks(kv, ids.to(kv.device), out, check_ids=not checked)
@@ -149,10 +153,13 @@ class KVTransfer:
 
             def work(ids_dev):
                 gather_blocks(kv, ids_dev, out, host_path=self.host_path, check_ids=not checked)
+                if out.device.type == "cuda":
+                    out.record_stream(self.stream)  # device memory the copy writes must outlive it
 
             event, ids_dev = self._on_copy_stream(kv, ids, work)
         except Exception:
-            self.pool.release(out)  # a rejected request must not leak its buffer
+            if pooled:
+                self.pool.release(out)  # a rejected request must not leak its buffer
             raise
         return TransferHandle(out, event, keepalive=(kv, ids, ids_dev))
 

@@ -454,15 +454,33 @@ class ThawEngine:
         session.freed = True
 
     # -- public surface: snapshots ----------------------------------------------------------------------
-    def snapshot(self, session: Session) -> KVSnapshot:
-        """The session's tokens and KV in (pinned) host memory, restorable here or in another engine."""
-        return self.snapshot_async(session).wait()
+    def snapshot(self, session: Session, out: torch.Tensor | None = None) -> KVSnapshot:
+        """The session's tokens and KV in (pinned) host memory, restorable here or in another engine.
 
-    def snapshot_async(self, session: Session) -> SnapshotHandle:
-        """Start the copy on the engine's copy stream; ``.wait()`` gives the KVSnapshot (blocks are held till then)."""
+        ``out``: write the KV there instead of a pooled host buffer (see ``snapshot_async``).
+        """
+        return self.snapshot_async(session, out=out).wait()
+
+    def snapshot_shape(self, session: Session) -> tuple[int, ...]:
+        """The shape of ``session``'s snapshot KV, (n_blocks, L, 2, BS, KVH, D): what ``out=`` must have."""
+        self._check_session(session)
+        kv = self.kv_cache.kv  # (L, 2, NB, BS, KVH, D)
+        return (-(-session.num_computed // self.block_size), *kv.shape[:2], *kv.shape[3:])
+
+    def snapshot_async(self, session: Session, out: torch.Tensor | None = None) -> SnapshotHandle:
+        """Start the copy on the engine's copy stream; ``.wait()`` gives the KVSnapshot (blocks are held till then).
+
+        ``out`` (optional): a contiguous tensor of ``snapshot_shape(session)`` and the engine's dtype, on the
+        engine's device or in host memory (pinned or registered with CUDA, for an asynchronous copy), that the
+        gather writes straight into: e.g. shared memory another process maps, or a device buffer handed to
+        another process over CUDA IPC. The snapshot's ``kv`` is then ``out``, which stays the caller's.
+        """
         self._check_session(session)
         bs = self.block_size
         num_blocks, num_full = -(-session.num_computed // bs), session.num_computed // bs
+        if out is not None and not isinstance(out, torch.Tensor):
+            raise TypeError(f"snapshot(out=...) takes a tensor of shape {self.snapshot_shape(session)}; "
+                            f"got {type(out).__name__}.")
         block_ids = list(session.block_table[:num_blocks])
         if len(block_ids) != num_blocks or len(session.block_hashes) < num_full:
             raise RuntimeError(
@@ -477,11 +495,12 @@ class ThawEngine:
         )
         self.block_manager.hold(block_ids)  # held until the copy has read them
         try:
-            transfer = self.kv_transfer.snapshot_async(self.kv_cache.kv, block_ids)
+            transfer = self.kv_transfer.snapshot_async(self.kv_cache.kv, block_ids, out=out)
         except Exception:
             self.block_manager.release(block_ids)
             raise
-        return SnapshotHandle(transfer, lambda: self.block_manager.release(block_ids), self.kv_transfer.pool, fields)
+        host_pool = self.kv_transfer.pool if out is None else None
+        return SnapshotHandle(transfer, lambda: self.block_manager.release(block_ids), host_pool, fields)
 
     def restore(self, snapshot: KVSnapshot) -> Session:
         """A new session from a snapshot: cached blocks are shared, the rest written, full blocks join the prefix cache.

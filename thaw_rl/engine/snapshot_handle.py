@@ -2,7 +2,8 @@
 
 ``ThawEngine.snapshot_async`` holds the session's blocks (refcount + 1) and starts the gather on the
 engine's copy stream; the handle gives the blocks back once the copy has read them, and wraps the
-pooled host buffer in a ``KVSnapshot`` that returns the buffer to the pool when it is garbage collected.
+pooled host buffer in a ``KVSnapshot`` that returns the buffer to the pool when it is garbage collected
+(``host_pool=None``: the gather wrote into a buffer the caller gave, which stays the caller's).
 """
 
 from __future__ import annotations
@@ -43,7 +44,9 @@ class SnapshotHandle:
             fields = dict(self._fields)
             if fields["next_logits"] is not None:
                 fields["next_logits"] = fields["next_logits"].to("cpu", torch.float32, copy=True)  # (V,)
-            release = weakref.finalize(kv, self._host_pool.release, kv.view(-1)[:0])  # another view: kv may die
+            release = None  # a caller's ``out`` stays the caller's; a pooled buffer goes back when kv dies
+            if self._host_pool is not None:
+                release = weakref.finalize(kv, self._host_pool.release, kv.view(-1)[:0])  # another view: kv may die
             self._snapshot = KVSnapshot(**fields, kv=kv, _release=release)
         return self._snapshot
 

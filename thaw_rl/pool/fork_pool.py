@@ -3,8 +3,10 @@
 Why: one engine fills one device. A pool runs one ``ThawEngine`` per worker process and speaks the same
 ``RolloutBackend`` protocol as ``NativeBackend``, so ``TreeSampler(ForkPool(...), spec)`` spreads a rollout
 tree over several devices unchanged. A trunk (a prompt plus a partial answer) lives in one worker; when its
-children do not all fit there, the trunk is snapshotted once into shared memory and each other worker
-that takes children restores it once (the restored copy is kept for later forks of the same trunk).
+children do not all fit there, the trunk is exported once and each other worker that takes children
+restores it once (the restored copy is kept for later forks of the same trunk). The export goes straight
+into memory the destination reads (``trunk_export.py``): a device buffer handed over as a CUDA IPC handle
+between CUDA workers, else shared memory registered with CUDA as pinned; ``trunk_transport`` forces one.
 Where children go is ``placement.py``'s pure functions; the numbers reported are ``pool_stats.py``'s.
 
 Handles are ``PoolHandle`` objects: the worker that holds the sequence, the worker's session id, and the
@@ -49,18 +51,18 @@ import torch
 from thaw_rl.engine.sampling import SamplingParams, params_per_session
 from thaw_rl.pool.handles import PoolCompletion, PoolHandle
 from thaw_rl.pool.placement import PLACEMENTS, blocks_per_child, place_children, spread_prompts
-from thaw_rl.pool.pool_stats import backend_counters, summed, worker_row
+from thaw_rl.pool.pool_stats import backend_counters, summed, transfer_stats, worker_row
 from thaw_rl.pool.pool_weights import Attempt, PoolWeights
 from thaw_rl.pool.weight_sync import DEFAULT_BUCKET_BYTES, TransferGroup
+from thaw_rl.pool.trunk_export import TRUNK_TRANSPORTS, TrunkExport, check_trunk_transport, pick_transport
 from thaw_rl.pool.worker import Fault, PackedWeights
 from thaw_rl.pool.worker_process import Pending, WorkerFailure, WorkerProcess, collect
-from thaw_rl.engine.snapshot import KVSnapshot
 
 logger = logging.getLogger(__name__)
 
 WEIGHT_SYNCS = ("shared_memory", "distributed")
 
-__all__ = ["PLACEMENTS", "WEIGHT_SYNCS", "ForkPool", "PoolCompletion", "PoolHandle"]
+__all__ = ["PLACEMENTS", "TRUNK_TRANSPORTS", "WEIGHT_SYNCS", "ForkPool", "PoolCompletion", "PoolHandle"]
 
 
 class ForkPool(PoolWeights):
@@ -91,8 +93,12 @@ class ForkPool(PoolWeights):
         weight_bucket_bytes: "distributed": bytes per broadcast (several parameters packed into each).
         weights_source: "distributed": ``() -> (version, {name: tensor})``, asked for the current weights
             when a replacement worker starts and no other worker holds them (e.g. a pool of one worker).
+        trunk_transport: how a trunk's KV moves between workers: "auto" ("device" when both workers are on
+            CUDA, else "host"), "host" (the snapshot writes into shared memory registered with CUDA as pinned,
+            the destination's restore reads it) or "device" (a device buffer handed over as a CUDA IPC handle,
+            copied peer-to-peer when the GPUs differ; every worker must be on CUDA).
 
-    Use it as a context manager or call ``close()``. One caller at a time (not thread-safe). Snapshots (and,
+    Use it as a context manager or call ``close()``. One caller at a time (not thread-safe). "host" trunks (and,
     with "shared_memory", weights) travel through ``/dev/shm``, which must hold a trunk's KV.
     """
 
@@ -112,6 +118,7 @@ class ForkPool(PoolWeights):
         weight_sync: str = "shared_memory",
         weight_bucket_bytes: int = DEFAULT_BUCKET_BYTES,
         weights_source: Callable[[], tuple[int, Mapping[str, torch.Tensor]]] | None = None,
+        trunk_transport: str = "auto",
     ) -> None:
         import torch.multiprocessing as torch_mp  # registers the shared-memory tensor reductions
 
@@ -134,6 +141,7 @@ class ForkPool(PoolWeights):
         num_workers = len(devices) if num_workers is None else num_workers
         if num_workers < 1:
             raise ValueError(f"num_workers={num_workers} must be >= 1.")
+        check_trunk_transport(trunk_transport, devices)
         if num_threads is None and all(d == "cpu" for d in devices):
             num_threads = max(1, (os.cpu_count() or 1) // num_workers)  # CPU workers share the cores
         self.timeout_s = float(timeout_s)
@@ -143,6 +151,7 @@ class ForkPool(PoolWeights):
         self.weight_sync = weight_sync
         self.weight_bucket_bytes = int(weight_bucket_bytes)
         self.weights_source = weights_source
+        self.trunk_transport = trunk_transport
         self._ctx = torch_mp.get_context(start_method)
         self._spawn = dict(model_factory=model_factory, engine_kwargs=dict(engine_kwargs or {}),
                            num_threads=num_threads)
@@ -163,7 +172,7 @@ class ForkPool(PoolWeights):
         self._handle_ids = itertools.count()
         self._live: dict[int, PoolHandle] = {}
         self._growing: list[set[int]] = [set() for _ in range(num_workers)]  # forked, not yet generated
-        self._snapshots: dict[int, KVSnapshot] = {}  # handle id -> its snapshot (for its current tokens)
+        self._exports: dict[int, tuple[TrunkExport, int, int]] = {}  # handle id -> (export, worker, incarnation)
         self._copies: dict[int, dict[int, tuple[int, int]]] = {}  # handle id -> worker -> (incarnation, sid)
         self._rng = random.Random(seed)
         self._retired: Counter = Counter()  # counters of replaced workers
@@ -294,8 +303,10 @@ class ForkPool(PoolWeights):
 
     def counters(self) -> dict[str, float]:
         """Cumulative counters over every worker, replaced ones included (from the latest replies; no round trip)."""
-        total = summed([w.status for w in self._workers if w is not None]) + self._retired
-        return backend_counters(total, self._num_forks, self._fork_seconds)
+        return backend_counters(self._summed(), self._num_forks, self._fork_seconds)
+
+    def _summed(self) -> Counter:
+        return summed([w.status for w in self._workers if w is not None]) + self._retired
 
     def reset_prefix_cache(self) -> None:
         """Every worker forgets its cached prefixes (a replaced worker starts with none)."""
@@ -312,9 +323,10 @@ class ForkPool(PoolWeights):
         return {"version": self._version, "placement": self.placement, "weight_sync": self.weight_sync,
                 "workers": [worker_row(w) for w in self._workers],
                 "num_replacements": len(self._failures), "failures": list(self._failures),
-                "num_live_handles": len(self._live), "num_cached_snapshots": len(self._snapshots),
+                "num_live_handles": len(self._live), "num_cached_snapshots": len(self._exports),
                 "retired": dict(self._retired), "weight_sync_seconds": self.weight_sync_seconds,
-                "weight_sync_bytes": self.weight_sync_bytes, **self.counters()}
+                "weight_sync_bytes": self.weight_sync_bytes, "trunk_transport": self.trunk_transport,
+                **transfer_stats(self._summed()), **self.counters()}
 
     def close(self) -> None:
         """Ask every worker to exit, kill those that do not, reap them all. Idempotent."""
@@ -350,18 +362,18 @@ class ForkPool(PoolWeights):
         home = handle.worker
         copies = self._copies.setdefault(handle.handle_id, {})
         stale = [w for w in shares if w != home and copies.get(w, (None,))[0] != self._workers[w].incarnation]
-        snapshot = None
+        export = None
         if stale:
-            snapshot, errors, failures = self._snapshot(handle)
-            if snapshot is None:
+            export, errors, failures = self._export(handle, stale)
+            if export is None:
                 return errors, failures
         calls = {}
         for w, k in shares.items():
             if w == home:
                 source = handle.session_id
             elif w in stale:
-                source = snapshot
-                self._workers[w].bytes_sent += snapshot.nbytes
+                source = export.for_destination()
+                self._workers[w].bytes_sent += export.nbytes
             else:
                 source = copies[w][1]
             calls[w] = ("fork", (source, k, at))
@@ -374,27 +386,51 @@ class ForkPool(PoolWeights):
             self._growing[w].update(h.handle_id for h in done[w])
         return errors, failures
 
-    def _snapshot(self, handle: PoolHandle) -> tuple[KVSnapshot | None, dict, dict]:
-        """The handle's snapshot in shared memory, taken once per token state."""
-        snap = self._snapshots.get(handle.handle_id)
-        if snap is not None and snap.num_tokens == handle.num_tokens:
-            return snap, {}, {}
-        values, errors, failures = self._call_all({handle.worker: ("snapshot", (handle.session_id,))})
-        snap = values.get(handle.worker)
-        if snap is not None:
-            self._snapshots[handle.handle_id] = snap
-        return snap, errors, failures
+    def _export(self, handle: PoolHandle, destinations: list[int]) -> tuple[TrunkExport | None, dict, dict]:
+        """The handle's trunk exported for ``destinations``: taken once per token state and transport; a device
+        export that has handed out its CUDA IPC handles asks the source worker for more."""
+        w = handle.worker
+        transport = pick_transport(self.trunk_transport, self._devices[w], [self._devices[d] for d in destinations])
+        cached = self._exports.get(handle.handle_id)
+        if cached is not None:
+            export, source, incarnation = cached
+            if (export.num_tokens, export.transport, source, incarnation) == \
+                    (handle.num_tokens, transport, w, self._workers[w].incarnation):
+                more = len(destinations) - len(export.payloads) if transport == "device" else 0
+                if more <= 0:
+                    return export, {}, {}
+                values, errors, failures = self._call_all({w: ("share_trunk", (export.export_id, more))})
+                if w in values:
+                    export.payloads.extend(values[w])
+                    return export, {}, {}
+                return None, errors, failures
+            self._release_export(handle.handle_id)
+        values, errors, failures = self._call_all(
+            {w: ("snapshot", (handle.session_id, transport, len(destinations)))})
+        export = values.get(w)
+        if export is not None:
+            self._exports[handle.handle_id] = (export, w, self._workers[w].incarnation)
+        return export, errors, failures
+
+    def _release_export(self, handle_id: int) -> None:
+        """Forget a handle's export and tell its worker (if it is still the process that took it) to free it."""
+        cached = self._exports.pop(handle_id, None)
+        if cached is not None:
+            export, w, incarnation = cached
+            if self._workers[w].incarnation == incarnation:
+                self._workers[w].send_no_reply("release_trunk", ([export.export_id],))
 
     def _changed(self, handle: PoolHandle) -> None:
-        """The handle's tokens change or it is freed: its snapshot and restored copies no longer match."""
-        self._snapshots.pop(handle.handle_id, None)
+        """The handle's tokens change or it is freed: its export and restored copies no longer match."""
+        self._release_export(handle.handle_id)
         self._growing[handle.worker].discard(handle.handle_id)
         for w, (incarnation, sid) in self._copies.pop(handle.handle_id, {}).items():
             if self._workers[w].incarnation == incarnation:
                 self._workers[w].send_no_reply("free", ([sid],))
 
     def _drop_all_snapshots(self) -> None:
-        self._snapshots.clear()
+        for hid in list(self._exports):
+            self._release_export(hid)
         for hid in list(self._copies):
             for w, (incarnation, sid) in self._copies.pop(hid).items():
                 if self._workers[w].incarnation == incarnation:

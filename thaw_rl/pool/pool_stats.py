@@ -14,15 +14,16 @@ from typing import Iterable
 from thaw_rl.backends.base import COUNTER_KEYS
 
 # counters that add up over workers (and over the replaced processes of a slot)
+TRUNK_STATUS_KEYS = tuple(f"{k}_{t}" for t in ("host", "device") for k in ("num_trunks", "trunk_bytes", "trunk_seconds"))
 SUMMED_STATUS_KEYS = ("prompt_tokens_computed", "prompt_tokens_reused", "tokens_computed", "tokens_generated",
-                      "num_forks", "num_snapshots", "snapshot_seconds", "export_seconds", "num_restores",
-                      "restore_seconds", "snapshot_bytes", "restore_bytes", "num_weight_loads",
-                      "weight_load_seconds")
+                      "num_forks", "num_snapshots", "snapshot_seconds", "num_restores", "restore_seconds",
+                      "snapshot_bytes", "restore_bytes", "num_weight_loads", "weight_load_seconds", *TRUNK_STATUS_KEYS)
 # what ``stats()`` shows per worker, straight from its status
 WORKER_STATUS_KEYS = ("version", "num_blocks", "num_used_blocks", "num_free_blocks", "num_cached_blocks",
                       "num_sessions", "tokens_computed", "prompt_tokens_computed", "tokens_generated", "num_forks",
-                      "num_snapshots", "snapshot_bytes", "snapshot_seconds", "export_seconds", "num_restores",
-                      "restore_bytes", "restore_seconds", "busy_seconds", "num_weight_loads", "weight_load_seconds")
+                      "num_snapshots", "snapshot_bytes", "snapshot_seconds", "num_restores", "restore_bytes",
+                      "restore_seconds", "busy_seconds", "num_weight_loads", "weight_load_seconds", *TRUNK_STATUS_KEYS,
+                      "num_trunk_exports", "num_idle_trunk_buffers")
 
 
 def summed(statuses: Iterable[dict]) -> Counter:
@@ -42,11 +43,21 @@ def backend_counters(total: Counter, num_forks: int, fork_seconds: float) -> dic
         "sampled_tokens": total["tokens_generated"],
         "num_forks": num_forks,
         "fork_seconds": fork_seconds,  # the caller's wall time in fork, snapshot and restore included
-        "snapshot_seconds": total["snapshot_seconds"] + total["export_seconds"],
+        "snapshot_seconds": total["snapshot_seconds"],
         "restore_seconds": total["restore_seconds"],
     }
     assert set(out) == set(COUNTER_KEYS)
     return out
+
+
+def transfer_stats(total: Counter) -> dict:
+    """Trunks moved between workers, by transport: how many, their bytes, and the destinations' seconds to make
+    them readable (mapping/registering shared memory, or opening a CUDA IPC handle and the peer copy); the
+    gather into the export buffer is ``snapshot_seconds``, the scatter into blocks ``restore_seconds``."""
+    out = {t: {"num": int(total[f"num_trunks_{t}"]), "bytes": int(total[f"trunk_bytes_{t}"]),
+               "seconds": float(total[f"trunk_seconds_{t}"])} for t in ("host", "device")}
+    return {"transfer_bytes": sum(v["bytes"] for v in out.values()),
+            "transfer_seconds": sum(v["seconds"] for v in out.values()), "transfer": out}
 
 
 def worker_row(worker) -> dict:

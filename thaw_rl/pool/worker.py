@@ -4,15 +4,16 @@ Why a process per device: each engine owns its device's KV pool and runs its own
 workers decode in parallel; the parent only places sequences and moves trunks between them.
 
 Messages are pickled by multiprocessing's ``ForkingPickler``, which ``torch.multiprocessing`` extends:
-a CPU tensor travels as a handle to shared memory, never as bytes in the pipe. So a snapshot's KV
-(``snapshot``) and a weight update (``PackedWeights``) cost one copy into shared memory on the sending
-side and are read in place on the receiving side.
+a CPU tensor travels as a handle to shared memory, never as bytes in the pipe. A weight update
+(``PackedWeights``) costs one copy into shared memory on the sending side and is read in place on the
+receiving side; a trunk's KV (``snapshot``) is gathered straight into shared memory or a device buffer
+that the destinations read (``trunk_export.py``), and stays with this worker until ``release_trunk``.
 
     parent -> worker   Request(req_id, op, version, args)
     worker -> parent   Reply(req_id, ok, value, status)   ok=False: value = (exception, traceback text)
 
-Every op but ``free`` is answered (``free`` is fire-and-forget: the next reply's status shows the blocks
-it released). Ops that read or write KV carry the weight version the parent expects; a worker holding
+Every op but ``free`` and ``release_trunk`` is answered (those are fire-and-forget: the next reply's
+status shows what they released). Ops that read or write KV carry the weight version the parent expects; a worker holding
 another version refuses them with ``WeightVersionError`` instead of serving stale weights.
 """
 
@@ -31,10 +32,12 @@ from typing import Any, Callable, NamedTuple
 import torch
 
 from thaw_rl.engine import SamplingParams, Session, ThawEngine
-from thaw_rl.engine.snapshot import KVSnapshot
+from thaw_rl.pool.shared_memory import shared_empty
+from thaw_rl.pool.trunk_export import TRANSPORTS, TrunkExport, TrunkExports, TrunkImport
 from thaw_rl.pool.weight_sync import GroupSpec, TransferGroup, WeightLayout, receive_weights, send_weights
 
 VERSIONED_OPS = frozenset({"prefill", "fork", "generate", "snapshot"})  # read or write KV: weights must match
+NO_REPLY_OPS = frozenset({"free", "release_trunk"})  # fire-and-forget
 
 
 class WeightVersionError(RuntimeError):
@@ -56,15 +59,6 @@ class Reply(NamedTuple):
 
 
 # -- shared memory ---------------------------------------------------------------------------------
-def shared_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialised CPU tensor allocated straight in shared memory (``share_memory_()`` would copy)."""
-    numel = 1
-    for n in shape:
-        numel *= int(n)
-    storage = torch.UntypedStorage._new_shared(max(numel * dtype.itemsize, 1))
-    return torch.empty(0, dtype=dtype).set_(storage, 0, tuple(shape))
-
-
 @dataclass
 class PackedWeights:
     """A state dict packed into one shared-memory buffer (one handle to pass, not one per tensor)."""
@@ -129,11 +123,18 @@ class WorkerCounters:
 
     num_snapshots: int = 0
     snapshot_bytes: int = 0
-    snapshot_seconds: float = 0.0  # engine.snapshot: device -> (pinned) host
-    export_seconds: float = 0.0  # host -> shared memory
+    snapshot_seconds: float = 0.0  # engine.snapshot straight into the export buffer (shared memory or device)
     num_restores: int = 0
     restore_bytes: int = 0
-    restore_seconds: float = 0.0  # engine.restore: shared memory -> device blocks
+    restore_seconds: float = 0.0  # engine.restore: the imported buffer -> device blocks
+    # trunks this worker imported, by transport: bytes, and the seconds to make them readable here (map and
+    # register the shared memory; open the CUDA IPC handle and copy peer-to-peer)
+    num_trunks_host: int = 0
+    trunk_bytes_host: int = 0
+    trunk_seconds_host: float = 0.0
+    num_trunks_device: int = 0
+    trunk_bytes_device: int = 0
+    trunk_seconds_device: float = 0.0
     num_weight_loads: int = 0
     weight_load_seconds: float = 0.0
     busy_seconds: float = 0.0  # time spent inside ops
@@ -150,6 +151,11 @@ class Worker:
     faults: list[Fault] = field(default_factory=list)
     group: TransferGroup | None = None  # the weight-transfer group this worker last joined
     old_groups: list[TransferGroup] = field(default_factory=list)  # kept, not destroyed: gloo teardown can hang
+    exports: TrunkExports | None = None  # trunks snapshotted for other workers, kept until released
+
+    def __post_init__(self) -> None:
+        if self.exports is None:
+            self.exports = TrunkExports(self.engine.device)
 
     def info(self) -> dict:
         e = self.engine
@@ -162,7 +168,8 @@ class Worker:
 
     def status(self) -> dict:
         st = self.engine.stats
-        return {"version": self.version, "num_sessions": len(self.sessions), **vars(st), **vars(self.counters)}
+        return {"version": self.version, "num_sessions": len(self.sessions), **vars(st), **vars(self.counters),
+                "num_trunk_exports": self.exports.num_held, "num_idle_trunk_buffers": self.exports.host_buffers.num_idle}
 
     def handle(self, req: Request) -> Any:
         for fault in [f for f in self.faults if f.op == req.op]:
@@ -182,39 +189,54 @@ class Worker:
     def op_prefill(self, prompts: list[list[int]]) -> list[int]:
         return [self._keep(s) for s in self.engine.prefill_many(prompts)]
 
-    def op_fork(self, source: int | KVSnapshot, n: int, at: int | None) -> tuple[int, list[int]]:
-        """Fork a held session, or restore a snapshot first (the restored copy is kept for later forks)."""
-        if isinstance(source, KVSnapshot):
-            start = time.perf_counter()
-            parent = self.engine.restore(source)
-            self.counters.restore_seconds += time.perf_counter() - start
-            self.counters.num_restores += 1
-            self.counters.restore_bytes += source.nbytes
-            source = self._keep(parent)
+    def op_fork(self, source: int | TrunkExport, n: int, at: int | None) -> tuple[int, list[int]]:
+        """Fork a held session, or restore another worker's trunk first (the restored copy is kept for later forks)."""
+        if isinstance(source, TrunkExport):
+            source = self._keep(self._restore(source))
         kids = self.engine.fork(self._session(source), n, at=at)
         return source, [self._keep(s) for s in kids]
+
+    def _restore(self, export: TrunkExport) -> Session:
+        c = self.counters
+        trunk = TrunkImport(export, self.engine.device)
+        try:
+            start = time.perf_counter()
+            parent = self.engine.restore(trunk.snapshot)
+            c.restore_seconds += time.perf_counter() - start
+        finally:
+            trunk.close()
+        c.num_restores += 1
+        c.restore_bytes += trunk.nbytes
+        t = export.transport
+        setattr(c, f"num_trunks_{t}", getattr(c, f"num_trunks_{t}") + 1)
+        setattr(c, f"trunk_bytes_{t}", getattr(c, f"trunk_bytes_{t}") + trunk.nbytes)
+        setattr(c, f"trunk_seconds_{t}", getattr(c, f"trunk_seconds_{t}") + trunk.seconds)
+        return parent
 
     def op_generate(self, sids: list[int], params: list[SamplingParams], seeds: list[int]) -> list[tuple]:
         local = [dataclasses.replace(p, seed=s) for p, s in zip(params, seeds)]  # each seed used as given
         outs = self.engine.generate([self._session(sid) for sid in sids], local)
         return [(o.token_ids, o.logprobs, o.entropies, o.finish_reason) for o in outs]
 
-    def op_snapshot(self, sid: int) -> KVSnapshot:
-        """The session's KV copied once into shared memory, so the parent and the other workers map it."""
+    def op_snapshot(self, sid: int, transport: str = "host", num_destinations: int = 1) -> TrunkExport:
+        """The session's KV gathered once into memory the destinations read (kept until ``release_trunk``)."""
+        if transport not in TRANSPORTS:
+            raise ValueError(f"transport={transport!r}: use one of {TRANSPORTS}.")
         start = time.perf_counter()
-        snap = self.engine.snapshot(self._session(sid))
-        mid = time.perf_counter()
-        kv = shared_empty(tuple(snap.kv.shape), snap.kv.dtype)  # (n_blocks, L, 2, BS, KVH, D)
-        kv.copy_(snap.kv)
-        logits = None if snap.next_logits is None else snap.next_logits.clone().share_memory_()  # (V,)
-        out = dataclasses.replace(snap, kv=kv, next_logits=logits, _release=None)
-        snap.release()  # the pooled (pinned) buffer goes back to the engine's pool
+        out = self.exports.export(self.engine, self._session(sid), transport, num_destinations)
         c = self.counters
-        c.snapshot_seconds += mid - start
-        c.export_seconds += time.perf_counter() - mid
+        c.snapshot_seconds += time.perf_counter() - start
         c.num_snapshots += 1
         c.snapshot_bytes += out.nbytes
         return out
+
+    def op_share_trunk(self, export_id: int, n: int) -> list[bytes]:
+        """n more CUDA IPC handles of a device export, for destinations that were not known when it was taken."""
+        return self.exports.share(export_id, n)
+
+    def op_release_trunk(self, export_ids: list[int]) -> None:
+        for export_id in export_ids:
+            self.exports.release(export_id)
 
     def op_free(self, sids: list[int]) -> None:
         for sid in sids:
@@ -337,5 +359,5 @@ def run_worker(conn, parent_pid: int, model_factory: Callable, device: str, engi
             value, ok = worker.handle(req), True
         except Exception as exc:  # noqa: BLE001 (answered to the caller, the worker lives on)
             value, ok = _error_payload(exc), False
-        if req.op != "free":
+        if req.op not in NO_REPLY_OPS:
             conn.send(Reply(req.req_id, ok, value, worker.status()))

@@ -1,0 +1,106 @@
+"""Shared host memory for ForkPool: tensors other processes map, registered with CUDA as pinned memory.
+
+Why register: the copy engines move only page-locked memory asynchronously and at full rate. A trunk's
+KV in shared memory that CUDA also knows as pinned is written by the source worker's device-to-host
+DMA and read by the destination's host-to-device DMA in place: no staging copy on either side.
+
+Why a pool: allocating shared memory faults in every page on first touch, and ``cudaHostRegister``
+locks every page; for a 500 MB trunk each costs tens of milliseconds. ``SharedPinnedBuffers`` keeps
+released buffers (registered) and hands them out again, so a worker pays that once per buffer size.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+
+def shared_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised CPU tensor allocated straight in shared memory (``share_memory_()`` would copy)."""
+    numel = 1
+    for n in shape:
+        numel *= int(n)
+    storage = torch.UntypedStorage._new_shared(max(numel * dtype.itemsize, 1))
+    return torch.empty(0, dtype=dtype).set_(storage, 0, tuple(shape))
+
+
+def register_pinned(tensor: torch.Tensor) -> None:
+    """Page-lock a host tensor's memory for CUDA (asynchronous DMA); undo with ``unregister_pinned``."""
+    _cuda_check(torch.cuda.cudart().cudaHostRegister(tensor.data_ptr(), _nbytes(tensor), 0), "cudaHostRegister")
+
+
+def unregister_pinned(tensor: torch.Tensor) -> None:
+    """Undo ``register_pinned`` (before the memory is unmapped)."""
+    _cuda_check(torch.cuda.cudart().cudaHostUnregister(tensor.data_ptr()), "cudaHostUnregister")
+
+
+class SharedPinnedBuffers:
+    """Reusable shared-memory byte buffers, registered with CUDA when ``pin`` (the worker's engine is on CUDA).
+
+    ``acquire(num_bytes)`` returns a free buffer that holds ``num_bytes`` and is at most twice as large,
+    or allocates one (rounded up to ``granularity``); ``release`` takes it back, keeping at most
+    ``max_idle`` idle buffers (the others are unregistered and dropped: their memory goes when the last
+    process that maps them lets go). ``clear`` drops every idle buffer.
+    """
+
+    def __init__(self, pin: bool, granularity: int = 1 << 20, max_idle: int = 2) -> None:
+        self.pin = pin
+        self.granularity = granularity
+        self.max_idle = max_idle
+        self._idle: list[torch.Tensor] = []  # (size,) uint8, shared
+        self._num_lent = 0
+        self._lock = threading.Lock()
+
+    def acquire(self, num_bytes: int) -> torch.Tensor:
+        """A (size,) uint8 shared buffer with size >= num_bytes; give it back with ``release``."""
+        size = max(self.granularity, -(-num_bytes // self.granularity) * self.granularity)
+        with self._lock:
+            fits = [i for i, b in enumerate(self._idle) if size <= b.numel() <= 2 * size]
+            buffer = self._idle.pop(min(fits, key=lambda i: self._idle[i].numel())) if fits else None
+            self._num_lent += 1
+        if buffer is None:
+            buffer = shared_empty((size,), torch.uint8)  # (size,)
+            if self.pin:
+                register_pinned(buffer)
+        return buffer
+
+    def release(self, buffer: torch.Tensor) -> None:
+        """Take back a buffer from ``acquire`` (every copy into or out of it must be done)."""
+        with self._lock:
+            if self._num_lent < 1:
+                raise RuntimeError("SharedPinnedBuffers.release without a matching acquire")
+            self._num_lent -= 1
+            self._idle.append(buffer)
+            dropped = self._idle[:-self.max_idle] if len(self._idle) > self.max_idle else []
+            del self._idle[:len(dropped)]
+        for b in dropped:
+            self._drop(b)
+
+    def clear(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for b in idle:
+            self._drop(b)
+
+    @property
+    def num_idle(self) -> int:
+        return len(self._idle)
+
+    @property
+    def num_lent(self) -> int:
+        return self._num_lent
+
+    def _drop(self, buffer: torch.Tensor) -> None:
+        if self.pin:
+            unregister_pinned(buffer)
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+def _cuda_check(err, what: str) -> None:
+    code = int(getattr(err, "value", err))
+    if code != 0:
+        raise RuntimeError(f"{what} failed with CUDA error {code}")
