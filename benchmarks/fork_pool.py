@@ -10,14 +10,23 @@ workers share it, which exercises snapshot/restore across processes):
 - cold rounds: a fresh trunk every round (prefilled on worker 0 with the prefix caches reset, outside the
   round's time), so every round pays snapshot + transfer + restore.
 
-Parts of a round: fork (the caller's wall time in ``fork``), of which snapshot (device -> pinned host, in
-the trunk's worker), export (pinned host -> shared memory), restore (shared memory -> the other
-worker's blocks) and transfer (the rest: pipes, pickling, passing the shared-memory handle); decode (the
-``generate`` call). Beside them: re-prefill, the time to prefill the trunk from scratch, which is what
-a pool without snapshot transport would pay in each other worker.
+Each trunk transport in ``--transport`` gets its own 2-worker pool (``ForkPool(trunk_transport=...)``):
+"host" (the snapshot gathers into shared memory registered with CUDA, the other worker's restore reads
+it) and "device" (a device buffer handed over as a CUDA IPC handle, copied peer-to-peer when the workers
+are on different GPUs); "auto" is "device" between CUDA workers.
 
-    python benchmarks/fork_pool.py --out benchmarks/results/fork_pool_h100.json        # one H100
-    python benchmarks/fork_pool.py --smoke                                               # tiny, CPU, < 1 min
+Parts of a round: fork (the caller's wall time in ``fork``: the "total" of a cold fork), of which
+snapshot (the gather into the export buffer, in the trunk's worker), restore (the scatter into the other
+worker's blocks) and transfer (the rest: pipes, opening the shared memory or the CUDA IPC handle, the
+peer copy); GB/s is the trunk's bytes over the whole fork; decode (the ``generate`` call). Beside them:
+re-prefill, the time to prefill the trunk from scratch, which is what a pool without snapshot transport
+would pay in each other worker.
+
+    python benchmarks/fork_pool.py --devices cuda:0,cuda:0 --out benchmarks/results/fork_pool_1gpu.json
+    python benchmarks/fork_pool.py --devices cuda:0,cuda:1 --workers 2 --out benchmarks/results/fork_pool_2gpu.json
+    python benchmarks/fork_pool.py --smoke                                                # tiny, CPU, < 1 min
+    python benchmarks/fork_pool.py --check --devices cuda:0,cuda:1   # a device-path fork continues exactly like
+                                                                     # a same-worker fork (exit code 1 if not)
 
 The table comes last; the JSON receipt (device, versions, git commit, command, all numbers) goes to --out.
 """
@@ -26,9 +35,7 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -40,7 +47,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 from thaw_rl import SamplingParams  # noqa: E402
 from thaw_rl.pool import ForkPool  # noqa: E402
-from receipt_utils import git_commit  # noqa: E402
+from thaw_rl.pool.trunk_export import pick_transport  # noqa: E402
+from receipt_utils import receipt, write_receipt  # noqa: E402
 
 LLAMA3_8B = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
                  intermediate_size=14336, vocab_size=128256, max_position_embeddings=8192, rms_norm_eps=1e-5,
@@ -54,7 +62,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true", help="tiny Llama on CPU, short trunk, a few tokens")
     p.add_argument("--out", type=Path, default=None, help="where to write the JSON receipt")
     p.add_argument("--workers", default="1,2", help="pool sizes to run, comma-separated (one pool each)")
-    p.add_argument("--devices", default=None, help="comma-separated devices (default: every visible GPU, else cpu)")
+    p.add_argument("--devices", default=None, help="comma-separated devices, dealt to the workers round-robin "
+                   "(cuda:0,cuda:0: two workers on one GPU; cuda:0,cuda:1: across GPUs; default: every GPU, else cpu)")
+    p.add_argument("--transport", default="auto", help="trunk transports to run, comma-separated, each its own "
+                   "pool: auto, host, device (device needs CUDA workers)")
+    p.add_argument("--check", action="store_true", help="only check that a cross-worker fork over each "
+                   "--transport continues exactly like a same-worker fork (exit code 1 if not)")
     p.add_argument("--trunk-tokens", type=int, default=4000)
     p.add_argument("--branches", type=int, default=4)
     p.add_argument("--tokens", type=int, default=64, help="tokens each branch decodes per round")
@@ -65,6 +78,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     args.workers = [int(w) for w in args.workers.split(",")]
+    args.transport = args.transport.split(",")
     if args.smoke or not torch.cuda.is_available():
         args.smoke = True
         args.devices = args.devices or "cpu"
@@ -115,13 +129,17 @@ def run_round(pool: ForkPool, trunk, branches: int, params: SamplingParams) -> d
         pool.free(k)
     after = pool.stats()
     d = {k: _sum(after, k) - _sum(before, k) for k in
-         ("snapshot_seconds", "export_seconds", "restore_seconds", "snapshot_bytes", "num_snapshots", "num_restores")}
+         ("snapshot_seconds", "restore_seconds", "snapshot_bytes", "num_snapshots", "num_restores")}
+    moved = {t: {k: after["transfer"][t][k] - before["transfer"][t][k] for k in ("num", "bytes", "seconds")}
+             for t in after["transfer"]}
     fork_s = forked - start
     return {
         "round_s": decoded - start, "fork_s": fork_s, "decode_s": decoded - forked,
-        "snapshot_s": d["snapshot_seconds"], "export_s": d["export_seconds"], "restore_s": d["restore_seconds"],
-        "transfer_s": max(0.0, fork_s - d["snapshot_seconds"] - d["export_seconds"] - d["restore_seconds"]),
-        "bytes_moved": int(d["snapshot_bytes"]), "snapshots": int(d["num_snapshots"]),
+        "snapshot_s": d["snapshot_seconds"], "restore_s": d["restore_seconds"],
+        "transfer_s": max(0.0, fork_s - d["snapshot_seconds"] - d["restore_seconds"]),
+        "import_s": sum(m["seconds"] for m in moved.values()),  # the destination's map/IPC open + peer copy
+        "bytes_moved": int(d["snapshot_bytes"]), "gbps": d["snapshot_bytes"] / fork_s / 1e9 if d["snapshot_bytes"] else 0.0,
+        "transports": sorted(t for t, m in moved.items() if m["num"]), "snapshots": int(d["num_snapshots"]),
         "restores": int(d["num_restores"]), "kid_workers": [k.worker for k in kids],
         "tokens": sum(len(o.token_ids) for o in outs),
     }
@@ -135,16 +153,20 @@ def prefill_trunk(pool: ForkPool, tokens: list[int]):
 
 
 def medians(rounds: list[dict]) -> dict:
-    keys = ("round_s", "fork_s", "decode_s", "snapshot_s", "export_s", "restore_s", "transfer_s", "bytes_moved")
+    keys = ("round_s", "fork_s", "decode_s", "snapshot_s", "restore_s", "transfer_s", "import_s", "bytes_moved", "gbps")
     return {k: statistics.median(r[k] for r in rounds) for k in keys}
 
 
-def run_pool(args, num_workers: int, factory, vocab: int) -> list[dict]:
-    kv_bytes = int(args.kv_gib * 2**30)
+def make_pool(args, num_workers: int, factory, transport: str) -> ForkPool:
+    return ForkPool(factory, num_workers=num_workers, devices=args.devices,
+                    engine_kwargs=dict(kv_cache_memory=int(args.kv_gib * 2**30)), placement="spread",
+                    timeout_s=args.timeout, start_timeout_s=max(args.timeout, 900), trunk_transport=transport,
+                    num_threads=1 if args.smoke else None)  # tiny CPU models: threads only contend
+
+
+def run_pool(args, num_workers: int, factory, vocab: int, transport: str) -> list[dict]:
     started = time.perf_counter()
-    with ForkPool(factory, num_workers=num_workers, devices=args.devices, engine_kwargs=dict(kv_cache_memory=kv_bytes),
-                  placement="spread", timeout_s=args.timeout, start_timeout_s=max(args.timeout, 900),
-                  num_threads=1 if args.smoke else None) as pool:  # tiny CPU models: threads only contend
+    with make_pool(args, num_workers, factory, transport) as pool:
         start_s = time.perf_counter() - started
         print(f"{pool}: started in {start_s:.1f} s", flush=True)
         params = SamplingParams(temperature=1.0, max_tokens=args.tokens, ignore_eos=True, seed=args.seed)
@@ -164,7 +186,9 @@ def run_pool(args, num_workers: int, factory, vocab: int) -> list[dict]:
         final = pool.stats()
     rows = []
     for mode, rounds in (("warm", warm), ("cold", cold)):
-        rows.append({"workers": num_workers, "mode": mode, **medians(rounds), "first_round_s": rounds[0]["round_s"],
+        used = sorted({t for r in rounds for t in r["transports"]})
+        rows.append({"workers": num_workers, "transport": f"{transport}:{'+'.join(used) or '-'}", "mode": mode,
+                     **medians(rounds), "first_round_s": rounds[0]["round_s"],
                      "reprefill_s": statistics.median(prefills), "start_s": start_s, "rounds": rounds})
     rows[0]["final_stats"] = final
     return rows
@@ -175,34 +199,68 @@ def run_pool(args, num_workers: int, factory, vocab: int) -> list[dict]:
 # ----------------------------------------------------------------------------------------------
 def table(rows: list[dict]) -> str:
     ms = "{:.1f}"
-    cols = [("workers", "workers", "{}"), ("rounds", "mode", "{}"), ("round ms", "round_s", ms),
-            ("1st round ms", "first_round_s", ms), ("fork ms", "fork_s", ms), ("snapshot ms", "snapshot_s", ms),
-            ("export ms", "export_s", ms), ("transfer ms", "transfer_s", ms), ("restore ms", "restore_s", ms),
-            ("decode ms", "decode_s", ms), ("MB moved", "bytes_moved", "{:.1f}"), ("re-prefill ms", "reprefill_s", ms)]
-    scale = {"bytes_moved": 1e-6}
+    cols = [("workers", "workers", "{}"), ("transport:used", "transport", "{}"), ("rounds", "mode", "{}"),
+            ("round ms", "round_s", ms), ("1st round ms", "first_round_s", ms), ("fork (total) ms", "fork_s", ms),
+            ("snapshot ms", "snapshot_s", ms), ("transfer ms", "transfer_s", ms), ("restore ms", "restore_s", ms),
+            ("GB/s", "gbps", "{:.2f}"), ("decode ms", "decode_s", ms), ("MB moved", "bytes_moved", "{:.1f}"),
+            ("re-prefill ms", "reprefill_s", ms)]
+    scale = {"bytes_moved": 1e-6, "gbps": 1.0}
     lines = [[c[0] for c in cols]]
     for r in rows:
         lines.append([fmt.format(r[k] * scale.get(k, 1e3) if isinstance(r[k], float) or k in scale else r[k])
                       for _, k, fmt in cols])
     widths = [max(len(line[i]) for line in lines) for i in range(len(cols))]
     text = ["  ".join(cell.rjust(w) for cell, w in zip(line, widths)) for line in lines]
-    return "\n".join(text[:1] + ["-" * len(text[0])] + text[1:] + ["(medians over rounds; ms = milliseconds)"])
+    return "\n".join(text[:1] + ["-" * len(text[0])] + text[1:] + [
+        "(medians over rounds; transport:used = the pool's trunk_transport and what the trunks took; a cold "
+        "round's fork is the cross-worker fork: snapshot + transfer + restore)"])
 
 
-def receipt(args, model_name: str, rows: list[dict], shm_free: int | None) -> dict:
-    import transformers
+# ----------------------------------------------------------------------------------------------
+# --check: a cross-worker fork continues exactly like a same-worker fork
+# ----------------------------------------------------------------------------------------------
+def check_transport(args, factory, vocab: int, transport: str) -> list[dict]:
+    """Fork a fresh trunk into one child per worker (``spread``), decode both with one seed, compare."""
+    rows = []
+    with make_pool(args, 2, factory, transport) as pool:
+        devices = [w["device"] for w in pool.stats()["workers"]]
+        expected = pick_transport(transport, devices[0], devices[1:])
+        for i, at in enumerate([None, args.trunk_tokens - pool.block_size // 2]):  # at: inside a block
+            (trunk,) = pool.prefill([random_tokens(args.trunk_tokens, vocab, args.seed + 50 + i)], worker=0)
+            before = pool.stats()
+            start = time.perf_counter()
+            kids = pool.fork(trunk, 2, at=at)
+            fork_s = time.perf_counter() - start
+            same_seed = [SamplingParams(temperature=1.0, max_tokens=args.tokens, ignore_eos=True, seed=args.seed)] * 2
+            outs = dict(zip([k.worker for k in kids], pool.generate(kids, same_seed)))
+            after = pool.stats()
+            for h in (trunk, *kids):
+                pool.free(h)
+            left = [w["num_trunk_exports"] for w in pool.stats()["workers"]]
+            used = [t for t in after["transfer"] if after["transfer"][t]["num"] > before["transfer"][t]["num"]]
+            home, away = outs.get(0), outs.get(1)
+            diff = max((abs(a - b) for a, b in zip(home.logprobs, away.logprobs)), default=0.0) if away else None
+            same = away is not None and home.token_ids == away.token_ids
+            ok = same and diff <= 1e-3 and used == [expected] and left == [0, 0]
+            rows.append({"transport": transport, "devices": "+".join(devices), "at": at, "expected": expected,
+                         "used": "+".join(used) or "-", "kid_workers": sorted(outs), "same_tokens": same,
+                         "max_logprob_diff": diff, "fork_s": fork_s, "exports_left": left, "ok": ok})
+    return rows
 
-    on_cuda = torch.cuda.is_available() and not args.smoke
-    return {
-        "benchmark": "fork_pool",
-        "device": torch.cuda.get_device_name() if on_cuda else (platform.processor() or platform.machine()),
-        "torch": torch.__version__, "cuda": torch.version.cuda, "transformers": transformers.__version__,
-        "cpu_count": os.cpu_count(), "dev_shm_free_bytes": shm_free, "git_commit": git_commit(),
-        "command": " ".join([sys.executable, *sys.argv]),
-        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "model": model_name,
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "results": rows,
-    }
+
+def check_table(rows: list[dict]) -> str:
+    head = ["transport", "devices", "fork at", "used", "same tokens", "max |dlogprob|", "fork ms", "exports left",
+            "result"]
+    lines = [head] + [[r["transport"], r["devices"], "end" if r["at"] is None else str(r["at"]),
+                       f"{r['used']} (want {r['expected']})", str(r["same_tokens"]),
+                       "-" if r["max_logprob_diff"] is None else f"{r['max_logprob_diff']:.2e}",
+                       f"{r['fork_s'] * 1e3:.1f}", str(r["exports_left"]), "PASS" if r["ok"] else "FAIL"]
+                      for r in rows]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+    text = ["  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in lines]
+    return "\n".join(text[:1] + ["-" * len(text[0])] + text[1:] + [
+        "(a child forked on the other worker from the exported trunk vs one forked in place, same seed; PASS: "
+        "same tokens, logprobs within 1e-3, the expected transport, no export left after free)"])
 
 
 def main() -> None:
@@ -212,21 +270,27 @@ def main() -> None:
     else:
         factory = functools.partial(build_llama3_8b, args.dtype, args.seed)
         vocab, model_name = LLAMA3_8B["vocab_size"], f"Llama-3-8B shapes (random, {args.dtype})"
+    if args.check:
+        print(f"{model_name}: check a cross-worker fork of a {args.trunk_tokens}-token trunk over {args.transport} "
+              f"on {args.devices or 'every GPU'}", flush=True)
+        rows = [r for t in args.transport for r in check_transport(args, factory, vocab, t)]
+        write_receipt(args.out, {**receipt("fork_pool_check", args, rows), "model": model_name})
+        print(check_table(rows))
+        sys.exit(0 if all(r["ok"] for r in rows) else 1)
     print(f"{model_name}: {args.rounds} rounds x {args.branches} branches x {args.tokens} tokens from a "
-          f"{args.trunk_tokens}-token trunk; pools of {args.workers} workers on {args.devices or 'every GPU'}",
-          flush=True)
+          f"{args.trunk_tokens}-token trunk; pools of {args.workers} workers on {args.devices or 'every GPU'}, "
+          f"trunk transports {args.transport}", flush=True)
     shm_free = shutil.disk_usage("/dev/shm").free if os.path.isdir("/dev/shm") else None
     trunk_bytes = 0 if args.smoke else args.trunk_tokens * 2 * 32 * 8 * 128 * DTYPES[args.dtype].itemsize  # K+V
-    if shm_free is not None and shm_free < 4 * trunk_bytes:  # snapshots live in /dev/shm until the trunk is freed
-        print(f"warning: /dev/shm has {shm_free / 2**30:.1f} GiB free; a trunk snapshot takes "
+    if shm_free is not None and shm_free < 4 * trunk_bytes:  # host trunks live in /dev/shm until released
+        print(f"warning: /dev/shm has {shm_free / 2**30:.1f} GiB free; a host-transport trunk takes "
               f"{trunk_bytes / 2**30:.2f} GiB there (docker: --shm-size)", flush=True)
     rows = []
     for n in args.workers:
-        rows += run_pool(args, n, factory, vocab)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(receipt(args, model_name, rows, shm_free), indent=2, default=str) + "\n")
-        print(f"wrote {args.out}")
+        for transport in args.transport[:1] if n == 1 else args.transport:  # one worker moves no trunk
+            rows += run_pool(args, n, factory, vocab, transport)
+    write_receipt(args.out, {**receipt("fork_pool", args, rows), "model": model_name, "cuda": torch.version.cuda,
+                             "cpu_count": os.cpu_count(), "dev_shm_free_bytes": shm_free})
     print(table(rows))
 
 

@@ -11,9 +11,12 @@ released buffers (registered) and hands them out again, so a worker pays that on
 
 from __future__ import annotations
 
+import logging
 import threading
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 
 def shared_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -25,14 +28,17 @@ def shared_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(0, dtype=dtype).set_(storage, 0, tuple(shape))
 
 
-def register_pinned(tensor: torch.Tensor) -> None:
-    """Page-lock a host tensor's memory for CUDA (asynchronous DMA); undo with ``unregister_pinned``."""
-    _cuda_check(torch.cuda.cudart().cudaHostRegister(tensor.data_ptr(), _nbytes(tensor), 0), "cudaHostRegister")
+def register_pinned(tensor: torch.Tensor) -> bool:
+    """Page-lock a host tensor's memory for CUDA (asynchronous DMA); undo with ``unregister_pinned``.
+
+    False (and a warning) when CUDA refuses: the memory stays pageable, copies still work, only slower.
+    """
+    return _cuda_call("cudaHostRegister", tensor.data_ptr(), _nbytes(tensor), 0)
 
 
 def unregister_pinned(tensor: torch.Tensor) -> None:
     """Undo ``register_pinned`` (before the memory is unmapped)."""
-    _cuda_check(torch.cuda.cudart().cudaHostUnregister(tensor.data_ptr()), "cudaHostUnregister")
+    _cuda_call("cudaHostUnregister", tensor.data_ptr())
 
 
 class SharedPinnedBuffers:
@@ -49,6 +55,7 @@ class SharedPinnedBuffers:
         self.granularity = granularity
         self.max_idle = max_idle
         self._idle: list[torch.Tensor] = []  # (size,) uint8, shared
+        self._registered: set[int] = set()  # data_ptr of the buffers CUDA accepted
         self._num_lent = 0
         self._lock = threading.Lock()
 
@@ -61,8 +68,8 @@ class SharedPinnedBuffers:
             self._num_lent += 1
         if buffer is None:
             buffer = shared_empty((size,), torch.uint8)  # (size,)
-            if self.pin:
-                register_pinned(buffer)
+            if self.pin and register_pinned(buffer):  # pragma: no cover - CUDA only
+                self._registered.add(buffer.data_ptr())
         return buffer
 
     def release(self, buffer: torch.Tensor) -> None:
@@ -92,7 +99,8 @@ class SharedPinnedBuffers:
         return self._num_lent
 
     def _drop(self, buffer: torch.Tensor) -> None:
-        if self.pin:
+        if buffer.data_ptr() in self._registered:  # pragma: no cover - CUDA only
+            self._registered.discard(buffer.data_ptr())
             unregister_pinned(buffer)
 
 
@@ -100,7 +108,14 @@ def _nbytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
-def _cuda_check(err, what: str) -> None:
-    code = int(getattr(err, "value", err))
-    if code != 0:
-        raise RuntimeError(f"{what} failed with CUDA error {code}")
+def _cuda_call(name: str, *args) -> bool:  # pragma: no cover - CUDA only
+    """Call a CUDA runtime function through torch's bindings; False and a warning when it fails."""
+    cudart = torch.cuda.cudart()
+    result = getattr(cudart, name)(*args)  # a cudaError enum
+    code = int(getattr(result, "value", result))
+    if code == 0:
+        return True
+    if hasattr(cudart, "cudaGetLastError"):
+        cudart.cudaGetLastError()  # clear it, so a later check does not blame another call
+    logger.warning("%s failed with CUDA error %d; the trunk buffer stays pageable (slower copies)", name, code)
+    return False

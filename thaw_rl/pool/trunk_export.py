@@ -92,24 +92,29 @@ class TrunkImport:
     def __init__(self, export: TrunkExport, device: torch.device) -> None:
         start = time.perf_counter()
         self._registered: torch.Tensor | None = None
-        if export.transport == "host":
-            kv = export.kv
-            if device.type == "cuda":  # pragma: no cover - CUDA only
-                register_pinned(kv)
-                self._registered = kv
-        else:  # pragma: no cover - CUDA only
+        self._opened: torch.Tensor | None = None  # the source's device buffer, open until close()
+        kv = export.kv
+        if export.transport == "host" and device.type == "cuda":  # pragma: no cover - CUDA only
+            self._registered = kv if register_pinned(kv) else None
+        elif export.transport == "device":  # pragma: no cover - CUDA only
             (payload,) = export.payloads
-            kv = ForkingPickler.loads(payload)  # opens the IPC handle (on the source's GPU)
+            kv = self._opened = ForkingPickler.loads(payload)  # opens the IPC handle (on the source's GPU)
             if kv.device != device:
-                kv = kv.to(device, non_blocking=True)  # peer-to-peer; the restore's copy stream waits for it
-        self.snapshot = KVSnapshot(**export.fields, kv=kv)
+                kv = kv.to(device, non_blocking=True)  # peer-to-peer (NVLink); the restore's copy stream waits for it
+        try:
+            self.snapshot = KVSnapshot(**export.fields, kv=kv)
+        except BaseException:
+            self.close()
+            raise
         self.nbytes = export.nbytes
         self.seconds = time.perf_counter() - start
 
     def close(self) -> None:
+        """After the restore has finished (``ThawEngine.restore`` waits for its copies): let go of the memory."""
         if self._registered is not None:  # pragma: no cover - CUDA only
             unregister_pinned(self._registered)
             self._registered = None
+        self._opened = None  # closes the IPC handle: the source's counter drops, its buffer can go on release
         self.snapshot = None
 
 
