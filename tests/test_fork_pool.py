@@ -176,11 +176,38 @@ def test_a_trunk_forked_across_workers_continues_exactly_like_one_forked_in_plac
     assert source_bytes == [source_bytes[0]] * 3 and source_bytes[0] in (0, 1 << 20)
 
 
+def test_the_device_transport_protocol_runs_between_cpu_workers_and_continues_exactly(pool):
+    """Forced "device" on CPU workers: the source keeps its buffer and hands each destination a pickled handle
+    (shared host memory standing in for CUDA IPC; the GPU run is ``benchmarks/fork_pool.py --check``)."""
+    (trunk,) = pool.prefill(random_prompts([45], seed=30), worker=0)
+    pool.trunk_transport = "device"
+    try:
+        before = pool.stats()
+        kids = pool.fork(trunk, 2)
+        home, away = pool.generate(kids, [SamplingParams(temperature=1.0, max_tokens=10, ignore_eos=True, seed=4)] * 2)
+        after = pool.stats()
+    finally:
+        pool.trunk_transport = "auto"
+    assert [k.worker for k in kids] == [0, 1]
+    assert away.token_ids == home.token_ids and away.logprobs == home.logprobs
+    assert worker_delta(before, after, "num_trunks_device") == [0, 1]
+    assert worker_delta(before, after, "num_trunks_host") == [0, 0]
+    assert after["transfer"]["device"]["bytes"] - before["transfer"]["device"]["bytes"] == \
+        3 * pool.block_size * pool.kv_bytes_per_token + 4 * 100
+    assert after["workers"][0]["num_trunk_exports"] == 1
+    for h in (trunk, *kids):
+        pool.free(h)
+    st = pool.stats()
+    assert [w["num_trunk_exports"] for w in st["workers"]] == [0, 0]
+    assert [w["num_used_blocks"] for w in st["workers"]] == [0, 0]
+
+
 def test_trunk_transport_is_checked_before_any_worker_starts():
     with pytest.raises(ValueError, match=r"trunk_transport='ipc': use one of \('auto', 'host', 'device'\)"):
         ForkPool(FACTORY, num_workers=2, trunk_transport="ipc")
-    with pytest.raises(ValueError, match=r"'device' needs every worker on a CUDA device, but \['cpu'\] are not"):
-        ForkPool(FACTORY, num_workers=2, devices=["cpu"], trunk_transport="device")
+    with pytest.raises(ValueError, match=r"'device' needs every worker on one kind of device, but they are on "
+                                         r"\['cpu', 'cuda'\]; use 'auto'"):
+        ForkPool(FACTORY, num_workers=2, devices=["cpu", "cuda:0"], trunk_transport="device")
 
 
 def test_auto_picks_the_device_transport_only_between_cuda_workers():
@@ -214,18 +241,27 @@ def test_a_worker_killed_mid_round_is_replaced_and_the_round_completes(pool, cap
     assert_same_leaves(TreeSampler(pool, SEGMENTS).rollout(PROMPTS, PARAMS), ref)  # and it keeps working
 
 
-def test_a_worker_that_dies_taking_a_restored_trunk_is_replaced_and_the_fork_retried(pool):
+@pytest.mark.parametrize("transport", ["auto", pytest.param("device", marks=pytest.mark.slow)])
+def test_a_worker_that_dies_taking_a_restored_trunk_is_replaced_and_the_fork_retried(pool, transport):
     """Worker 1 dies on the round's first fork (a restore of prompt 0's trunk): the replacement restores the
-    snapshot the parent still holds, and prompt 1's root, which lived in the dead worker, is prefilled again."""
+    export the parent still holds ("device": with a handle the source hands out on request, as the dead
+    worker's went with it), and prompt 1's root, which lived in the dead worker, is prefilled again."""
     ref = native_rollout(SEGMENTS)
     before = pool.counters()
     pool._set_faults(1, [Fault("fork", "kill")])
-    batch = TreeSampler(pool, SEGMENTS).rollout(PROMPTS, PARAMS)
+    pool.trunk_transport = transport
+    try:
+        batch = TreeSampler(pool, SEGMENTS).rollout(PROMPTS, PARAMS)
+    finally:
+        pool.trunk_transport = "auto"
 
     assert_same_leaves(batch, ref)
     st = pool.stats()
     assert "was killed by signal SIGKILL" in st["failures"][-1] and "during fork" in st["failures"][-1]
     assert st["workers"][1]["num_restores"] >= 1  # the replacement restored the trunk
+    used = "device" if transport == "device" else "host"
+    assert st["workers"][1][f"num_trunks_{used}"] == st["workers"][1]["num_restores"]
+    assert [w["num_trunk_exports"] for w in st["workers"]] == [0, 0]  # every export released
     after = pool.counters()
     assert all(after[k] >= before[k] for k in after)  # the dead worker's counts are kept
     assert [w["num_used_blocks"] for w in st["workers"]] == [0, 0]

@@ -1,5 +1,6 @@
 """TrunkExports in one process: the source's snapshot lands in shared memory that a pickled handle maps (no
-copy), a restore from it continues exactly like the source, and released buffers are reused."""
+copy), a restore from it continues exactly like the source, device exports hand out one handle per
+destination, and released buffers are reused."""
 
 from __future__ import annotations
 
@@ -54,21 +55,40 @@ def test_a_host_export_is_the_shared_buffer_the_destination_maps_and_restores_ex
     exports.release(again.export_id)
 
 
-def test_device_exports_need_cuda_and_host_exports_share_no_ipc_handles(engines):
-    source, _ = engines
-    session = source.prefill([5, 6, 7])
+def test_a_device_export_hands_out_one_pickled_handle_per_destination_and_more_on_request(engines):
+    """On a CPU engine the "device" buffer is host memory that the pickled handles share (the CUDA IPC
+    handles' stand-in): each destination opens its own and restores exactly; a host export has none."""
+    source, target = engines
+    session = source.prefill(list(range(5, 40)))
+    (ref,) = source.generate(source.fork(session, 1), GREEDY)
     exports = TrunkExports(source.device)
-    with pytest.raises(ValueError, match="transport='device' needs a CUDA worker; this one is on cpu"):
-        exports.export(source, session, "device", num_destinations=1)
-    with pytest.raises(ValueError, match="transport='ipc': use one of"):
-        exports.export(source, session, "ipc", num_destinations=1)
-    assert exports.num_held == 0 and exports.host_buffers.num_lent == 0  # nothing taken by the refusals
-    export = exports.export(source, session, "host", num_destinations=1)
-    with pytest.raises(RuntimeError, match="is a host export"):
-        exports.share(export.export_id, 1)
+    export = exports.export(source, session, "device", num_destinations=1)
+    assert export.kv is None and len(export.payloads) == 1
+    export.payloads += exports.share(export.export_id, 1)
+    mine = [export.for_destination(), export.for_destination()]
+    assert [len(m.payloads) for m in mine] == [1, 1] and export.payloads == []
+    with pytest.raises(RuntimeError, match="no CUDA IPC handle left"):
+        export.for_destination()
+    for m in mine:
+        trunk = TrunkImport(m, target.device)
+        restored = target.restore(trunk.snapshot)
+        trunk.close()
+        (out,) = target.generate([restored], GREEDY)
+        assert out.token_ids == ref.token_ids and out.logprobs == ref.logprobs
+        target.free(restored)
+    assert exports.host_buffers.num_lent == 0  # a device export takes no shared host buffer
     exports.release(export.export_id)
+    assert exports.num_held == 0
     with pytest.raises(RuntimeError, match="holds no trunk export"):
         exports.share(export.export_id, 1)
+
+    host = exports.export(source, session, "host", num_destinations=1)
+    with pytest.raises(RuntimeError, match="is a host export"):
+        exports.share(host.export_id, 1)
+    with pytest.raises(ValueError, match="transport='ipc': use one of"):
+        exports.export(source, session, "ipc", num_destinations=1)
+    exports.release(host.export_id)
+    assert (exports.num_held, exports.host_buffers.num_lent) == (0, 0)
     source.free(session)
 
 

@@ -96,7 +96,8 @@ class ForkPool(PoolWeights):
         trunk_transport: how a trunk's KV moves between workers: "auto" ("device" when both workers are on
             CUDA, else "host"), "host" (the snapshot writes into shared memory registered with CUDA as pinned,
             the destination's restore reads it) or "device" (a device buffer handed over as a CUDA IPC handle,
-            copied peer-to-peer when the GPUs differ; every worker must be on CUDA).
+            copied peer-to-peer when the GPUs differ; every worker must be on CUDA, or every one on the CPU
+            where the "device" buffer is shared host memory: the device path's protocol, for tests).
 
     Use it as a context manager or call ``close()``. One caller at a time (not thread-safe). "host" trunks (and,
     with "shared_memory", weights) travel through ``/dev/shm``, which must hold a trunk's KV.

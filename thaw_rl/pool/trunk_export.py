@@ -15,7 +15,9 @@ shared memory, shared memory -> device). Two transports now move it once each wa
 The source keeps an export's buffer until the pool says ``release_trunk`` (the parent drops the export when
 the trunk's tokens change, the trunk is freed or the weights change), so a destination never reads freed
 memory. ``"auto"`` picks ``"device"`` when the source and every destination are CUDA devices, else
-``"host"``.
+``"host"``. A pool of CPU workers may force ``"device"``: its "device" buffer is host memory, which the
+same pickled handles share through shared memory; that runs the device path's protocol (one handle per
+destination, more on request, kept until released) where there is no GPU, e.g. in the tests.
 """
 
 from __future__ import annotations
@@ -40,10 +42,10 @@ def check_trunk_transport(setting: str, devices: list[str]) -> None:
     """ValueError unless ``setting`` is a transport the pool's devices can use."""
     if setting not in TRUNK_TRANSPORTS:
         raise ValueError(f"trunk_transport={setting!r}: use one of {TRUNK_TRANSPORTS}.")
-    not_cuda = sorted({d for d in devices if torch.device(d).type != "cuda"})
-    if setting == "device" and not_cuda:
-        raise ValueError(f"trunk_transport='device' needs every worker on a CUDA device, but {not_cuda} are not; "
-                         f"use 'auto' (device between CUDA workers, shared memory otherwise) or 'host'.")
+    kinds = sorted({torch.device(d).type for d in devices})
+    if setting == "device" and len(kinds) > 1:
+        raise ValueError(f"trunk_transport='device' needs every worker on one kind of device, but they are on "
+                         f"{kinds}; use 'auto' (device between CUDA workers, shared memory otherwise) or 'host'.")
 
 
 def pick_transport(setting: str, source_device: str, destination_devices: list[str]) -> str:
@@ -96,10 +98,10 @@ class TrunkImport:
         kv = export.kv
         if export.transport == "host" and device.type == "cuda":  # pragma: no cover - CUDA only
             self._registered = kv if register_pinned(kv) else None
-        elif export.transport == "device":  # pragma: no cover - CUDA only
+        elif export.transport == "device":
             (payload,) = export.payloads
             kv = self._opened = ForkingPickler.loads(payload)  # opens the IPC handle (on the source's GPU)
-            if kv.device != device:
+            if kv.device != device:  # pragma: no cover - two GPUs only
                 kv = kv.to(device, non_blocking=True)  # peer-to-peer (NVLink); the restore's copy stream waits for it
         try:
             self.snapshot = KVSnapshot(**export.fields, kv=kv)
@@ -133,10 +135,7 @@ class TrunkExports:
             raise ValueError(f"transport={transport!r}: use one of {TRANSPORTS}.")
         shape, dtype = engine.snapshot_shape(session), engine.kv_cache.kv.dtype
         if transport == "device":
-            if self.device.type != "cuda":
-                raise ValueError(f"transport='device' needs a CUDA worker; this one is on {self.device}.")
-            buffer = torch.empty(shape, dtype=dtype, device=self.device)  # pragma: no cover - CUDA only
-            out = buffer  # pragma: no cover - CUDA only
+            buffer = out = torch.empty(shape, dtype=dtype, device=self.device)  # (n_blocks, L, 2, BS, KVH, D)
         else:
             buffer = self.host_buffers.acquire(_numel(shape) * dtype.itemsize)  # (size,) uint8
             out = buffer[:_numel(shape) * dtype.itemsize].view(dtype).view(shape)  # (n_blocks, L, 2, BS, KVH, D)
@@ -153,7 +152,7 @@ class TrunkExports:
         export = TrunkExport(export_id, transport, fields, snap.nbytes)
         if transport == "host":
             export.kv = out
-        else:  # pragma: no cover - CUDA only
+        else:
             export.payloads = self.share(export_id, num_destinations)
         return export
 
@@ -162,7 +161,7 @@ class TrunkExports:
         transport, buffer = self._get(export_id)
         if transport != "device":
             raise RuntimeError(f"trunk export {export_id} is a {transport} export; only device exports share handles")
-        return [bytes(ForkingPickler.dumps(buffer)) for _ in range(n)]  # pragma: no cover - CUDA only
+        return [bytes(ForkingPickler.dumps(buffer)) for _ in range(n)]
 
     def release(self, export_id: int) -> None:
         """The pool is done with this export (unknown ids: already released, or from a previous process)."""
