@@ -138,7 +138,7 @@ def run_round(pool: ForkPool, trunk, branches: int, params: SamplingParams) -> d
         "snapshot_s": d["snapshot_seconds"], "restore_s": d["restore_seconds"],
         "transfer_s": max(0.0, fork_s - d["snapshot_seconds"] - d["restore_seconds"]),
         "import_s": sum(m["seconds"] for m in moved.values()),  # the destination's map/IPC open + peer copy
-        "bytes_moved": int(d["snapshot_bytes"]), "gbps": d["snapshot_bytes"] / fork_s / 1e9 if d["snapshot_bytes"] else 0.0,
+        "bytes_moved": int(d["snapshot_bytes"]), "gbps": d["snapshot_bytes"] / fork_s / 1e9,
         "transports": sorted(t for t, m in moved.items() if m["num"]), "snapshots": int(d["num_snapshots"]),
         "restores": int(d["num_restores"]), "kid_workers": [k.worker for k in kids],
         "tokens": sum(len(o.token_ids) for o in outs),

@@ -14,7 +14,9 @@ from typing import Iterable
 from thaw_rl.backends.base import COUNTER_KEYS
 
 # counters that add up over workers (and over the replaced processes of a slot)
-TRUNK_STATUS_KEYS = tuple(f"{k}_{t}" for t in ("host", "device") for k in ("num_trunks", "trunk_bytes", "trunk_seconds"))
+# trunks a worker imported, by transport (worker.WorkerCounters)
+TRUNK_STATUS_KEYS = tuple(f"{k}_{t}" for t in ("host", "device")
+                          for k in ("num_trunks", "trunk_bytes", "trunk_seconds"))
 SUMMED_STATUS_KEYS = ("prompt_tokens_computed", "prompt_tokens_reused", "tokens_computed", "tokens_generated",
                       "num_forks", "num_snapshots", "snapshot_seconds", "num_restores", "restore_seconds",
                       "snapshot_bytes", "restore_bytes", "num_weight_loads", "weight_load_seconds", *TRUNK_STATUS_KEYS)

@@ -13,8 +13,8 @@ that the destinations read (``trunk_export.py``), and stays with this worker unt
     worker -> parent   Reply(req_id, ok, value, status)   ok=False: value = (exception, traceback text)
 
 Every op but ``free`` and ``release_trunk`` is answered (those are fire-and-forget: the next reply's
-status shows what they released). Ops that read or write KV carry the weight version the parent expects; a worker holding
-another version refuses them with ``WeightVersionError`` instead of serving stale weights.
+status shows what they released). Ops that read or write KV carry the weight version the parent expects;
+a worker holding another version refuses them with ``WeightVersionError`` instead of serving stale weights.
 """
 
 from __future__ import annotations
@@ -169,7 +169,8 @@ class Worker:
     def status(self) -> dict:
         st = self.engine.stats
         return {"version": self.version, "num_sessions": len(self.sessions), **vars(st), **vars(self.counters),
-                "num_trunk_exports": self.exports.num_held, "num_idle_trunk_buffers": self.exports.host_buffers.num_idle}
+                "num_trunk_exports": self.exports.num_held,
+                "num_idle_trunk_buffers": self.exports.host_buffers.num_idle}
 
     def handle(self, req: Request) -> Any:
         for fault in [f for f in self.faults if f.op == req.op]:
