@@ -102,7 +102,8 @@ class TrunkImport:
             (payload,) = export.payloads
             kv = self._opened = ForkingPickler.loads(payload)  # opens the IPC handle (on the source's GPU)
             if kv.device != device:  # pragma: no cover - two GPUs only
-                kv = kv.to(device, non_blocking=True)  # peer-to-peer (NVLink); the restore's copy stream waits for it
+                kv = kv.to(device, non_blocking=True)  # peer-to-peer (NVLink)
+                torch.cuda.synchronize(device)  # so ``seconds`` holds the peer copy (the restore waits for it anyway)
         try:
             self.snapshot = KVSnapshot(**export.fields, kv=kv)
         except BaseException:
