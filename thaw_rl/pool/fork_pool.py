@@ -53,8 +53,8 @@ from thaw_rl.pool.handles import PoolCompletion, PoolHandle
 from thaw_rl.pool.placement import PLACEMENTS, blocks_per_child, place_children, spread_prompts
 from thaw_rl.pool.pool_stats import backend_counters, summed, transfer_stats, worker_row
 from thaw_rl.pool.pool_weights import Attempt, PoolWeights
-from thaw_rl.pool.weight_sync import DEFAULT_BUCKET_BYTES, TransferGroup
 from thaw_rl.pool.trunk_export import TRUNK_TRANSPORTS, TrunkExport, check_trunk_transport, pick_transport
+from thaw_rl.pool.weight_sync import DEFAULT_BUCKET_BYTES, TransferGroup
 from thaw_rl.pool.worker import Fault, PackedWeights
 from thaw_rl.pool.worker_process import Pending, WorkerFailure, WorkerProcess, collect
 
