@@ -89,7 +89,8 @@ class KVSnapshot:
     ``num_computed`` hold no meaning. ``block_hashes`` are the chained hashes of the full computed
     blocks (SHA-256 based, equal across processes). A snapshot from ``ThawEngine.snapshot`` lives in a
     pooled host buffer that goes back to the pool when ``kv`` is garbage collected or on ``release()``:
-    keep the snapshot (or its ``kv``) alive while you use it, and ``clone()`` data you keep longer.
+    keep the snapshot (or its ``kv``) alive while you use it, and ``clone()`` data you keep longer. With
+    ``snapshot(session, out=...)`` ``kv`` is the caller's ``out`` (host or device memory) and stays theirs.
     """
 
     fingerprint: dict[str, str | int]

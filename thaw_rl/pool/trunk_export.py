@@ -14,7 +14,8 @@ shared memory, shared memory -> device). Two transports now move it once each wa
 
 The source keeps an export's buffer until the pool says ``release_trunk`` (the parent drops the export when
 the trunk's tokens change, the trunk is freed or the weights change), so a destination never reads freed
-memory. ``"auto"`` picks ``"device"`` when the source and every destination are CUDA devices, else
+memory. A destination that dies holding an unopened IPC handle leaves torch's count of that handle's
+consumer open: the source's buffer then stays allocated (in torch's IPC limbo) until the source exits. ``"auto"`` picks ``"device"`` when the source and every destination are CUDA devices, else
 ``"host"``. A pool of CPU workers may force ``"device"``: its "device" buffer is host memory, which the
 same pickled handles share through shared memory; that runs the device path's protocol (one handle per
 destination, more on request, kept until released) where there is no GPU, e.g. in the tests.
