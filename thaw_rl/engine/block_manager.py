@@ -77,9 +77,12 @@ class BlockManager:
     def __init__(self, num_blocks: int, block_size: int, salt: bytes = b"") -> None:
         if num_blocks < 2:
             raise ValueError(f"num_blocks={num_blocks}: need at least 2 (block 0 is reserved).")
-        self.num_blocks = num_blocks
         self.block_size = block_size
         self.salt = salt
+        self._start_over(num_blocks)
+
+    def _start_over(self, num_blocks: int) -> None:
+        self.num_blocks = num_blocks
         self._ref_counts = [0] * num_blocks
         self._ref_counts[NULL_BLOCK_ID] = 1  # never freed, never handed out
         self._next_fresh = 1  # blocks [next_fresh, num_blocks) were never handed out
@@ -288,6 +291,16 @@ class BlockManager:
             raise RuntimeError(f"grow({num_blocks}) would shrink a pool of {self.num_blocks} blocks")
         self._ref_counts.extend([0] * (num_blocks - self.num_blocks))
         self.num_blocks = num_blocks
+
+    def reset(self, num_blocks: int) -> None:
+        """Start over with a pool of ``num_blocks`` never-used blocks (every block must be free; the prefix cache
+        is dropped). An engine whose pool is mapped on demand (``vmm_pool.py``) wakes up with only its first
+        blocks mapped again, and ``grow``s the manager as it maps more."""
+        if num_blocks < 2:
+            raise ValueError(f"num_blocks={num_blocks}: need at least 2 (block 0 is reserved).")
+        if self.num_used_blocks:
+            raise RuntimeError(f"reset({num_blocks}) while sessions hold {self.num_used_blocks} blocks")
+        self._start_over(num_blocks)
 
     # -- internals ---------------------------------------------------------------------------------
     def _take(self, n: int) -> list[int]:

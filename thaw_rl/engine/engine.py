@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from thaw_rl.engine.block_manager import BlockManager, KVCacheExhaustedError, prefix_salt
 from thaw_rl.engine.cascade import CASCADE_MODES
 from thaw_rl.engine.decode_batch import DecodeBatch, LateTokens
-from thaw_rl.engine.kv_cache import KVCacheSpec, PagedKVCache
+from thaw_rl.engine.kv_cache import KVCacheSpec, PagedKVCache, use_vmm
 from thaw_rl.engine.model_runner import ModelRunner
 from thaw_rl.engine.sampling import SamplingBatch, SamplingParams, check_token_ids, params_per_session, sample
 from thaw_rl.engine.scheduler import Scheduler
@@ -53,7 +53,7 @@ __all__ = ["SUPPORTED_MODEL_TYPES", "Completion", "EngineStats", "KVCacheExhaust
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 CPU_KV_CACHE_LIMIT = 512 * 2**20  # the most a default CPU pool grows to (bytes)
-CPU_KV_CACHE_INITIAL_BLOCKS = 64  # a default CPU pool starts this small and grows with what calls need
+CPU_KV_CACHE_INITIAL_BLOCKS = 64  # a default CPU pool (and a VMM pool's mapping) starts this small and grows
 DEFAULT_MAX_NUM_SEQS_CUDA = 2048  # rows per step on CUDA when not given (CPU: 256)
 
 
@@ -163,6 +163,7 @@ class ThawEngine:
         seed: int | None = None,
         weight_version: int = 0,
         cascade_attention: str = "auto",
+        kv_cache_vmm: bool | None = None,
     ) -> None:
         config = model.config
         if cascade_attention not in CASCADE_MODES:
@@ -192,10 +193,15 @@ class ThawEngine:
         self.max_model_len = int(getattr(config, "max_position_embeddings", 1 << 30))
         self.vocab_size = config.vocab_size
         num_blocks, self._max_num_blocks = self._pool_size(kv_cache_memory)
+        if use_vmm(kv_cache_vmm, self.device):  # addresses for the whole pool, memory mapped as calls need it
+            self.kv_cache = PagedKVCache(self.spec, self._max_num_blocks, self.device, layout, vmm=True,
+                                         initial_blocks=CPU_KV_CACHE_INITIAL_BLOCKS)
+        else:
+            self.kv_cache = PagedKVCache(self.spec, num_blocks, self.device, layout)
         self.fingerprint = self._fingerprint(config)
         self.weight_version = int(weight_version)
-        self.block_manager = BlockManager(num_blocks, block_size, prefix_salt(self.fingerprint, self.weight_version))
-        self.kv_cache = PagedKVCache(self.spec, num_blocks, self.device, layout)
+        self.block_manager = BlockManager(self.kv_cache.num_blocks, block_size,
+                                          prefix_salt(self.fingerprint, self.weight_version))
         self.max_num_batched_tokens = max_num_batched_tokens or (8192 if self.device.type == "cuda" else 2048)
         # Rows per step. On CUDA a GRPO step's rows (up to 2,048) decode together, every batch size a graph
         # replay (cuda_graphs._batch_sizes); on CPU a step's cost grows with its rows, so 256 stays.
@@ -320,8 +326,9 @@ class ThawEngine:
 
     def sleep(self) -> None:
         """Give the KV pool's memory back (e.g. to training) and keep everything else: the bookkeeping,
-        compiled layers and CUDA graphs. The next call maps a zeroed pool again (``wake_up``); graphs
-        are recaptured only if it lands at another address. The prefix cache is dropped (the KV is gone).
+        compiled layers and CUDA graphs. The next call maps a zeroed pool again (``wake_up``). A pool mapped
+        on demand (``kv_cache_vmm``, CUDA) keeps its addresses, so graphs stay valid; one allocated through
+        PyTorch recaptures them if it lands at another address. The prefix cache is dropped (the KV is gone).
 
         Refused while sessions hold blocks: free them first (their KV would be lost).
         """
@@ -334,9 +341,28 @@ class ThawEngine:
         self.kv_cache.release()
 
     def wake_up(self) -> None:
-        """Map the KV pool again after ``sleep`` (every call does this itself; a no-op when awake)."""
-        if self.kv_cache.released and not self.kv_cache.reallocate():
+        """Map the KV pool again after ``sleep`` (every call does this itself; a no-op when awake).
+
+        A pool mapped on demand comes back with its first blocks mapped (the block manager starts over
+        with those) and maps more as calls need them (``_reserve``); it never moves, so graphs stay valid.
+        """
+        if not self.kv_cache.released:
+            return
+        same_address = self.kv_cache.reallocate()
+        if self.block_manager.num_blocks != self.kv_cache.num_blocks:
+            self.block_manager.reset(self.kv_cache.num_blocks)
+        if not same_address:
             self.invalidate_cuda_graphs()
+
+    def close(self) -> None:
+        """Free the KV pool for good (a mapped pool gives its addresses back too) and drop the CUDA graphs;
+        the engine refuses calls afterwards. Dropping the engine frees the same."""
+        if self.block_manager.num_used_blocks:
+            raise ValueError(f"close() while sessions hold {self.block_manager.num_used_blocks} KV blocks: free "
+                             f"them first.")
+        self.invalidate_cuda_graphs()
+        self.block_manager.reset_prefix_cache()
+        self.kv_cache.close()
 
     @property
     def is_sleeping(self) -> bool:
@@ -626,7 +652,8 @@ class ThawEngine:
 
     # -- internals: pool ----------------------------------------------------------------------------------
     def _reserve(self, num_blocks: int) -> None:
-        """Grow a growable (default CPU) pool so ``num_blocks`` more blocks are free, up to its limit."""
+        """Grow a growable pool (default CPU; mapped on demand) so ``num_blocks`` more blocks are free, up to
+        its limit."""
         bm = self.block_manager
         if bm.num_free_blocks >= num_blocks or bm.num_blocks >= self._max_num_blocks:
             return

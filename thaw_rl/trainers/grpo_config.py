@@ -125,6 +125,13 @@ class ThawGRPOConfig(GRPOConfig):
                           "mapped again at the next generation. False keeps the pool allocated (no reallocation; "
                           "give a small kv_cache_memory). Either way the prefix cache is reset every generation "
                           "because the weights changed."})
+    kv_cache_vmm: bool | None = field(
+        default=None,
+        metadata={"help": "Map the engine's KV pool on demand through the CUDA driver's virtual memory API: its "
+                          "addresses are reserved once, physical memory is mapped as a generation needs it and "
+                          "unmapped by release_kv_cache, so the pool never moves and CUDA graphs are never "
+                          "recaptured. None: on where the CUDA driver supports it (else the pool is allocated "
+                          "through PyTorch, logged once); False: always through PyTorch; True: fail without VMM."})
     engine_cuda_graphs: bool | None = field(
         default=None,
         metadata={"help": "Replay decode steps as CUDA graphs. None: on CUDA unless ZeRO-3/FSDP gathers fresh "
