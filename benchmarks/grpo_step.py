@@ -18,8 +18,12 @@ Same model weights, data, reward, seeds and TRL config for all; only the generat
   packing (each prompt, and each shared tree node, once in the training forward/backward too).
 - ``thaw-flat``: the same with ``shared_prefix_training=False`` (TRL's flat training forward).
 - ``thaw-defaults``: ``thaw`` with ThawGRPOConfig's engine defaults on CUDA (a KV pool of half the free
-  memory, released to training after each generation and mapped again at the next), where the others keep
-  an 8 GB pool allocated between generations. ``memory_gib`` in the receipt shows what each holds.
+  memory, released to training after each generation and mapped again at the next; with ``kv_cache_vmm``'s
+  default the pool's addresses are reserved once and only what a generation uses is mapped, so CUDA graphs
+  are never recaptured), where the others keep an 8 GB pool between generations. ``memory_gib`` in the
+  receipt shows what each holds (``kv_mapped_after_generation_gib``: a mapped pool, outside PyTorch's counts).
+- ``thaw-defaults-pytorch``: ``thaw-defaults`` with ``kv_cache_vmm=False``: the pool freed through PyTorch after
+  each generation and allocated again (graphs recaptured when it moves), the path before VMM.
 
 ``--tree-branching 4,2,2 --tree-segment-tokens 64`` makes the thaw trainers sample segment trees.
 
@@ -80,7 +84,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 SYSTEM = ("You are a careful assistant. Think about the question, then answer in one short sentence. "
           "Do not repeat the question, and do not add anything after the answer.")
-TRAINERS = ("trl", "trl-vllm", "thaw-flat", "thaw", "thaw-defaults")
+TRAINERS = ("trl", "trl-vllm", "thaw-flat", "thaw", "thaw-defaults", "thaw-defaults-pytorch")
 QUESTIONS = ["What is 17 + 25?", "Name a prime number larger than 50.", "What is the capital of France?",
              "How many legs does a spider have?", "What colour is the sky on a clear day?",
              "What is 9 times 7?", "Spell the word 'tree' backwards.", "What is the boiling point of water in C?"]
@@ -91,7 +95,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--model", default="smollm2", choices=["smollm2", "tiny", "qwen2.5-1.5b"],
                    help="smollm2: SmolLM2-135M-Instruct offline; tiny: thaw_rl.testing's tiny Qwen2 (head_dim 32)")
     p.add_argument("--trainers", default="trl,thaw",
-                   help="comma list of trl, trl-vllm, thaw-flat, thaw, thaw-defaults (run in this order)")
+                   help="comma list of trl, trl-vllm, thaw-flat, thaw, thaw-defaults, thaw-defaults-pytorch (run in "
+                        "this order)")
     p.add_argument("--tree-branching", default=None, help="thaw: segment tree, e.g. 4,2,2 (product = generations)")
     p.add_argument("--tree-segment-tokens", type=int, default=None)
     p.add_argument("--shared-prefix-attention", default="auto", help="thaw: auto, dense or flex")
@@ -186,7 +191,13 @@ class StepClock:
         if torch.cuda.is_available():  # what generation holds when it returns, then training's own peak
             self.clock["after_generation_gib"][-1] = torch.cuda.memory_allocated() / 2**30
             self.clock["generation_peak_gib"][-1] = torch.cuda.max_memory_allocated() / 2**30
+            free, total = torch.cuda.mem_get_info()  # the device's view: PyTorch's reserve and a mapped KV pool too
+            self.clock["device_used_after_generation_gib"][-1] = (total - free) / 2**30
             torch.cuda.reset_peak_memory_stats()
+        engine = getattr(getattr(self, "_backend", None), "engine", None)
+        if engine is not None:  # a pool mapped on demand (kv_cache_vmm) is outside PyTorch's allocator counts
+            self.kv_vmm = engine.kv_cache.vmm is not None
+            self.clock["kv_mapped_after_generation_gib"][-1] = engine.kv_cache.mapped_bytes / 2**30
         return out
 
 
@@ -197,7 +208,8 @@ def sync() -> None:
 
 # per-step clock entries: zeroed at each step's start and added to while it runs
 STEP_SUMS = ("generation", "generated_tokens", "weight_sync", "generate_and_score", "loss_forward",
-             "after_generation_gib", "generation_peak_gib")
+             "after_generation_gib", "generation_peak_gib", "device_used_after_generation_gib",
+             "kv_mapped_after_generation_gib")
 
 
 @contextlib.contextmanager
@@ -374,8 +386,10 @@ def run(kind: str, args, out_dir: str) -> dict:
         if args.tree_branching:
             fields.update(tree_spec="segments", tree_segment_tokens=args.tree_segment_tokens,
                           tree_branching=[int(b) for b in args.tree_branching.split(",")])
-        if on_gpu and kind != "thaw-defaults":  # keep the KV pool allocated between generations, bounded
+        if on_gpu and not kind.startswith("thaw-defaults"):  # keep the KV pool between generations, bounded
             fields.update(release_kv_cache=False, kv_cache_memory=args.kv_cache_memory or 8e9)
+        if kind == "thaw-defaults-pytorch":
+            fields.update(kv_cache_vmm=False)
         if on_gpu:
             fields.update(engine_compile_layers=args.compile_layers)
     else:
@@ -421,9 +435,13 @@ def run(kind: str, args, out_dir: str) -> dict:
         "loss": [h.get("loss") for h in history],
         "per_step": {"step_seconds": steps, "generation_seconds": gens, "generated_tokens": tokens,
                      "scoring_seconds": scoring, "loss_forward_seconds": loss_forward},
-        # GPU memory (torch's allocator): peak during generation, held when it returns, peak during training
+        # GPU memory (torch's allocator): peak during generation, held when it returns, peak during training;
+        # a KV pool mapped on demand (kv_cache_vmm) is outside those counts: what it holds when generation returns
+        # (0 once released), and the device's used memory then (mem_get_info: everything, that pool included)
         "memory_gib": {key: max(trainer.clock[key][timed], default=0.0)
-                       for key in ("generation_peak_gib", "after_generation_gib", "training_peak_gib")},
+                       for key in ("generation_peak_gib", "after_generation_gib", "training_peak_gib",
+                                   "kv_mapped_after_generation_gib", "device_used_after_generation_gib")},
+        "kv_cache_vmm": getattr(trainer, "kv_vmm", None),
     }
     if kind == "trl-vllm":
         row["weight_sync_seconds"] = statistics.median(trainer.clock["weight_sync"][timed])
@@ -458,9 +476,19 @@ def table(rows: list[dict]) -> str:
                        f"{t['training_seconds'] / h['training_seconds']:.2f}x")
     if "thaw-defaults" in by and "thaw" in by:
         d, h = by["thaw-defaults"], by["thaw"]
+        dm, hm = d["memory_gib"], h["memory_gib"]
         out.append(f"thaw-defaults (pool released after generation) vs thaw (kept pool): generation "
                    f"{d['generation_seconds'] / h['generation_seconds']:.2f}x the time, training peak "
-                   f"{d['memory_gib']['training_peak_gib']:.1f} vs {h['memory_gib']['training_peak_gib']:.1f} GiB")
+                   f"{dm['training_peak_gib']:.1f} + {dm['kv_mapped_after_generation_gib']:.1f} KV mapped vs "
+                   f"{hm['training_peak_gib']:.1f} + {hm['kv_mapped_after_generation_gib']:.1f} GiB (kv_cache_vmm "
+                   f"{d['kv_cache_vmm']} / {h['kv_cache_vmm']})")
+    if "thaw-defaults-pytorch" in by and "thaw-defaults" in by:
+        d, p = by["thaw-defaults"], by["thaw-defaults-pytorch"]
+        out.append(f"thaw-defaults (VMM pool) vs thaw-defaults-pytorch (pool freed and allocated again): generation "
+                   f"{d['generation_seconds']:.2f} vs {p['generation_seconds']:.2f} s, training peak "
+                   f"{d['memory_gib']['training_peak_gib']:.1f} + "
+                   f"{d['memory_gib']['kv_mapped_after_generation_gib']:.1f} KV mapped vs "
+                   f"{p['memory_gib']['training_peak_gib']:.1f} GiB")
     if "trl-vllm" in by:
         v = by["trl-vllm"]
         out.append(f"trl-vllm: vLLM engine start {v['init_seconds']:.1f} s (once); weight sync + cache reset "

@@ -9,7 +9,7 @@ import logging
 import pytest
 import torch
 
-from thaw_rl import ThawEngine
+from thaw_rl import SamplingParams, ThawEngine
 from thaw_rl.engine import kv_cache
 from thaw_rl.engine.block_manager import BlockManager
 from thaw_rl.engine.kv_cache import KVCacheSpec, PagedKVCache, block_byte_ranges, use_vmm
@@ -109,3 +109,74 @@ def test_a_pytorch_cache_grown_reports_its_new_capacity():
     cache.grow(6)
     assert (cache.num_blocks, cache.capacity, tuple(cache.kv.shape[:3])) == (6, 6, (2, 2, 6))
     assert cache.kv[1, 0, 3].eq(7.0).all() and cache.kv[:, :, 4:].eq(0).all()
+
+
+class HostRange(VmmRange):
+    """``VmmRange``'s bookkeeping run over host memory in place of the driver: bytes not mapped read as NaN, and
+    so do bytes just mapped (the driver promises nothing about them), so an engine that reads either, or forgets
+    to zero what it maps, computes NaN and samples other tokens."""
+
+    def _open(self, device):
+        self.device, self.granularity, self.events = torch.device("cpu"), 512, []
+
+    def _reserve(self, nbytes):
+        self.host = torch.full((nbytes // 4,), float("nan")).view(torch.uint8)  # (nbytes,)
+        return self.host.data_ptr()
+
+    def _poison(self, offset, size):
+        self.host[offset:offset + size].view(torch.float32).fill_(float("nan"))
+
+    def _map_run(self, offset, size):
+        self._poison(offset, size)
+        self.events.append(("map", offset, size))
+        return len(self.events)
+
+    def _unmap_run(self, offset, size, handle):
+        self._poison(offset, size)
+        self.events.append(("unmap", offset, size))
+
+    def _synchronize(self):
+        pass
+
+    def _free(self):
+        self.events.append(("free",))
+
+    def tensor(self):
+        return self.host
+
+
+def greedy_rollout(engine, prompts, group=3, max_tokens=20):
+    parents = engine.prefill_many(prompts)
+    kids = [k for p in parents for k in engine.fork(p, group)]
+    tokens = [o.token_ids for o in engine.generate(kids, SamplingParams(temperature=0, max_tokens=max_tokens,
+                                                                        ignore_eos=True))]
+    for s in parents + kids:
+        engine.free(s)
+    return tokens
+
+
+def test_a_pool_mapped_on_demand_maps_what_calls_use_unmaps_on_sleep_and_never_moves(monkeypatch):
+    monkeypatch.setattr(kv_cache, "VmmRange", HostRange)
+    monkeypatch.setattr(kv_cache, "vmm_unavailable_reason", lambda device: None)
+    model, tok = tiny_model_and_tokenizer("qwen2")
+    prompts = [[5 + i for i in range(11)], [40 + i for i in range(9)]]
+    reference = greedy_rollout(ThawEngine(model, tok, block_size=2, kv_cache_memory=1 << 20), prompts)
+    engine = ThawEngine(model, tok, block_size=2, kv_cache_memory=1 << 20, kv_cache_vmm=True)
+    cache, bm = engine.kv_cache, engine.block_manager
+    assert isinstance(cache.vmm, HostRange) and cache.capacity == engine.max_num_blocks + 1
+    assert bm.num_blocks == 64 and engine.stats.num_free_blocks == engine.max_num_blocks  # unmapped counts as free
+    ptr, shape = cache.kv.data_ptr(), cache.kv.shape
+    assert greedy_rollout(engine, prompts) == reference  # 6 rows of ~16 blocks: the pool grows past 64 blocks
+    assert 64 < bm.num_blocks < cache.capacity and 0 < cache.mapped_bytes < cache.vmm.nbytes
+    assert cache.vmm.events[0][0] == "map" and ("unmap",) not in [e[:1] for e in cache.vmm.events]
+    engine.sleep()
+    assert engine.is_sleeping and cache.mapped_bytes == 0 and cache.num_blocks == 0
+    assert torch.isnan(cache.storage).all()  # every byte back to the "driver"
+    assert greedy_rollout(engine, prompts) == reference  # mapped (and zeroed) again at the same address
+    assert (cache.kv.data_ptr(), cache.kv.shape) == (ptr, shape) and not engine.is_sleeping
+    engine.sleep()
+    engine.wake_up()
+    assert bm.num_blocks == 64 and cache.num_blocks == 64  # the manager starts over with what is mapped
+    events = cache.vmm.events
+    engine.close()
+    assert events[-1] == ("free",) and cache.storage is None and cache.vmm.ptr is None

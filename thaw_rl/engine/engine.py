@@ -22,6 +22,7 @@ with other weights is refused on restore and never matched by a later prefill.
 
 from __future__ import annotations
 
+import logging
 import numbers
 import random
 import time
@@ -47,6 +48,8 @@ from thaw_rl.engine.weights import weights_digest
 
 if TYPE_CHECKING:
     from thaw_rl_kernels.host_transfer import KVTransfer
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["SUPPORTED_MODEL_TYPES", "Completion", "EngineStats", "KVCacheExhaustedError", "SnapshotHandle",
            "ThawEngine"]
@@ -193,11 +196,7 @@ class ThawEngine:
         self.max_model_len = int(getattr(config, "max_position_embeddings", 1 << 30))
         self.vocab_size = config.vocab_size
         num_blocks, self._max_num_blocks = self._pool_size(kv_cache_memory)
-        if use_vmm(kv_cache_vmm, self.device):  # addresses for the whole pool, memory mapped as calls need it
-            self.kv_cache = PagedKVCache(self.spec, self._max_num_blocks, self.device, layout, vmm=True,
-                                         initial_blocks=CPU_KV_CACHE_INITIAL_BLOCKS)
-        else:
-            self.kv_cache = PagedKVCache(self.spec, num_blocks, self.device, layout)
+        self.kv_cache = self._kv_cache(num_blocks, layout, kv_cache_vmm)
         self.fingerprint = self._fingerprint(config)
         self.weight_version = int(weight_version)
         self.block_manager = BlockManager(self.kv_cache.num_blocks, block_size,
@@ -258,6 +257,20 @@ class ThawEngine:
             )
         return num_blocks, num_blocks
 
+    def _kv_cache(self, num_blocks: int, layout: str, vmm: bool | None) -> PagedKVCache:
+        """The pool: addresses for all of it with memory mapped as calls need it (VMM), or ``num_blocks`` through
+        PyTorch. A VMM pool that fails to build falls back (logged) unless ``kv_cache_vmm=True`` asked for it."""
+        if use_vmm(vmm, self.device):
+            try:
+                return PagedKVCache(self.spec, self._max_num_blocks, self.device, layout, vmm=True,
+                                    initial_blocks=CPU_KV_CACHE_INITIAL_BLOCKS)
+            except RuntimeError as err:
+                if vmm:
+                    raise
+                logger.warning("thaw-rl: the KV pool could not be mapped on demand (%s: %s); it is allocated "
+                               "through PyTorch instead.", type(err).__name__, err)
+        return PagedKVCache(self.spec, num_blocks, self.device, layout)
+
     @staticmethod
     def _eos_ids(model, tokenizer) -> set[int]:
         ids: set[int] = set()
@@ -287,8 +300,9 @@ class ThawEngine:
     @property
     def stats(self) -> EngineStats:
         st, bm = self._stats, self.block_manager
-        st.num_blocks = bm.num_blocks - 1
-        st.num_free_blocks = bm.num_free_blocks
+        unmapped = self._max_num_blocks - bm.num_blocks if self.kv_cache.vmm is not None else 0  # free: mapped on use
+        st.num_blocks = bm.num_blocks - 1 + unmapped
+        st.num_free_blocks = bm.num_free_blocks + unmapped
         st.num_used_blocks = bm.num_used_blocks
         st.num_cached_blocks = bm.num_cached_blocks
         return EngineStats(**vars(st))
@@ -704,6 +718,9 @@ class ThawEngine:
                     continue
             # 3) one packed forward over prefill chunks and decode tokens
             chunks = self.scheduler.schedule(pending)
+            if not chunks and self.block_manager.num_blocks < self._max_num_blocks:
+                self._reserve(self.block_manager.num_free_blocks + 1)  # a growable pool grows before any preemption
+                continue
             if not chunks:
                 self.scheduler.make_room(sessions, pending, generating=requests is not None)
                 self._stats.num_preemptions += 1

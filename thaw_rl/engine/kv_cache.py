@@ -163,9 +163,10 @@ class PagedKVCache:
             try:
                 self._zero(self.vmm.map(self._byte_ranges(num_blocks)))
             except torch.OutOfMemoryError as e:
+                gib = num_blocks * self.spec.bytes_per_block / 2**30
                 raise torch.OutOfMemoryError(
-                    f"the engine's KV pool could not map {num_blocks} blocks ({num_blocks * self.spec.bytes_per_block / 2**30:.1f} "
-                    f"GiB) next to what training holds: lower kv_cache_memory or the generation's size. ({e})") from e
+                    f"the engine's KV pool could not map {num_blocks} blocks ({gib:.1f} GiB) next to what training "
+                    f"holds: lower kv_cache_memory or the generation's size. ({e})") from e
             self.num_blocks = num_blocks
             return
         storage = self._zeros(num_blocks, self.device)

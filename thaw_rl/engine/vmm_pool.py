@@ -157,10 +157,64 @@ class _Interface:
 
 
 class VmmRange:
-    """``nbytes`` (rounded up to whole granules) of reserved device addresses; physical memory mapped on demand."""
+    """``nbytes`` (rounded up to whole granules) of reserved device addresses; physical memory mapped on demand.
+
+    The bookkeeping (``map``, ``unmap_all``, ``close``) is written over five driver steps (``_open``,
+    ``_reserve``, ``_map_run``, ``_unmap_run``, ``_free``), so a test can run it over host memory.
+    """
 
     def __init__(self, nbytes: int, device: torch.device) -> None:
         self.ptr, self._mapped = None, []  # _mapped: (first granule, last granule, allocation handle)
+        self._open(device)  # sets device, granularity
+        self.nbytes = -(-nbytes // self.granularity) * self.granularity
+        self.ptr = self._reserve(self.nbytes)
+
+    @property
+    def mapped_bytes(self) -> int:
+        return sum(last - first for first, last, _ in self._mapped) * self.granularity
+
+    def map(self, byte_ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """Back every granule touching ``byte_ranges`` with physical memory, one allocation per run of granules
+        not mapped yet; returns the byte ranges newly mapped (their contents are undefined)."""
+        if self.ptr is None:
+            raise RuntimeError("VmmRange.map after close()")
+        g = self.granularity
+        new = subtract_runs(granule_runs(byte_ranges, g), [(a, b) for a, b, _ in self._mapped])
+        if new and new[-1][1] * g > self.nbytes:
+            raise RuntimeError(f"map up to byte {new[-1][1] * g} of a VmmRange of {self.nbytes} bytes")
+        for first, last in new:
+            self._mapped.append((first, last, self._map_run(first * g, (last - first) * g)))
+        return [(first * g, last * g) for first, last in new]
+
+    def unmap_all(self) -> None:
+        """Wait for the device, then unmap and release every physical allocation (the addresses stay reserved)."""
+        if self._mapped:
+            self._synchronize()  # unmapping does not wait for kernels still reading the range
+        while self._mapped:
+            first, last, handle = self._mapped.pop()
+            self._unmap_run(first * self.granularity, (last - first) * self.granularity, handle)
+
+    def close(self) -> None:
+        """Unmap everything and give the addresses back; every tensor over the range is dangling afterwards."""
+        if self.ptr is None:
+            return
+        self.unmap_all()
+        self._free()
+        self.ptr = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception as err:  # interpreter shutdown, a dead context: nothing left to free it
+            logger.debug("VmmRange.__del__: %s", err)
+
+    def tensor(self) -> torch.Tensor:
+        """All ``nbytes`` as one uint8 tensor, zero-copy (map some memory first: PyTorch asks the driver which
+        device the first byte is on). It keeps this range alive; touching an unmapped byte is a device fault."""
+        return torch.as_tensor(_Interface(self), device=self.device)
+
+    # -- the driver steps ----------------------------------------------------------------------------------
+    def _open(self, device: torch.device) -> None:
         reason = vmm_unavailable_reason(device)
         if reason is not None:
             raise ValueError(f"VmmRange on {device}: {reason}")
@@ -171,70 +225,44 @@ class VmmRange:
         granularity = ctypes.c_size_t()
         self._call("cuMemGetAllocationGranularity", ctypes.byref(granularity), ctypes.byref(self._prop), 0)
         self.granularity = granularity.value
-        self.nbytes = -(-nbytes // self.granularity) * self.granularity
-        ptr = ctypes.c_uint64()
-        self._call("cuMemAddressReserve", ctypes.byref(ptr), self.nbytes, 0, 0, 0)
-        self.ptr = ptr.value
 
     def _call(self, name: str, *args) -> None:
         with torch.cuda.device(self.ordinal):  # its primary context current on this thread
             self.driver.use_device(self.ordinal)
             self.driver(name, *args)
 
-    @property
-    def mapped_bytes(self) -> int:
-        return sum(last - first for first, last, _ in self._mapped) * self.granularity
+    def _reserve(self, nbytes: int) -> int:
+        ptr = ctypes.c_uint64()
+        self._call("cuMemAddressReserve", ctypes.byref(ptr), nbytes, 0, 0, 0)
+        return ptr.value
 
-    def map(self, byte_ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
-        """Back every granule touching ``byte_ranges`` with physical memory; returns the byte ranges newly
-        mapped (their contents are undefined). On out-of-memory, PyTorch's cached blocks are freed and the
-        allocation tried once more."""
-        if self.ptr is None:
-            raise RuntimeError("VmmRange.map after close()")
-        g = self.granularity
-        new = subtract_runs(granule_runs(byte_ranges, g), [(a, b) for a, b, _ in self._mapped])
-        for first, last in new:
-            if last * g > self.nbytes:
-                raise RuntimeError(f"map up to byte {last * g} of a VmmRange of {self.nbytes} bytes")
-            handle, size, at = ctypes.c_uint64(), (last - first) * g, self.ptr + first * g
-            try:
-                self._call("cuMemCreate", ctypes.byref(handle), size, ctypes.byref(self._prop), 0)
-            except torch.OutOfMemoryError:
-                torch.cuda.empty_cache()
-                self._call("cuMemCreate", ctypes.byref(handle), size, ctypes.byref(self._prop), 0)
-            try:
-                self._call("cuMemMap", at, size, 0, handle, 0)
-            except RuntimeError:
-                self._call("cuMemRelease", handle)
-                raise
-            self._mapped.append((first, last, handle.value))
-            self._call("cuMemSetAccess", at, size, ctypes.byref(self._access), 1)
-        return [(first * g, last * g) for first, last in new]
-
-    def unmap_all(self) -> None:
-        """Wait for the device, then unmap and release every physical allocation (the addresses stay reserved)."""
-        if self._mapped:
-            torch.cuda.synchronize(self.device)  # unmapping does not wait for kernels still reading the range
-        while self._mapped:
-            first, last, handle = self._mapped.pop()
-            self._call("cuMemUnmap", self.ptr + first * self.granularity, (last - first) * self.granularity)
-            self._call("cuMemRelease", handle)
-
-    def tensor(self) -> torch.Tensor:
-        """All ``nbytes`` as one uint8 tensor, zero-copy (map some memory first: PyTorch asks the driver which
-        device the first byte is on). It keeps this range alive; touching an unmapped byte is a device fault."""
-        return torch.as_tensor(_Interface(self), device=self.device)
-
-    def close(self) -> None:
-        """Unmap everything and give the addresses back; every tensor over the range is dangling afterwards."""
-        if self.ptr is None:
-            return
-        self.unmap_all()
-        self._call("cuMemAddressFree", self.ptr, self.nbytes)
-        self.ptr = None
-
-    def __del__(self) -> None:
+    def _map_run(self, offset: int, size: int) -> int:
+        """Physical memory for ``[offset, offset + size)``, mapped read-write; returns its handle. On
+        out-of-memory, PyTorch's cached blocks are freed and the allocation tried once more."""
+        handle, at = ctypes.c_uint64(), self.ptr + offset
         try:
-            self.close()
-        except Exception as err:  # interpreter shutdown, a dead context: nothing left to free it
-            logger.debug("VmmRange.__del__: %s", err)
+            self._call("cuMemCreate", ctypes.byref(handle), size, ctypes.byref(self._prop), 0)
+        except torch.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            self._call("cuMemCreate", ctypes.byref(handle), size, ctypes.byref(self._prop), 0)
+        try:
+            self._call("cuMemMap", at, size, 0, handle, 0)
+        except RuntimeError:
+            self._call("cuMemRelease", handle)
+            raise
+        try:
+            self._call("cuMemSetAccess", at, size, ctypes.byref(self._access), 1)
+        except RuntimeError:
+            self._unmap_run(offset, size, handle.value)
+            raise
+        return handle.value
+
+    def _unmap_run(self, offset: int, size: int, handle: int) -> None:
+        self._call("cuMemUnmap", self.ptr + offset, size)
+        self._call("cuMemRelease", handle)
+
+    def _synchronize(self) -> None:
+        torch.cuda.synchronize(self.device)
+
+    def _free(self) -> None:
+        self._call("cuMemAddressFree", self.ptr, self.nbytes)
