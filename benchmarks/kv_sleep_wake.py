@@ -32,6 +32,7 @@ import os
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -161,14 +162,25 @@ def main() -> int:
         model = load_model(args.model, torch.bfloat16 if gpu else torch.float32, args.device)[0]
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(3, model.config.vocab_size, (args.prompts, args.prompt_len), generator=g).tolist()
-    rows = [check_path(model, prompts, args, path, int(float(pool)))
-            for pool in args.pools.split(",") for path in args.paths.split(",")]
+    rows = []
+    for pool in args.pools.split(","):
+        for path in args.paths.split(","):
+            try:
+                rows.append(check_path(model, prompts, args, path, int(float(pool))))
+            except Exception as err:  # recorded, and the other paths still run
+                traceback.print_exc()
+                rows.append({"path": path, "pool_bytes": int(float(pool)), "ok": False,
+                             "error": f"{type(err).__name__}: {err}"})
+                gc.collect()
     write_receipt(args.out, receipt("kv_sleep_wake", args, rows))
     print(f"\n{args.model} on {args.device}, {args.prompts}x{args.group} rollouts of {args.prompt_len}+"
           f"{args.max_tokens} tokens, medians of {args.cycles} cycles")
     print(f"{'path':8} {'pool GiB':>8} {'held GiB':>8} {'back GiB':>8} {'sleep ms':>8} {'wake ms':>8} "
           f"{'kept ms':>8} {'woke ms':>8} {'map all ms':>10} {'ptr':>4} {'graphs':>6} {'greedy':>6} {'ok':>3}")
     for r in rows:
+        if "error" in r:
+            print(f"{r['path']:8} {r['pool_bytes'] / GiB:8.1f} failed: {r['error'][:100]}")
+            continue
         c = r["cycles"]
         flag = lambda key: "yes" if all(x[key] for x in c) else "NO"  # noqa: E731
         map_all = f"{r['map_all_ms']:.1f}" if "map_all_ms" in r else "-"

@@ -153,7 +153,7 @@ class _Interface:
     def __init__(self, owner: VmmRange) -> None:
         self.owner = owner
         self.__cuda_array_interface__ = {"shape": (owner.nbytes,), "typestr": "|u1", "data": (owner.ptr, False),
-                                         "version": 3}
+                                         "strides": None, "version": 3}
 
 
 class VmmRange:
