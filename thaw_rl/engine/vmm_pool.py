@@ -233,7 +233,7 @@ class VmmRange:
 
     def _reserve(self, nbytes: int) -> int:
         ptr = ctypes.c_uint64()
-        self._call("cuMemAddressReserve", ctypes.byref(ptr), nbytes, 0, 0, 0)
+        self._call("cuMemAddressReserve", ctypes.byref(ptr), nbytes, self.granularity, 0, 0)  # granule-aligned
         return ptr.value
 
     def _map_run(self, offset: int, size: int) -> int:
