@@ -117,7 +117,8 @@ class ThawGRPOConfig(GRPOConfig):
         default=None,
         metadata={"help": "Engine KV pool size: bytes when >= 1, a fraction of free GPU memory when in (0, 1). "
                           "None: the engine default (0.5 of free GPU memory; on CPU a pool that grows with what a generation "
-                          "needs, up to 512 MiB)."})
+                          "needs, up to 512 MiB). With kv_cache_vmm this is a limit: only the blocks a generation uses "
+                          "are mapped."})
     release_kv_cache: bool = field(
         default=True,
         metadata={"help": "Release the engine's KV pool after each generation so training gets the memory back "
