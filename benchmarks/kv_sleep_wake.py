@@ -13,7 +13,8 @@ release/reallocate), one engine over the same random-weight model:
    code 1 otherwise); on the pytorch path ptr and graphs are reported (they hold only when the allocator
    happens to give the same address back);
 3. times: sleep and wake_up (ms, device synchronised), the rollout kept vs after a wake (median, ms), and on the
-   vmm path how long mapping the whole pool takes (``map all``: what a wake would cost without on-demand mapping).
+   vmm path how long mapping the whole pool takes, and zeroing it (``map all``, ``zero all``: what a wake would
+   cost without on-demand mapping).
 
 On CPU (``--device cpu``, a tiny Qwen2) only the pytorch path exists (``kv_cache_vmm=None`` falls back): the
 script runs end to end so it is tested before GPU time is spent.
@@ -113,9 +114,14 @@ def check_path(model, prompts, args, path: str, pool_bytes: int) -> dict:
         engine.wake_up()
         sync(device)
         start = time.perf_counter()
-        cache.grow(cache.capacity)
+        fresh = cache.vmm.map(cache._byte_ranges(cache.capacity))  # what grow(capacity) does, timed in two parts
         sync(device)
         row["map_all_ms"] = (time.perf_counter() - start) * 1e3
+        start = time.perf_counter()
+        cache._zero(fresh)
+        sync(device)
+        row["zero_all_ms"] = (time.perf_counter() - start) * 1e3
+        cache.grow(cache.capacity)  # nothing left to map: sets num_blocks
         row["map_all_runs"] = len(cache.vmm._mapped)
         row["granularity_mib"] = cache.vmm.granularity / 2**20
         engine.block_manager.grow(cache.capacity)
@@ -176,7 +182,8 @@ def main() -> int:
     print(f"\n{args.model} on {args.device}, {args.prompts}x{args.group} rollouts of {args.prompt_len}+"
           f"{args.max_tokens} tokens, medians of {args.cycles} cycles")
     print(f"{'path':8} {'pool GiB':>8} {'held GiB':>8} {'back GiB':>8} {'sleep ms':>8} {'wake ms':>8} "
-          f"{'kept ms':>8} {'woke ms':>8} {'map all ms':>10} {'ptr':>4} {'graphs':>6} {'greedy':>6} {'ok':>3}")
+          f"{'kept ms':>8} {'woke ms':>8} {'map all ms':>10} {'zero all ms':>11} {'ptr':>4} {'graphs':>6} "
+          f"{'greedy':>6} {'ok':>3}")
     for r in rows:
         if "error" in r:
             print(f"{r['path']:8} {r['pool_bytes'] / GiB:8.1f} failed: {r['error'][:100]}")
@@ -184,9 +191,10 @@ def main() -> int:
         c = r["cycles"]
         flag = lambda key: "yes" if all(x[key] for x in c) else "NO"  # noqa: E731
         map_all = f"{r['map_all_ms']:.1f}" if "map_all_ms" in r else "-"
+        zero_all = f"{r['zero_all_ms']:.1f}" if "zero_all_ms" in r else "-"
         print(f"{r['path']:8} {r['pool_gib']:8.1f} {r['held_gib']:8.2f} {r['returned_gib']:8.2f} {r['sleep_ms']:8.1f} "
-              f"{r['wake_ms']:8.1f} {r['kept_ms']:8.0f} {r['after_wake_ms']:8.0f} {map_all:>10} {flag('ptr_same'):>4} "
-              f"{flag('graphs_same'):>6} {flag('greedy_same'):>6} {'yes' if r['ok'] else 'NO':>3}")
+              f"{r['wake_ms']:8.1f} {r['kept_ms']:8.0f} {r['after_wake_ms']:8.0f} {map_all:>10} {zero_all:>11} "
+              f"{flag('ptr_same'):>4} {flag('graphs_same'):>6} {flag('greedy_same'):>6} {'yes' if r['ok'] else 'NO':>3}")
     return 0 if all(r["ok"] for r in rows) else 1
 
 
