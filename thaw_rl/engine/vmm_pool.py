@@ -84,7 +84,8 @@ class _Driver:
              "cuMemAddressFree", "cuMemCreate", "cuMemRelease", "cuMemMap", "cuMemUnmap", "cuMemSetAccess")
 
     def __init__(self) -> None:
-        path = next((line.split()[-1] for line in open("/proc/self/maps") if "libcuda.so" in line), "libcuda.so.1")
+        with open("/proc/self/maps") as maps:  # the driver PyTorch loaded (a compat libcuda, say), not another one
+            path = next((word for line in maps for word in line.split() if "/libcuda.so" in word), "libcuda.so.1")
         lib = ctypes.CDLL(path)  # raises OSError when there is no driver library
         missing = [name for name in self.NAMES if not hasattr(lib, name)]
         if missing:
