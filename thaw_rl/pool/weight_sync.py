@@ -184,4 +184,6 @@ def receive_weights(group: TransferGroup, layout: WeightLayout, root: int,
         for bucket, buffer in zip(layout.buckets, buffers):
             for entry in bucket:
                 assign(entry.name, _view(buffer, entry))
+    if group.device.type == "cuda":  # NCCL's wait only orders streams: return when the weights are in place, so
+        torch.cuda.synchronize(group.device)  # the reply (and update_weights' wall time) means they arrived
     return layout.nbytes

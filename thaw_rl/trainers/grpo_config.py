@@ -136,13 +136,14 @@ class ThawGRPOConfig(GRPOConfig):
     engine_cuda_graphs: bool | None = field(
         default=None,
         metadata={"help": "Replay decode steps as CUDA graphs. None: on CUDA unless ZeRO-3/FSDP gathers fresh "
-                          "parameter storage each generation (then graphs would read stale weights)."})
+                          "parameter storage each generation (then graphs would read stale weights). Applies to the "
+                          "pool workers' engines too (rollout_backend='pool'; their weights are updated in place)."})
     engine_compile_layers: bool = field(
         default=False,
         metadata={"help": "Regional torch.compile of the decoder layers for the engine's forwards only (the model "
                           "trains uncompiled). Costs about a minute at the first generation; measured 2x faster "
                           "pure decode on an H100 (benchmarks/results). Kept across generations either way "
-                          "(release_kv_cache releases only the KV pool)."})
+                          "(release_kv_cache releases only the KV pool). Applies to the pool workers' engines too."})
     shared_prefix_training: bool = field(
         default=True,
         metadata={"help": "Compute each shared prefix once in training too: the training forward/backward and the "

@@ -92,8 +92,11 @@ class PoolRollouts:
             args = self.args
             with self._generation_model() as model:
                 factory = functools.partial(model_from_config, model.config, next(model.parameters()).dtype)
+            # the same engine settings as the in-process engine (ThawGRPOTrainer._backend_for), so a pool
+            # worker decodes as fast as rollout_backend="native" would on its GPU
             engine_kwargs = dict(block_size=args.kv_block_size, kv_cache_memory=args.engine_kv_cache_memory,
-                                 kv_cache_vmm=args.kv_cache_vmm)
+                                 use_cuda_graphs=args.engine_cuda_graphs, compile_layers=args.engine_compile_layers,
+                                 seed=args.seed, kv_cache_vmm=args.kv_cache_vmm)
             self.pool = ForkPool(factory, num_workers=args.pool_num_workers, devices=pool_devices(args),
                                  engine_kwargs=engine_kwargs, timeout_s=args.pool_timeout_s, seed=args.seed,
                                  weight_sync="distributed", weight_bucket_bytes=args.pool_weight_bucket_bytes,
