@@ -162,6 +162,7 @@ def test_a_trunk_forked_across_workers_continues_exactly_like_one_forked_in_plac
         assert worker_delta(before, after, "snapshot_bytes") == [moved, 0]
         assert after["transfer"]["host"]["bytes"] - before["transfer"]["host"]["bytes"] == moved
         assert after["transfer_bytes"] - before["transfer_bytes"] == moved
+        assert pool.transfer_totals()["transfer_bytes"] == after["transfer_bytes"]  # no round trip, same totals
         assert "export_seconds" not in after["workers"][0] and "export_seconds" not in after["retired"]
         assert after["workers"][0]["num_trunk_exports"] == 1  # kept while the parent may send it elsewhere
         for h in (trunk, *kids):

@@ -140,7 +140,8 @@ def run(trainer, check):
     assert check.versions == [(1, 1), (2, 2), (3, 3)]  # the pool's version is the trainer's step, after each step
     assert len(check.gaps) == 6 and max(check.gaps) < 1e-4  # both workers hold the trained weights
     logged = {k for row in trainer.state.log_history for k in row}
-    assert {"thaw/weight_version", "thaw/weight_sync_ms", "thaw/rollout_staleness"} <= logged
+    assert {"thaw/weight_version", "thaw/weight_sync_ms", "thaw/rollout_staleness", "thaw/pool_transfer_bytes",
+            "thaw/pool_transfer_ms"} <= logged
     assert trainer.rollout_pool is None  # the workers were stopped at the end of training
 
 

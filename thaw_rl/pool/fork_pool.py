@@ -306,6 +306,11 @@ class ForkPool(PoolWeights):
         """Cumulative counters over every worker, replaced ones included (from the latest replies; no round trip)."""
         return backend_counters(self._summed(), self._num_forks, self._fork_seconds)
 
+    def transfer_totals(self) -> dict:
+        """Trunks moved between workers so far, replaced workers included (from the latest replies; no round trip):
+        ``transfer_bytes``, ``transfer_seconds`` and the same per transport (``stats()`` has them too)."""
+        return transfer_stats(self._summed())
+
     def _summed(self) -> Counter:
         return summed([w.status for w in self._workers if w is not None]) + self._retired
 

@@ -82,6 +82,7 @@ class PoolRollouts:
         self._pending: list[concurrent.futures.Future] = []
         self.staleness_history: list[int] = []  # per used rollout: trainer version - sampling version
         self.num_dropped = 0  # rollouts older than max_staleness, generated again
+        self._transfer_seen = (0.0, 0.0)  # the pool's trunk transfer totals (bytes, seconds) at the last metrics()
 
     # -- the pool and its weights -------------------------------------------------------------------------
     def backend(self):
@@ -116,10 +117,18 @@ class PoolRollouts:
         return {k: v for k, v in parameters.items() if k in names}  # anything the workers' model lacks stays here
 
     def metrics(self) -> dict[str, float]:
+        """Per generation: weight version and last sync time, rollouts dropped, and the trunk bytes and time
+        moved between workers since the previous call."""
         pool = self.pool
-        return {} if pool is None else {"thaw/weight_version": float(pool.version),
-                                        "thaw/weight_sync_ms": 1000.0 * pool.last_weight_sync_seconds,
-                                        "thaw/rollouts_dropped": float(self.num_dropped)}
+        if pool is None:
+            return {}
+        totals = pool.transfer_totals()
+        seen, self._transfer_seen = self._transfer_seen, (totals["transfer_bytes"], totals["transfer_seconds"])
+        return {"thaw/weight_version": float(pool.version),
+                "thaw/weight_sync_ms": 1000.0 * pool.last_weight_sync_seconds,
+                "thaw/rollouts_dropped": float(self.num_dropped),
+                "thaw/pool_transfer_bytes": float(self._transfer_seen[0] - seen[0]),
+                "thaw/pool_transfer_ms": 1000.0 * (self._transfer_seen[1] - seen[1])}
 
     # -- generation ---------------------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], spec: TreeSpec, num_generations: int,
