@@ -91,6 +91,11 @@ class ForkPool(PoolWeights):
         weight_sync: how ``update_weights`` moves weights: "shared_memory" (one packed copy in /dev/shm,
             kept for replacements) or "distributed" (packed buckets broadcast over gloo/NCCL; nothing kept).
         weight_bucket_bytes: "distributed": bytes per broadcast (several parameters packed into each).
+        weight_ipc: "distributed" when every worker is on the device of the trainer's tensors: hand the
+            workers CUDA IPC handles of packed buckets the pool keeps (one more copy of the parameters on
+            that GPU) instead of gloo through host memory. None (default): exactly then, on CUDA; True:
+            always (every worker must be on the weights' device; on the CPU the handles are shared memory,
+            the IPC protocol for tests); False: never. Any worker elsewhere: NCCL/gloo for all.
         weights_source: "distributed": ``() -> (version, {name: tensor})``, asked for the current weights
             when a replacement worker starts and no other worker holds them (e.g. a pool of one worker).
         trunk_transport: how a trunk's KV moves between workers: "auto" ("device" when both workers are on
@@ -120,6 +125,7 @@ class ForkPool(PoolWeights):
         weight_bucket_bytes: int = DEFAULT_BUCKET_BYTES,
         weights_source: Callable[[], tuple[int, Mapping[str, torch.Tensor]]] | None = None,
         trunk_transport: str = "auto",
+        weight_ipc: bool | None = None,
     ) -> None:
         import torch.multiprocessing as torch_mp  # registers the shared-memory tensor reductions
 
@@ -131,6 +137,11 @@ class ForkPool(PoolWeights):
             raise ValueError(f"timeout_s={timeout_s} and start_timeout_s={start_timeout_s} must be > 0 seconds.")
         if child_reserve_tokens < 0:
             raise ValueError(f"child_reserve_tokens={child_reserve_tokens} must be >= 0.")
+        if weight_ipc is not None and not isinstance(weight_ipc, bool):
+            raise TypeError(f"weight_ipc={weight_ipc!r}: use None (automatic), True or False.")
+        if weight_ipc and weight_sync != "distributed":
+            raise ValueError(f"weight_ipc=True is a way of weight_sync='distributed', not of {weight_sync!r}; "
+                             f"pass weight_sync='distributed' too.")
         if weight_bucket_bytes < 1:
             raise ValueError(f"weight_bucket_bytes={weight_bucket_bytes} must be >= 1.")
         if devices is None:
@@ -152,6 +163,7 @@ class ForkPool(PoolWeights):
         self.weight_sync = weight_sync
         self.weight_bucket_bytes = int(weight_bucket_bytes)
         self.weights_source = weights_source
+        self.weight_ipc = weight_ipc
         self.trunk_transport = trunk_transport
         self._ctx = torch_mp.get_context(start_method)
         self._spawn = dict(model_factory=model_factory, engine_kwargs=dict(engine_kwargs or {}),
@@ -167,6 +179,7 @@ class ForkPool(PoolWeights):
         self._weights: PackedWeights | None = None  # shared_memory: the latest update, for replacements
         self._group: TransferGroup | None = None  # distributed: the parent's end of the parent+workers group
         self._group_ids = itertools.count()
+        self._ipc_buffers: tuple | None = None  # weight_ipc: (layout, packed device buffers) kept for the next push
         self._stores: list = []  # stores and groups of one-off transfers (kept: workers hold clients of them)
         self._pushing = False  # inside update_weights: a replacement gets the new weights from its retry
         self._weights_given = False  # distributed: update_weights ran, so replacements need its weights
@@ -182,6 +195,7 @@ class ForkPool(PoolWeights):
         self._num_forks = 0
         self.weight_sync_seconds = 0.0  # cumulative wall time of update_weights
         self.last_weight_sync_seconds = 0.0
+        self.last_weight_transport = ""  # distributed: "ipc", "nccl" or "gloo", how the last weights went
         self.weight_sync_bytes = 0  # bytes handed to workers by update_weights (per worker, summed)
         try:
             self._start(list(range(num_workers)))
@@ -338,6 +352,7 @@ class ForkPool(PoolWeights):
         """Ask every worker to exit, kill those that do not, reap them all. Idempotent."""
         self._closed = True
         self._finalizer()
+        self._ipc_buffers = None
 
     def __enter__(self) -> ForkPool:
         return self

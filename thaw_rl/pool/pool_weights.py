@@ -4,7 +4,11 @@ Why apart from ``fork_pool.py``: moving weights is its own job with two transpor
 packs a state dict into one /dev/shm buffer that every worker maps (and that is kept for replacements);
 ``"distributed"`` broadcasts packed buckets over a gloo/NCCL group of the parent and the workers
 (``weight_sync.py``), keeps nothing, and a replacement gets the current version from a worker that holds
-it (a worker-only group), else from ``weights_source``. Either way each worker's version goes up and its
+it (a worker-only group), else from ``weights_source``. When every worker is on the device of the trainer's
+tensors, ``"distributed"`` moves them by CUDA IPC instead (``weight_ipc``: automatic on CUDA; forced on
+the CPU, where the same handles are shared memory): the trainer packs the buckets into device buffers it
+keeps and reuses, each worker opens its own handle of them and copies. A pool with any worker elsewhere
+uses NCCL/gloo for every worker (no mixed update); a replacement fed by a peer worker uses gloo. Either way each worker's version goes up and its
 prefix cache is dropped; a worker refuses requests that expect another version.
 
 ``PoolWeights`` is a mixin of ``ForkPool``: it uses the pool's workers, calls and retry helper.
@@ -17,7 +21,8 @@ from typing import Mapping
 
 import torch
 
-from thaw_rl.pool.weight_sync import GroupSpec, TransferGroup, WeightLayout, new_store, plan_buckets, send_weights
+from thaw_rl.pool.weight_sync import (GroupSpec, TransferGroup, WeightLayout, new_store, pack_buckets, plan_buckets,
+                                      send_weights, share_buckets)
 from thaw_rl.pool.worker import PackedWeights
 from thaw_rl.pool.worker_process import WorkerFailure
 
@@ -105,6 +110,8 @@ class PoolWeights:
         Returns (errors, failures) as ``_call_all`` does; a worker that raised is a failure (it may hold half
         a transfer's group state), and any failure drops the parent's group so the next push forms a new one.
         """
+        if root is None and self._uses_ipc(next(iter(tensors.values())).device):
+            return self._transfer_ipc(targets, layout, version, tensors)
         members = ([] if root is None else [root]) + list(targets)
         offset = 1 if root is None else 0  # the parent is rank 0 of a group it sends from
         devices = [self._devices[w] for w in members]
@@ -113,6 +120,7 @@ class PoolWeights:
         # NCCL needs one GPU per rank; members sharing a GPU go through gloo (CUDA IPC there is not built yet)
         on_cuda = all(d.startswith("cuda") for d in devices) and len(set(devices)) == len(devices)
         backend = "nccl" if on_cuda else "gloo"
+        self.last_weight_transport = backend
         everyone = root is None and len(targets) == self.num_workers  # the group kept for the next pushes
         group = self._group if everyone else None
         if group is not None:
@@ -149,6 +157,38 @@ class PoolWeights:
                                f"worker answered; the pool's group is dropped and the next update forms a new one.")
         return {}, failures
 
+    def _uses_ipc(self, device: torch.device) -> bool:
+        """Whether the trainer's tensors on ``device`` go to the workers by CUDA IPC (see ``weight_ipc``)."""
+        if self.weight_ipc is False:
+            return False
+        same = all(_same_device(d, device) for d in self._devices)
+        if self.weight_ipc is None:
+            return same and device.type == "cuda"
+        if not same:
+            raise ValueError(f"weight_ipc=True shares the trainer's buffers, so every worker must be on the device of "
+                             f"the weights ({device}), but the workers are on {sorted(set(self._devices))}; pass "
+                             f"weight_ipc=None (IPC only where it applies) or move the weights.")
+        return True
+
+    def _transfer_ipc(self, targets: list[int], layout: WeightLayout, version: int,
+                      tensors: Mapping[str, torch.Tensor]) -> tuple[dict, dict]:
+        """Pack into the kept buffers, hand each target its own handle, wait until all copied; (errors, failures).
+
+        The buffers are reused by the next update of the same layout: every handle handed out was opened and
+        let go before its reply, or its worker is dead (killed here on a timeout), so no one reads them then.
+        """
+        device = next(iter(tensors.values())).device
+        kept = self._ipc_buffers if self._ipc_buffers is not None and self._ipc_buffers[0] == layout else None
+        buffers = pack_buckets(layout, tensors, device, None if kept is None else kept[1])
+        self._ipc_buffers = (layout, buffers)
+        self.last_weight_transport = "ipc"
+        payloads = share_buckets(buffers, len(targets))
+        calls = {w: ("open_weights", (payload, layout, version)) for w, payload in zip(targets, payloads)}
+        _, errors, failures = self._call_all(calls)
+        for w, exc in errors.items():
+            failures[w] = WorkerFailure(self._workers[w], "open_weights", f"raised {type(exc).__name__}: {exc}")
+        return {}, failures
+
     def _give_current_weights(self, indices: list[int]) -> None:
         """Distributed: fresh workers get the current version from a worker holding it, else from weights_source."""
         donors = [w for w in range(self.num_workers) if w not in indices and not self._workers[w].closed
@@ -183,3 +223,11 @@ class PoolWeights:
         if errors or failures:
             raise RuntimeError(f"ForkPool's new worker(s) could not load weights version {self._version}: "
                                f"{list(errors.values()) + list(failures.values())}")
+
+
+def _same_device(worker_device: str, device: torch.device) -> bool:
+    """A worker on "cuda" (no index) runs on GPU 0: its spawned process starts there."""
+    d = torch.device(worker_device)
+    index = d.index if d.index is not None else (0 if d.type == "cuda" else None)
+    other = device.index if device.index is not None else (0 if device.type == "cuda" else None)
+    return d.type == device.type and index == other

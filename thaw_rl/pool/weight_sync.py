@@ -13,15 +13,25 @@ tensor at a 64-byte aligned offset so any dtype can view it, and one broadcast m
 Every member of a group holds the same ``WeightLayout`` (the parent sends it with the request); the root
 packs from its tensors, the others unpack into their parameters after the last bucket arrived, so a
 failure mid-transfer never leaves half-loaded weights behind.
+
+Why CUDA IPC when every worker shares the trainer's GPU: NCCL needs one GPU per rank, and gloo moves the
+weights through host memory twice. ``pack_buckets`` packs the same layout into device buffers the trainer
+keeps (and reuses for the next update of the same layout); ``share_buckets`` pickles one CUDA IPC handle
+of them per worker (``ForkingPickler``: torch counts one consumer per pickle, as trunk exports do); the
+worker opens every bucket, copies them into its parameters and lets go before it replies, so the trainer
+may repack once every worker answered. CPU tensors take the same path through shared host memory (the
+tests run the protocol that way).
 """
 
 from __future__ import annotations
 
 import datetime
 from dataclasses import dataclass
+from multiprocessing.reduction import ForkingPickler
 from typing import Callable, Mapping
 
 import torch
+import torch.multiprocessing  # noqa: F401 (registers the CUDA IPC and shared-memory tensor reductions)
 
 DEFAULT_BUCKET_BYTES = 256 << 20
 
@@ -186,4 +196,51 @@ def receive_weights(group: TransferGroup, layout: WeightLayout, root: int,
                 assign(entry.name, _view(buffer, entry))
     if group.device.type == "cuda":  # NCCL's wait only orders streams: return when the weights are in place, so
         torch.cuda.synchronize(group.device)  # the reply (and update_weights' wall time) means they arrived
+    return layout.nbytes
+
+
+def pack_buckets(layout: WeightLayout, tensors: Mapping[str, torch.Tensor], device: torch.device,
+                 buffers: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+    """Pack ``tensors`` into one byte buffer per bucket on ``device`` (``buffers`` reused when they fit).
+
+    Returns when the copies are done (CUDA: synchronized), so a handle of the buffers reads the new weights.
+    """
+    device = torch.device(device)
+    if buffers is None or [b.numel() for b in buffers] != list(layout.bucket_nbytes) or \
+            any(b.device != device for b in buffers):
+        buffers = [torch.empty(n, dtype=torch.uint8, device=device) for n in layout.bucket_nbytes]  # (nbytes,)
+    on_cuda = device.type == "cuda"
+    with torch.no_grad():
+        for bucket, buffer in zip(layout.buckets, buffers):
+            for entry in bucket:
+                _view(buffer, entry).copy_(tensors[entry.name].detach(), non_blocking=on_cuda)
+    if on_cuda:  # pragma: no cover - CUDA only (the consumer reads on its own stream)
+        torch.cuda.current_stream(device).synchronize()
+    return buffers
+
+
+def share_buckets(buffers: list[torch.Tensor], n: int) -> list[bytes]:
+    """``n`` pickled handles of ``buffers`` (CUDA IPC, or shared memory on CPU), one per consumer, each opened once."""
+    return [bytes(ForkingPickler.dumps(list(buffers))) for _ in range(n)]
+
+
+def open_buckets(payload: bytes, layout: WeightLayout, assign: Callable[[str, torch.Tensor], None]) -> int:
+    """Consumer: open every bucket of ``payload``, then ``assign(name, tensor)`` each parameter; bytes read.
+
+    Nothing is assigned unless every bucket opened and has its layout's size. Returns after the copies are
+    done (CUDA: synchronized) with the handles closed, so the producer may overwrite or free its buffers.
+    """
+    buffers = ForkingPickler.loads(payload)  # opens the handles (the producer's GPU: this worker's)
+    try:
+        sizes = [b.numel() for b in buffers]
+        if sizes != list(layout.bucket_nbytes):
+            raise RuntimeError(f"shared weight buckets have {sizes} bytes, the layout says {list(layout.bucket_nbytes)}")
+        with torch.no_grad():
+            for bucket, buffer in zip(layout.buckets, buffers):
+                for entry in bucket:
+                    assign(entry.name, _view(buffer, entry))
+        if buffers and buffers[0].device.type == "cuda":  # pragma: no cover - CUDA only
+            torch.cuda.synchronize(buffers[0].device)
+    finally:
+        del buffers
     return layout.nbytes

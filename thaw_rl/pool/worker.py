@@ -34,7 +34,8 @@ import torch
 from thaw_rl.engine import SamplingParams, Session, ThawEngine
 from thaw_rl.pool.shared_memory import shared_empty
 from thaw_rl.pool.trunk_export import TrunkExport, TrunkExports, TrunkImport
-from thaw_rl.pool.weight_sync import GroupSpec, TransferGroup, WeightLayout, receive_weights, send_weights
+from thaw_rl.pool.weight_sync import (GroupSpec, TransferGroup, WeightLayout, open_buckets, receive_weights,
+                                      send_weights)
 
 VERSIONED_OPS = frozenset({"prefill", "fork", "generate", "snapshot"})  # read or write KV: weights must match
 NO_REPLY_OPS = frozenset({"free", "release_trunk"})  # fire-and-forget
@@ -93,6 +94,13 @@ class PackedWeights:
         for n in shape:
             numel *= n
         return buffer[offset:offset + numel * dtype.itemsize].view(dtype).view(shape)
+
+
+def _digest(t: torch.Tensor) -> str:
+    """sha256 of a tensor's bytes (any dtype, any device)."""
+    import hashlib
+
+    return hashlib.sha256(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()).hexdigest()
 
 
 # -- faults (tests) --------------------------------------------------------------------------------
@@ -274,6 +282,20 @@ class Worker:
             raise RuntimeError(f"weight layout names {missing[:3]} are not parameters of this worker's model")
         receive_weights(self.group, layout, root, lambda name, t: params[name].copy_(t))
         self._now_holds(version, start)
+
+    def op_open_weights(self, payload: bytes, layout: WeightLayout, version: int) -> None:
+        """Open the trainer's shared weight buckets (CUDA IPC on its GPU, or shared memory), copy them in."""
+        start = time.perf_counter()
+        params = dict(self.engine.model.named_parameters())
+        missing = [name for name in layout.names if name not in params]
+        if missing:  # checked by the parent before it sends; a mismatch here is a broken invariant
+            raise RuntimeError(f"weight layout names {missing[:3]} are not parameters of this worker's model")
+        open_buckets(payload, layout, lambda name, t: params[name].copy_(t))
+        self._now_holds(version, start)
+
+    def op_weights_digest(self) -> dict[str, str]:
+        """Parameter name -> sha256 of its bytes: whether two processes hold exactly the same weights."""
+        return {name: _digest(t) for name, t in self.engine.model.named_parameters()}
 
     def _now_holds(self, version: int, start: float) -> None:
         """New weights are in place: the engine takes their version (which drops its prefix cache, and tags
