@@ -117,7 +117,7 @@ class PoolWeights:
         devices = [self._devices[w] for w in members]
         if root is None:
             devices.append(str(next(iter(tensors.values())).device))
-        # NCCL needs one GPU per rank; members sharing a GPU go through gloo (CUDA IPC there is not built yet)
+        # NCCL needs one GPU per rank; members sharing a GPU go through gloo (or CUDA IPC above)
         on_cuda = all(d.startswith("cuda") for d in devices) and len(set(devices)) == len(devices)
         backend = "nccl" if on_cuda else "gloo"
         self.last_weight_transport = backend
