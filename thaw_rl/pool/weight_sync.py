@@ -234,7 +234,8 @@ def open_buckets(payload: bytes, layout: WeightLayout, assign: Callable[[str, to
     try:
         sizes = [b.numel() for b in buffers]
         if sizes != list(layout.bucket_nbytes):
-            raise RuntimeError(f"shared weight buckets have {sizes} bytes, the layout says {list(layout.bucket_nbytes)}")
+            raise RuntimeError(f"shared weight buckets have {sizes} bytes, the layout says "
+                               f"{list(layout.bucket_nbytes)}")
         with torch.no_grad():
             for bucket, buffer in zip(layout.buckets, buffers):
                 for entry in bucket:
