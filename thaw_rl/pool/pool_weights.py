@@ -9,7 +9,8 @@ tensors, ``"distributed"`` moves them by CUDA IPC instead (``weight_ipc``: autom
 the CPU, where the same handles are shared memory): the trainer packs the buckets into device buffers it
 keeps and reuses, each worker opens its own handle of them and copies. A pool with any worker elsewhere
 uses NCCL/gloo for every worker (no mixed update); a replacement fed by a peer worker uses gloo. Either
-way each worker's version goes up and its prefix cache is dropped; a worker refuses requests that expect another version.
+way each worker's version goes up and its prefix cache is dropped; a worker refuses requests that
+expect another version.
 
 ``PoolWeights`` is a mixin of ``ForkPool``: it uses the pool's workers, calls and retry helper.
 """
