@@ -32,18 +32,13 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
-from engine_throughput import load_model  # noqa: E402
+from engine_throughput import load_model, sync  # noqa: E402
 from receipt_utils import receipt, write_receipt  # noqa: E402
 
 from thaw_rl import SamplingParams, ThawEngine  # noqa: E402
 
 VARIANTS = {"graphs": dict(), "eager": dict(use_cuda_graphs=False, cascade_attention="off"),
             "eager+cascade": dict(use_cuda_graphs=False, cascade_attention="on")}
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def decode_call(engine, prompts, group, params, device):
@@ -75,13 +70,7 @@ def main() -> None:
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    if args.model.startswith("tiny-"):
-        from thaw_rl.testing import tiny_model_and_tokenizer
-
-        model, tok = tiny_model_and_tokenizer(args.model[5:], dtype=dtype)
-        model.to(device)
-    else:
-        model, tok = load_model(args.model, dtype, str(device))
+    model, tok = load_model(args.model, dtype, str(device))
     batches = [int(x) for x in args.batches.split(",")]
     variants = args.variants.split(",")
     params = SamplingParams(temperature=1.0, max_tokens=args.steps, ignore_eos=True, seed=0)

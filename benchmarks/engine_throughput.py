@@ -47,6 +47,13 @@ def sync(device):
 
 
 def load_model(name: str, dtype: torch.dtype, device: str):
+    """(model, tokenizer or None): ``smollm2`` (offline), a random model of a ``CONFIGS`` shape, or ``tiny-<family>``
+    (thaw_rl.testing's tiny llama/qwen2/qwen3 with its tokenizer: seconds-long CPU checks of a benchmark)."""
+    if name.startswith("tiny-"):
+        from thaw_rl.testing import tiny_model_and_tokenizer
+
+        model, tok = tiny_model_and_tokenizer(name[len("tiny-"):], dtype=dtype)
+        return model.to(device), tok
     if name == "smollm2":
         from thaw_rl.offline_models import load_smollm2
 

@@ -40,18 +40,12 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
-from engine_throughput import load_model  # noqa: E402
+from engine_throughput import load_model, sync  # noqa: E402
 from receipt_utils import receipt, write_receipt  # noqa: E402
 
 from thaw_rl import SamplingParams, ThawEngine  # noqa: E402
-from thaw_rl.testing import tiny_model_and_tokenizer  # noqa: E402
 
 GiB = 2**30
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def free_memory(device: torch.device) -> int:
@@ -166,10 +160,8 @@ def main() -> int:
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.model == "tiny-qwen2":
-        model = tiny_model_and_tokenizer("qwen2")[0].to(args.device)
-    else:
-        model = load_model(args.model, torch.bfloat16 if gpu else torch.float32, args.device)[0]
+    dtype = torch.bfloat16 if gpu and not args.model.startswith("tiny-") else torch.float32
+    model = load_model(args.model, dtype, args.device)[0]
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(3, model.config.vocab_size, (args.prompts, args.prompt_len), generator=g).tolist()
     rows = []

@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
-from engine_throughput import load_model  # noqa: E402
+from engine_throughput import load_model, sync  # noqa: E402
 from receipt_utils import receipt, write_receipt  # noqa: E402
 
 from thaw_rl import SamplingParams, ThawEngine  # noqa: E402
@@ -43,19 +43,14 @@ from thaw_rl.engine import engine as engine_mod  # noqa: E402
 from thaw_rl.engine.engine import DecodeProfile  # noqa: E402
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def timed(phases, name, fn, device):
     """Wrap fn so its time, device work included, adds to phases[name] (synchronises before and after)."""
 
     def wrapper(*a, **k):
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         out = fn(*a, **k)
-        _sync(device)
+        sync(device)
         phases[name] += time.perf_counter() - t0
         return out
 
@@ -98,7 +93,7 @@ class GpuTimer:
 def run_call(engine, prompts, params, device, count_syncs=False):
     """prefill, generate (timed), free; returns (seconds, forward steps, CUDA syncs reported in generate, tokens)."""
     sessions = engine.prefill_many(prompts)
-    _sync(device)
+    sync(device)
     steps0 = engine.stats.num_forward_steps
     syncs = 0
     with warnings.catch_warnings(record=True) as caught:
@@ -108,7 +103,7 @@ def run_call(engine, prompts, params, device, count_syncs=False):
         t0 = time.perf_counter()
         try:
             out = engine.generate(sessions, params)
-            _sync(device)
+            sync(device)
         finally:
             if device.type == "cuda":
                 torch.cuda.set_sync_debug_mode("default")
@@ -132,13 +127,7 @@ def main():
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    if args.model.startswith("tiny-"):  # a seconds-long CPU check of this script: tiny-llama, tiny-qwen2, tiny-qwen3
-        from thaw_rl.testing import tiny_model_and_tokenizer
-
-        model, tok = tiny_model_and_tokenizer(args.model[5:], dtype=dtype)
-        model.to(device)
-    else:
-        model, tok = load_model(args.model, dtype, str(device))
+    model, tok = load_model(args.model, dtype, str(device))  # tiny-llama/-qwen2/-qwen3: a seconds-long CPU check
     batches = [int(x) for x in args.batches.split(",")]
     kv = 0.4 if device.type == "cuda" else 1 << 30
     engine = ThawEngine(model, tok, kv_cache_memory=kv, compile_layers=args.compile_layers,

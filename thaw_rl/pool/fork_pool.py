@@ -601,7 +601,7 @@ def _group(indices, owners: Sequence[int]) -> dict[int, list[int]]:
     return out
 
 
-def _close_all(workers: list[WorkerProcess | None], groups: list[TransferGroup] = (), timeout_s: float = 10.0) -> None:
+def _close_all(workers: list[WorkerProcess | None], groups: list[TransferGroup], timeout_s: float = 10.0) -> None:
     """Ask all to exit at once, then reap each (killing what is still alive at the deadline); then close
     this process's ends of the weight-sync groups."""
     live = [w for w in workers if w is not None]
