@@ -22,6 +22,16 @@ import torch
 from thaw_rl_kernels.block_copy import _check_id_values, gather_blocks, scatter_blocks
 
 
+def take_fitting(idle: list[torch.Tensor], num_bytes: int, granularity: int) -> tuple[int, torch.Tensor | None]:
+    """The pools' reuse rule: (the size a new buffer for ``num_bytes`` gets: rounded up to ``granularity``, at
+    least one granule; the smallest idle buffer of that size up to twice it, removed from ``idle``, or None).
+    The caller holds the pool's lock."""
+    size = max(granularity, -(-num_bytes // granularity) * granularity)
+    fits = [i for i, b in enumerate(idle) if size <= b.numel() <= 2 * size]
+    # by index: list.remove would compare tensors elementwise (== is not identity)
+    return size, idle.pop(min(fits, key=lambda i: idle[i].numel())) if fits else None
+
+
 class PinnedBufferPool:
     """Reusable host byte buffers, pinned when CUDA is available.
 
@@ -42,13 +52,9 @@ class PinnedBufferPool:
         """A uint8 tensor of exactly num_bytes (a view of a pooled buffer)."""
         if num_bytes < 0:
             raise ValueError(f"num_bytes must be >= 0; got {num_bytes}.")
-        size = max(self.granularity, -(-num_bytes // self.granularity) * self.granularity)
         with self._lock:
-            fits = [i for i, b in enumerate(self._free) if size <= b.numel() <= 2 * size]
-            if fits:
-                # by index: list.remove would compare tensors elementwise (== is not identity)
-                buffer = self._free.pop(min(fits, key=lambda i: self._free[i].numel()))
-            else:
+            size, buffer = take_fitting(self._free, num_bytes, self.granularity)
+            if buffer is None:
                 buffer = torch.empty(size, dtype=torch.uint8, pin_memory=self.pin)  # (size,)
             self._lent[buffer.untyped_storage().data_ptr()] = buffer
         return buffer[:num_bytes]

@@ -16,6 +16,8 @@ import threading
 
 import torch
 
+from thaw_rl_kernels.host_transfer import take_fitting
+
 logger = logging.getLogger(__name__)
 
 
@@ -61,10 +63,8 @@ class SharedPinnedBuffers:
 
     def acquire(self, num_bytes: int) -> torch.Tensor:
         """A (size,) uint8 shared buffer with size >= num_bytes; give it back with ``release``."""
-        size = max(self.granularity, -(-num_bytes // self.granularity) * self.granularity)
         with self._lock:
-            fits = [i for i, b in enumerate(self._idle) if size <= b.numel() <= 2 * size]
-            buffer = self._idle.pop(min(fits, key=lambda i: self._idle[i].numel())) if fits else None
+            size, buffer = take_fitting(self._idle, num_bytes, self.granularity)
             self._num_lent += 1
         if buffer is None:
             buffer = shared_empty((size,), torch.uint8)  # (size,)
