@@ -162,15 +162,28 @@ class TransferGroup:
         return self.pg.broadcast([buffer], opts)
 
 
+def _pack_bucket(buffer: torch.Tensor, bucket, tensors: Mapping[str, torch.Tensor], non_blocking: bool) -> None:
+    """Copy one bucket's tensors into its byte buffer at their layout offsets."""
+    with torch.no_grad():
+        for entry in bucket:
+            _view(buffer, entry).copy_(tensors[entry.name].detach(), non_blocking=non_blocking)
+
+
+def _assign_all(layout: WeightLayout, buffers: list[torch.Tensor], assign: Callable[[str, torch.Tensor], None]) -> None:
+    """``assign(name, tensor)`` every parameter, read from the buckets' byte buffers."""
+    with torch.no_grad():
+        for bucket, buffer in zip(layout.buckets, buffers):
+            for entry in bucket:
+                assign(entry.name, _view(buffer, entry))
+
+
 def send_weights(group: TransferGroup, layout: WeightLayout, tensors: Mapping[str, torch.Tensor]) -> int:
     """Root: pack each bucket and broadcast it (the next bucket is packed while one is in flight); bytes sent."""
     in_flight = None
     for bucket, nbytes in zip(layout.buckets, layout.bucket_nbytes):
         buffer = torch.empty(nbytes, dtype=torch.uint8, device=group.device)  # (nbytes,)
         on_cuda = group.device.type == "cuda"
-        with torch.no_grad():
-            for entry in bucket:
-                _view(buffer, entry).copy_(tensors[entry.name].detach(), non_blocking=on_cuda)
+        _pack_bucket(buffer, bucket, tensors, non_blocking=on_cuda)
         if on_cuda:  # NCCL runs on its own stream: the packing copies must be done first
             torch.cuda.current_stream(group.device).synchronize()
         work = group.broadcast(buffer, group.spec.rank)
@@ -190,10 +203,7 @@ def receive_weights(group: TransferGroup, layout: WeightLayout, root: int,
         buffer = torch.empty(nbytes, dtype=torch.uint8, device=group.device)  # (nbytes,)
         group.broadcast(buffer, root).wait()
         buffers.append(buffer)
-    with torch.no_grad():
-        for bucket, buffer in zip(layout.buckets, buffers):
-            for entry in bucket:
-                assign(entry.name, _view(buffer, entry))
+    _assign_all(layout, buffers, assign)
     if group.device.type == "cuda":  # NCCL's wait only orders streams: return when the weights are in place, so
         torch.cuda.synchronize(group.device)  # the reply (and update_weights' wall time) means they arrived
     return layout.nbytes
@@ -210,10 +220,8 @@ def pack_buckets(layout: WeightLayout, tensors: Mapping[str, torch.Tensor], devi
             any(b.device != device for b in buffers):
         buffers = [torch.empty(n, dtype=torch.uint8, device=device) for n in layout.bucket_nbytes]  # (nbytes,)
     on_cuda = device.type == "cuda"
-    with torch.no_grad():
-        for bucket, buffer in zip(layout.buckets, buffers):
-            for entry in bucket:
-                _view(buffer, entry).copy_(tensors[entry.name].detach(), non_blocking=on_cuda)
+    for bucket, buffer in zip(layout.buckets, buffers):
+        _pack_bucket(buffer, bucket, tensors, non_blocking=on_cuda)
     if on_cuda:  # pragma: no cover - CUDA only (the consumer reads on its own stream)
         torch.cuda.current_stream(device).synchronize()
     return buffers
@@ -236,10 +244,7 @@ def open_buckets(payload: bytes, layout: WeightLayout, assign: Callable[[str, to
         if sizes != list(layout.bucket_nbytes):
             raise RuntimeError(f"shared weight buckets have {sizes} bytes, the layout says "
                                f"{list(layout.bucket_nbytes)}")
-        with torch.no_grad():
-            for bucket, buffer in zip(layout.buckets, buffers):
-                for entry in bucket:
-                    assign(entry.name, _view(buffer, entry))
+        _assign_all(layout, buffers, assign)
         if buffers and buffers[0].device.type == "cuda":  # pragma: no cover - CUDA only
             torch.cuda.synchronize(buffers[0].device)
     finally:
