@@ -96,7 +96,9 @@ import argparse
 import contextlib
 import dataclasses
 import gc
+import gzip
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -278,7 +280,12 @@ def write_profile(prof, path: Path) -> None:
     with open(path, "w") as f:
         f.write(f"# by {device_key}\n{events.table(sort_by=device_key, row_limit=45, max_name_column_width=60)}\n")
         f.write(f"# by self_cpu_time_total\n{events.table(sort_by='self_cpu_time_total', row_limit=30, max_name_column_width=60)}\n")
-    print(f"profile written to {path}", flush=True)
+    trace = path.with_suffix(".trace.json")  # the timeline (device idle gaps, host stalls), gzipped
+    prof.export_chrome_trace(str(trace))
+    with open(trace, "rb") as src, gzip.open(f"{trace}.gz", "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    trace.unlink()
+    print(f"profile written to {path} and {trace}.gz", flush=True)
 
 
 def make_callback(trainer):
