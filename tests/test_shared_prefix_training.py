@@ -323,6 +323,56 @@ def test_flat_path_logs_equal_token_counts(tmp_path):
     assert h["thaw/train_tokens"] == h["thaw/train_tokens_flat"] > 0
 
 
+def test_loss_forwards_use_packs_made_ahead_with_the_same_loss_and_gradients(tmp_path):
+    """TRL buffers both micro-batches of a generation batch; each one's loss forward gets its pack from the
+    pack-ahead (built on the host before the forward), with the loss and gradients of packing on the spot."""
+    trainer = trainer_for(tmp_path, steps_per_generation=2, seed=1, max_completion_length=10)
+    trainer.model.train()
+    rows = [{"prompt": p} for p in PROMPTS[:2] for _ in range(trainer.num_generations)]
+    first = trainer._prepare_inputs(rows)  # generates, shuffles by group, buffers 2 micro-batches of 4 rows
+    buffered = trainer._buffered_inputs
+    assert len(buffered) == 2 and first is buffered[0] and trainer._pack_ahead.source is buffered
+    trainer._pack_ahead.prepare_next()  # what training_step does after queueing a backward: packs micro-batch 0
+    assert trainer._pack_ahead._entries[id(buffered[0])].prepared is not None
+    assert trainer._pack_ahead.take({"prompt_ids": buffered[0]["prompt_ids"]}) is None  # another dict: no pack
+    for inputs in buffered:
+        prepared = trainer._pack_ahead.take(inputs)
+        assert prepared is not None and prepared.batch.num_rows == 4
+        model = trainer.model
+        ahead_loss, ahead_grads = None, None
+        for use_ahead in (True, False):
+            model.zero_grad()
+            with tree_attention_mode(model):
+                loss = trainer.compute_loss(model, inputs) if use_ahead else trainer._compute_loss(model, inputs)
+                if use_ahead:
+                    assert trainer.last_packed_batch is prepared.batch  # the forward used the pack made ahead
+                else:
+                    assert trainer.last_packed_batch is not prepared.batch
+                loss.backward()
+            grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+            if use_ahead:
+                ahead_loss, ahead_grads = loss.detach(), grads
+        assert loss.abs() > 0
+        torch.testing.assert_close(ahead_loss, loss.detach(), atol=0, rtol=0)
+        for name, grad in grads.items():
+            torch.testing.assert_close(ahead_grads[name], grad, atol=0, rtol=0, msg=name)
+
+
+def test_prompts_shared_by_a_group_are_tokenized_once_with_trl_ids(tmp_path, monkeypatch):
+    from trl import GRPOTrainer
+
+    trainer = trainer_for(tmp_path)
+    prompts = [p for p in PROMPTS[:3] for _ in range(4)]
+    calls = []
+    original = GRPOTrainer._tokenize_prompts
+    monkeypatch.setattr(GRPOTrainer, "_tokenize_prompts", lambda self, ps: calls.append(len(ps)) or original(self, ps))
+    ids, images, fields = trainer._tokenize_prompts(prompts)
+    assert calls == [3]  # once per distinct prompt
+    expected, _, _ = original(trainer, prompts)
+    assert ids == expected and images is None and not fields
+    assert len({id(row) for row in ids}) == len(ids)  # each row its own list
+
+
 def test_generation_batches_are_shuffled_by_whole_groups():
     rows = torch.arange(12)
     shuffled = shuffle_groups({"x": rows, "names": [str(i) for i in range(12)], "n": torch.tensor(3)}, 4)

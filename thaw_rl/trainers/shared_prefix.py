@@ -41,6 +41,45 @@ class PackedScores:
     batch: PackedBatch
 
 
+@dataclass
+class ReadyChunk:
+    """One packed forward's inputs on the device: the chunk padded (``padded_tree``) and its attention mask."""
+
+    input_ids: torch.Tensor  # (N',) N' = N padded
+    position_ids: torch.Tensor  # (N',)
+    shift_labels: torch.Tensor  # (N',)
+    mask: object  # (1, 1, N', N') bool, a BlockMask, or a ``layer_types`` dict of them (``chunk_mask``)
+    num_tokens: int  # N, the real tokens
+
+
+@dataclass
+class PreparedPack:
+    """A batch packed and its forwards' inputs built before its scoring pass (``pack_ahead.py``)."""
+
+    batch: PackedBatch
+    chunks: list[ReadyChunk]
+    input_shape: tuple[int, int]  # (B, L) of the rows it packs: checked against the pass's input_ids
+
+    def fits(self, input_ids: torch.Tensor, logits_to_keep: int) -> bool:
+        return tuple(input_ids.shape) == self.input_shape and self.batch.num_columns == logits_to_keep
+
+
+def ready_chunks(batch: PackedBatch, config, mask_kind: str, device: torch.device,
+                 max_positions: list[int] | None = None) -> list[ReadyChunk]:
+    """Each chunk padded for its mask kind, with its mask. ``max_positions`` (per chunk, known on the host)
+    spares sliding-window models reading the positions back from the device."""
+    window, per_layer = sliding_window_of(config)
+    ready = []
+    for i, chunk in enumerate(batch.chunks):
+        kind = resolve_mask_kind(mask_kind, device, chunk.num_tokens)
+        ids, positions, labels, subtree_end = padded_tree(chunk, pad_multiple(kind, device))
+        with torch.profiler.record_function(f"thaw.tree_mask.{kind}"):
+            mask = chunk_mask(subtree_end, positions, kind, window, per_layer,
+                              max_position=None if max_positions is None else max_positions[i])
+        ready.append(ReadyChunk(ids, positions, labels, mask, chunk.num_tokens))
+    return ready
+
+
 def packed_logps(
     model: torch.nn.Module,
     config_model: torch.nn.Module,
@@ -53,41 +92,46 @@ def packed_logps(
     mask_kind: str,
     compute_entropy: bool,
     autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
+    prepared: PreparedPack | None = None,
 ) -> PackedScores | None:
     """Per-token logprobs (and entropies) of the completion columns, one packed forward per chunk.
 
     ``model`` is what TRL would call (possibly DDP/DeepSpeed-wrapped, with TRL's fused LM head);
     ``config_model`` the unwrapped module whose config selects the attention; ``autocast`` makes the
-    context each forward runs in (TRL's ``accelerator.autocast``). None when the batch is not in TRL's
-    padding layout (the caller keeps the flat path).
+    context each forward runs in (TRL's ``accelerator.autocast``). ``prepared``: these rows already packed
+    (the trainer's pack-ahead); otherwise they are packed here, which reads them back to the host. None
+    when the batch is not in TRL's padding layout (the caller keeps the flat path).
     """
-    with torch.profiler.record_function("thaw.pack_rows"):
-        batch = pack_rows(input_ids, attention_mask, logits_to_keep, max_rows=max_rows, max_tokens=max_tokens)
-    if batch is None:
-        return None
-    window, per_layer = sliding_window_of(config_model.config)
+    if prepared is not None:
+        batch, chunks = prepared.batch, prepared.chunks
+    else:
+        with torch.profiler.record_function("thaw.pack_rows"):
+            batch = pack_rows(input_ids, attention_mask, logits_to_keep, max_rows=max_rows, max_tokens=max_tokens)
+        if batch is None:
+            return None
+        chunks = ready_chunks(batch, config_model.config, mask_kind, input_ids.device)
     logps, entropies = [], []
     with tree_attention_mode(config_model):
-        for chunk in batch.chunks:
-            n = chunk.num_tokens
-            kind = resolve_mask_kind(mask_kind, input_ids.device, n)
-            ids, positions, labels, subtree_end = padded_tree(chunk, pad_multiple(kind, input_ids.device))
-            with torch.profiler.record_function(f"thaw.tree_mask.{kind}"):
-                mask = chunk_mask(subtree_end, positions, kind, window, per_layer)
+        for chunk in chunks:
             with autocast() if autocast is not None else contextlib.nullcontext():
-                out = model(input_ids=ids[None], position_ids=positions[None], attention_mask=mask,
-                            shift_labels=labels[None], fused_lm_head=True)
-            logps.append(out.log_probs[0, :n])  # (N,)
+                out = model(input_ids=chunk.input_ids[None], position_ids=chunk.position_ids[None],
+                            attention_mask=chunk.mask, shift_labels=chunk.shift_labels[None], fused_lm_head=True)
+            logps.append(out.log_probs[0, :chunk.num_tokens])  # (N,)
             if compute_entropy:
-                entropies.append(out.entropy[0, :n])
+                entropies.append(out.entropy[0, :chunk.num_tokens])
     return PackedScores(batch.unpack(logps), batch.unpack(entropies) if compute_entropy else None, batch)
 
 
-def chunk_mask(subtree_end, positions, kind: str, window: int | None, per_layer: bool):
+def chunk_mask(subtree_end, positions, kind: str, window: int | None, per_layer: bool,
+               max_position: int | None = None):
     """The attention mask of one packed tree: a tensor/BlockMask, or a ``layer_types`` dict for models
     whose layers mix full and sliding attention. Without a window, or when no row outgrows it, the
-    plain tree mask."""
-    if window is None or int(positions.max()) + 1 <= window:
+    plain tree mask. ``max_position``: the largest position, when the caller knows it on the host."""
+    if window is None:
+        return tree_attention_mask(subtree_end, kind)
+    if max_position is None:
+        max_position = int(positions.max())
+    if max_position + 1 <= window:
         return tree_attention_mask(subtree_end, kind)
     if per_layer:
         return {"full_attention": tree_attention_mask(subtree_end, kind),
