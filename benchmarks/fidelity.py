@@ -36,6 +36,7 @@ anything touches CUDA in this process (it may start an engine process that re-im
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -318,6 +319,58 @@ def is_ratio_stats(sampler: list, train: list) -> dict:
             f"share_lt_{1 / IS_CLIP_MAX:.3g}": (r < 1 / IS_CLIP_MAX).double().mean().item()}
 
 
+BOOTSTRAP_STATS = ("median", "p99", "max", "share_gt_0.01", "share_gt_0.1", "is_abs_log_p50", "is_abs_log_p99",
+                   "is_share_clipped")
+
+
+def sequence_stats(abs_diffs: list, log_ratios) -> dict:
+    """The compared statistics of one set of sequences: token |diff| (median, p99, max, shares) and the
+    sequence IS ratio's distance from 1 (|log r| median and p99, share outside TRL's [1/3, 3])."""
+    import torch
+
+    d = torch.cat(abs_diffs).sort().values
+    n = d.numel()
+    lr = log_ratios.abs().sort().values
+    at = lambda x, q: x[min(int(q * x.numel()), x.numel() - 1)].item()  # noqa: E731
+    return {"median": at(d, 0.5), "p99": at(d, 0.99), "max": d[-1].item(),
+            "share_gt_0.01": (n - torch.searchsorted(d, 0.01, right=True).item()) / n,
+            "share_gt_0.1": (n - torch.searchsorted(d, 0.1, right=True).item()) / n,
+            "is_abs_log_p50": at(lr, 0.5), "is_abs_log_p99": at(lr, 0.99),
+            "is_share_clipped": (lr > math.log(IS_CLIP_MAX)).double().mean().item()}
+
+
+def bootstrap_comparison(sampled: dict, train: dict, resamples: int = 400, seed: int = 0) -> dict:
+    """Engine vs vLLM on every statistic, with 95% intervals from resampling whole sequences (a sequence's
+    tokens are not independent), and the share of resamples in which the engine is at least as close to
+    training as vLLM (lower is closer for each statistic). Tells a real difference from sampling noise."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    per = {}
+    for name in ("engine", "vllm"):
+        diffs = [(torch.as_tensor(s, dtype=torch.float64) - torch.as_tensor(t, dtype=torch.float64))
+                 for s, t in zip(sampled[name], train[name])]
+        per[name] = ([d.abs() for d in diffs], torch.stack([-d.sum() for d in diffs]))  # log r = sum(train - sampler)
+    point = {name: sequence_stats(*per[name]) for name in per}
+    draws = {name: [] for name in per}
+    for _ in range(resamples):
+        for name, (abs_diffs, log_ratios) in per.items():
+            pick = torch.randint(len(abs_diffs), (len(abs_diffs),), generator=gen)
+            draws[name].append(sequence_stats([abs_diffs[i] for i in pick.tolist()], log_ratios[pick]))
+    out = {}
+    for stat in BOOTSTRAP_STATS:
+        row = {}
+        for name in per:
+            values = torch.tensor([d[stat] for d in draws[name]], dtype=torch.float64)
+            row[name] = point[name][stat]
+            row[f"{name}_ci95"] = [values.quantile(0.025).item(), values.quantile(0.975).item()]
+        eng = torch.tensor([d[stat] for d in draws["engine"]])
+        vll = torch.tensor([d[stat] for d in draws["vllm"]])
+        row["p_engine_at_least_as_close"] = (eng <= vll).double().mean().item()
+        out[stat] = row
+    return {"resamples": resamples, "sequences": {n: len(per[n][0]) for n in per}, "stats": out}
+
+
 def first_divergence(a: list[int], b: list[int]) -> int | None:
     for i, (x, y) in enumerate(zip(a, b)):
         if x != y:
@@ -418,6 +471,10 @@ def measure(model, tokenizer, prompts: list[dict], *, group: int, max_tokens: in
             "share_at_max_tokens": sum(n >= max_tokens for n in lengths) / len(lengths),
             "share_ending_in_eos": sum(bool(t) and t[-1] in eos for g in groups for t, _ in g) / len(lengths)}
     timings["train_forward"] = time.perf_counter() - t0
+    if "vllm" in sampled:
+        t0 = time.perf_counter()
+        results["engine_vs_vllm"] = bootstrap_comparison(sampled, train, seed=seed)
+        timings["bootstrap"] = time.perf_counter() - t0
 
     def guarded(name: str, fn) -> None:
         """Run one optional part; a failure is recorded (and printed), the other parts still run."""
@@ -497,6 +554,13 @@ def table(results: dict) -> str:
     rows = [[name, fmt(s["sequences"])] + [fmt(s[k], "{:.4f}") for k in ("p1", "p5", "p50", "p95", "p99", "min", "max")]
             + [fmt(s[f"share_gt_{IS_CLIP_MAX:g}"], "{:.2%}")] for name, s in results["is_ratio"].items()]
     out += [_grid(head, rows), ""]
+    if "engine_vs_vllm" in results:
+        cmp = results["engine_vs_vllm"]
+        head = ["engine vs vLLM (bootstrap 95%)", "engine", "engine ci", "vllm", "vllm ci", "P(engine <= vllm)"]
+        ci = lambda c: f"[{c[0]:.3g}, {c[1]:.3g}]"  # noqa: E731
+        rows = [[stat, fmt(r["engine"], "{:.4g}"), ci(r["engine_ci95"]), fmt(r["vllm"], "{:.4g}"), ci(r["vllm_ci95"]),
+                 fmt(r["p_engine_at_least_as_close"], "{:.2f}")] for stat, r in cmp["stats"].items()]
+        out += [_grid(head, rows), ""]
     head = ["greedy vs model.generate", "seqs", "identical", "mean first divergence"]
     rows = [[name, fmt(g["sequences"]), fmt(g["identical_share"], "{:.2%}"), fmt(g["mean_first_divergence"], "{:.1f}")]
             for name, g in results["greedy"].items() if name != "prompt_indices"]

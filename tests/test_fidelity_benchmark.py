@@ -69,3 +69,20 @@ def test_statistics_helpers_on_known_values():
     assert fidelity.first_divergence([1, 2], [1, 2, 3]) == 2
     agree = fidelity.agreement([[1, 2], [1, 2]], [[1, 2], [1, 3]])
     assert agree["identical_share"] == 0.5 and agree["mean_first_divergence"] == 1.0
+
+
+def test_bootstrap_tells_a_closer_sampler_from_noise():
+    g = torch.Generator().manual_seed(0)
+    train = [torch.randn(20, generator=g).tolist() for _ in range(60)]
+    noisy = lambda scale: [(torch.tensor(t) + scale * torch.randn(20, generator=g)).tolist() for t in train]  # noqa: E731
+    closer = fidelity.bootstrap_comparison({"engine": noisy(0.01), "vllm": noisy(0.05)},
+                                           {"engine": train, "vllm": train}, resamples=50)
+    for stat in ("median", "p99", "max", "is_abs_log_p50"):
+        row = closer["stats"][stat]
+        assert row["engine"] < row["vllm"] and row["p_engine_at_least_as_close"] > 0.95, stat
+        assert row["engine_ci95"][0] <= row["engine"] <= row["engine_ci95"][1]
+    same = fidelity.bootstrap_comparison({"engine": noisy(0.03), "vllm": noisy(0.03)},
+                                         {"engine": train, "vllm": train}, resamples=50)
+    assert 0.02 < same["stats"]["median"]["p_engine_at_least_as_close"] < 0.98  # equal noise: no verdict
+    exact = fidelity.sequence_stats([torch.tensor([0.0, 0.05, 0.5])], torch.tensor([0.0, 2.0]))
+    assert exact["max"] == 0.5 and exact["share_gt_0.1"] == pytest.approx(1 / 3) and exact["is_share_clipped"] == 0.5
