@@ -39,6 +39,11 @@ free after vLLM (the engine's CUDA default). The defaults (vLLM 0.4 of an H200's
         --shapes 8x16:512+256,64x16:256+512,16x16:2048+512 --branching 4,2,2 --segment-tokens 64 \\
         --repeats 2 --out benchmarks/results/vllm_compare_h200_qwen2.5-1.5b.json
 
+The random-weight shapes (``--model qwen2.5-1.5b``) are made on the CPU and saved for vLLM, so both sides run
+the same weights; on an H200 host that costs ~30 s of the run (1.5B normal draws on the CPU). ``--weights dummy``
+skips it: vLLM draws its own weights (``load_format="dummy"``) and the native model is made on the GPU after
+vLLM is up; the values differ, the shapes and the work do not (completions ignore eos).
+
 model.generate is not a row here: engine_throughput.py measures it against the same engine. On CPU,
 benchmark on a quiet machine: on 2 shared cores everything slows by 2-10x. The table comes last; the
 receipt (``--out``) is rewritten after every shape, so a run cut short keeps the shapes it finished.
@@ -126,6 +131,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="CUDA: share of the GPU vLLM takes (weights + KV + graphs), before the native engine starts")
     p.add_argument("--vllm-max-num-seqs", type=int, default=None, help="default: vLLM's (1024 on an H200)")
     p.add_argument("--vllm-max-num-batched-tokens", type=int, default=None, help="default: vLLM's (TRL colocate: 4096)")
+    p.add_argument("--weights", default="same", choices=["same", "dummy"],
+                   help="same: vLLM loads the native model's weights (saved to a temp dir; a 1.5B model takes ~30 s "
+                        "to make on the CPU); dummy: vLLM's load_format='dummy', the native model made on the device "
+                        "(other random values, the same shapes and cost)")
     p.add_argument("--enforce-eager", action="store_true", help="vLLM without torch.compile and CUDA graphs")
     p.add_argument("--compile-layers", action="store_true", help="native engine: regional torch.compile of layers")
     p.add_argument("--vllm-first", action="store_true", help="CPU: start vLLM first, as on CUDA (checks that path)")
@@ -209,10 +218,17 @@ def load_cpu_model(args, out_dir: str):
     else:
         from engine_throughput import load_model
 
-        model, tok = load_model(args.model, dtype, "cpu")  # random weights of the real shape; CUDA comes later
-        description = f"{args.model} shape (random weights) {args.dtype}"
+        # random weights of the real shape, made on the CPU (CUDA comes after vLLM); dummy: only the config
+        model, tok = load_model(args.model, dtype, "meta" if args.weights == "dummy" else "cpu")
+        description = f"{args.model} shape (random weights, {args.weights}) {args.dtype}"
     model_dir = os.path.join(out_dir, "model")
-    model.save_pretrained(model_dir)  # vLLM loads these files: the same weights on both sides
+    if args.weights == "dummy":  # vLLM draws its own random weights (load_format="dummy"): seconds, not a minute
+        model.config.architectures = [type(model).__name__]
+        model.config.save_pretrained(model_dir)
+        if next(model.parameters()).device.type == "meta":
+            model = None  # built on the device once vLLM is up (make_native)
+    else:
+        model.save_pretrained(model_dir)  # vLLM loads these files: the same weights on both sides
     return model, tok, model_dir, description
 
 
@@ -286,6 +302,7 @@ def build_llm(args, model_dir: str):
 
     max_model_len = max(s.prompt_len + s.completion_len for s in args.shape_list) + 16
     kwargs = dict(model=model_dir, dtype=args.dtype, max_model_len=max_model_len, seed=args.seed,
+                  load_format="dummy" if args.weights == "dummy" else "auto",
                   enable_prefix_caching=True, logprobs_mode="processed_logprobs", skip_tokenizer_init=True,
                   enforce_eager=args.enforce_eager, disable_log_stats=False)  # stats: computed-token counts
     if args.block_size is not None:
@@ -359,12 +376,15 @@ def llm_facts(llm, kwargs: dict, start_seconds: float) -> dict:
     facts = {"vllm": vllm.__version__, "engine_start_seconds": start_seconds,
              "llm_kwargs": {k: v for k, v in kwargs.items() if k != "model"},
              "multiprocessing": os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1 (vLLM default)")}
-    config = getattr(llm.llm_engine, "vllm_config", None)
-    if config is not None:
-        sched, cache = config.scheduler_config, config.cache_config
-        facts.update(max_num_seqs=sched.max_num_seqs, max_num_batched_tokens=sched.max_num_batched_tokens,
-                     block_size=cache.block_size, num_gpu_blocks=getattr(cache, "num_gpu_blocks", None),
-                     enforce_eager=config.model_config.enforce_eager)
+    config = getattr(llm.llm_engine, "vllm_config", None)  # what vLLM made of the arguments (its defaults)
+    for key, part, name in [("max_num_seqs", "scheduler_config", "max_num_seqs"),
+                            ("max_num_batched_tokens", "scheduler_config", "max_num_batched_tokens"),
+                            ("block_size", "cache_config", "block_size"),
+                            ("num_gpu_blocks", "cache_config", "num_gpu_blocks"),
+                            ("enforce_eager", "model_config", "enforce_eager"),
+                            ("cudagraph_mode", "compilation_config", "cudagraph_mode")]:
+        value = getattr(getattr(config, part, None), name, None)  # a missing field must not end the run
+        facts[key] = value if value is None or isinstance(value, (bool, int, float, str)) else str(value)
     return facts
 
 
@@ -463,14 +483,14 @@ def write(args, rows, extra: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    cuda = args.device == "cuda"
     load_at_start = os.getloadavg()  # a shared machine skews every number: the receipt records it
     for key, value in {"VLLM_USE_FLASHINFER_SAMPLER": "0", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                        "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
                        # a CUDA-availability check in this process must not initialize CUDA before vLLM forks
                        "PYTORCH_NVML_BASED_CUDA_CHECK": "1"}.items():
-        os.environ.setdefault(key, value)
+        os.environ.setdefault(key, value)  # before parse_args imports torch and thaw_rl
+    args = parse_args(argv)
+    cuda = args.device == "cuda"
     if not cuda:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)  # vLLM's CPU worker reads it (it defaults to 1 thread)
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -484,8 +504,11 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="vllm_compare_") as tmp:
         model, tokenizer, model_dir, description = load_cpu_model(args, tmp)
         extra["model"] = description
+        from transformers import AutoConfig
+
+        vocab_size = AutoConfig.from_pretrained(model_dir).vocab_size
         g = torch.Generator().manual_seed(args.seed)
-        prompts = {s: [torch.randint(3, model.config.vocab_size, (s.prompt_len,), generator=g).tolist()
+        prompts = {s: [torch.randint(3, vocab_size, (s.prompt_len,), generator=g).tolist()
                        for _ in range(s.prompts)] for s in args.shape_list}
         print(f"{description} on {args.device}; shapes {', '.join(s.name for s in args.shape_list)}; "
               f"workloads {args.workload_list}; {args.repeats} timed run(s) per side", flush=True)
@@ -506,7 +529,13 @@ def main(argv: list[str] | None = None) -> None:
         def start_native():
             nonlocal native
             if "native" not in args.skip_set:
-                native = make_native(args, model.to(args.device), tokenizer)
+                if model is None:  # --weights dummy with a CONFIGS shape: made on the device, now that vLLM is up
+                    from engine_throughput import load_model
+
+                    device_model, _ = load_model(args.model, getattr(torch, args.dtype), args.device)
+                else:
+                    device_model = model.to(args.device)
+                native = make_native(args, device_model, tokenizer)
                 extra["native_engine"] = {"kv_cache_blocks": native.engine.kv_cache.num_blocks,
                                           "block_size": native.engine.block_size,
                                           "max_num_seqs": native.engine.max_num_seqs,
