@@ -7,7 +7,8 @@ EOS, empty completions, duplicate rows, tiny vocabularies where unrelated rows s
 under row and token budgets (including rows longer than the budget), ``pack_rows`` and ``pack_host_rows``
 return the same chunks: same input_ids, position_ids, shift_labels, subtree_end, rows, gather and flat
 counts; masks that are not TRL's layout give None from both. ``pack_host_rows`` refuses device tensors,
-and a chunk moves with ``to``.
+and a chunk moves with ``to``. The tree's block mask lists the same blocks as ``BlockMask.from_kv_blocks``
+derives from its kv lists (all eight tensors equal), with and without a sliding window.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import torch
 
 from thaw_rl.testing import trl_rows
 from thaw_rl.trainers.prefix_packing import PackedBatch, pack_host_rows, pack_rows
+from thaw_rl.trainers.shared_prefix import padded_tree
+from thaw_rl.trainers.tree_attention import tree_block_mask
 
 
 # -- the reference: the original per-row builder -----------------------------------------------------------
@@ -207,3 +210,57 @@ def test_a_chunk_moves_to_a_device_whole():
         assert torch.equal(ours.gather, theirs.gather) and ours.num_flat_tokens == theirs.num_flat_tokens
     assert torch.equal(moved.unpack([c.input_ids.float() for c in moved.chunks]),
                        batch.unpack([c.input_ids.float() for c in batch.chunks]))
+
+
+# -- the block mask -----------------------------------------------------------------------------------------
+def reference_block_mask(ends, block_size=128, windowed=False):
+    """kv lists from the per-block rule, q lists by flex's own transpose (``from_kv_blocks``)."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    blocks = ends.numel() // block_size
+    reach, floor = ends.view(blocks, block_size).max(dim=1).values, ends.view(blocks, block_size).min(dim=1).values
+    q = torch.arange(blocks)[:, None]
+    visible = (q.T <= q) & (reach[None, :] > q * block_size)
+    full = (q.T < q) & (floor[None, :] >= (q + 1) * block_size) & (not windowed)
+    partial = visible & ~full
+
+    def listed(flags):
+        return (flags.sum(dim=1).to(torch.int32)[None, None],
+                torch.argsort((~flags).to(torch.int8), dim=1, stable=True).to(torch.int32)[None, None])
+    return BlockMask.from_kv_blocks(*listed(partial), *listed(full), BLOCK_SIZE=block_size,
+                                    seq_lengths=(ends.numel(), ends.numel()))
+
+
+BLOCK_FIELDS = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices", "q_num_blocks", "q_indices",
+                "full_q_num_blocks", "full_q_indices")
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_tree_block_mask_lists_what_from_kv_blocks_derives(seed):
+    rng = random.Random(seed)
+    prompts, completions = [], []
+    for _ in range(rng.randint(1, 3)):  # groups with long prompts (full blocks) and segment-tree completions
+        prompt = [rng.randrange(50) for _ in range(rng.randint(1, 400))]
+        trunk = [rng.randrange(50) for _ in range(rng.randint(0, 150))]
+        for _ in range(rng.randint(1, 5)):
+            head = trunk[:rng.randint(0, len(trunk))]
+            prompts.append(prompt)
+            completions.append(head + [rng.randrange(50) for _ in range(rng.randint(0, 300 - len(head)))])
+    ids, mask = trl_rows(prompts, completions, 300)
+    (chunk,) = pack_rows(ids, mask, 300).chunks
+    _, positions, _, ends = padded_tree(chunk, 128)
+    for window in (None, rng.randint(20, 200)):
+        ours = tree_block_mask(ends, positions=positions, window=window)
+        theirs = reference_block_mask(ends, windowed=window is not None)
+        for name in BLOCK_FIELDS:
+            a, b = getattr(ours, name), getattr(theirs, name)
+            assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), name
+        assert ours.seq_lengths == theirs.seq_lengths and ours.BLOCK_SIZE == theirs.BLOCK_SIZE
+
+
+def test_tree_block_mask_moves_host_lists_to_the_device_given():
+    ends = torch.arange(1, 257)  # (256,): two blocks of isolated tokens
+    moved = tree_block_mask(ends, device="meta")
+    assert all(getattr(moved, name).device.type == "meta" for name in BLOCK_FIELDS)
+    here = tree_block_mask(ends)
+    assert here.kv_num_blocks.tolist() == [[[1, 1]]] and here.kv_indices.tolist() == [[[[0, 1], [1, 0]]]]

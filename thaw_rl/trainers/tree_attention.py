@@ -146,7 +146,7 @@ def tree_attention_mask(subtree_end: torch.Tensor, kind: str, positions: torch.T
 
 
 def tree_block_mask(subtree_end: torch.Tensor, block_size: int = 128, positions: torch.Tensor | None = None,
-                    window: int | None = None):
+                    window: int | None = None, device: torch.device | str | None = None):
     """The tree's FlexAttention ``BlockMask``, computed from ``subtree_end`` per block, with no compile.
 
     ``create_block_mask`` evaluates the mask for every (q, k) pair, and compiled it recompiled inside
@@ -156,6 +156,13 @@ def tree_block_mask(subtree_end: torch.Tensor, block_size: int = 128, positions:
     block i when ``j < i`` and ``min(subtree_end[block j]) >= (i + 1) * bs``. Partial blocks apply the
     same rule per element through ``mask_mod``. ``N`` must be a multiple of ``block_size``. With a sliding
     ``window`` no block is full (positions are not monotonic in pre-order): every visible block is partial.
+
+    The four block lists (kv and q, partial and full) come from one sort of the ``(nb, nb)`` flags and
+    its transpose: the same tensors ``BlockMask.from_kv_blocks`` derives, without its scatter/vmap
+    transposes (fewer launches: this runs once per micro-batch on the host's critical path). It is
+    computed where ``subtree_end`` lies and reads no value back, so it never waits for a device; with
+    ``device``, host inputs are computed on the host and the mask's tensors copied there (pinned,
+    non-blocking), for a pipeline that prepares the next micro-batch while the device runs this one.
     """
     from torch.nn.attention.flex_attention import BlockMask
 
@@ -172,13 +179,15 @@ def tree_block_mask(subtree_end: torch.Tensor, block_size: int = 128, positions:
     if window is not None:
         full = torch.zeros_like(full)
     partial = any_visible & ~full
-
-    def listed(flags):  # (nb, nb) bool -> counts (1, 1, nb), indices (1, 1, nb, nb), flagged columns first
-        counts = flags.sum(dim=1).to(torch.int32)
-        order = torch.argsort((~flags).to(torch.int8), dim=1, stable=True).to(torch.int32)
-        return counts[None, None], order[None, None]
-
+    flags = torch.stack([partial, full, partial.T, full.T])  # (4, nb, nb): kv lists, then q lists
+    counts = flags.sum(dim=2, dtype=torch.int32)[:, None, None]  # (4, 1, 1, nb)
+    # flagged columns first, each group in index order (what from_kv_blocks' stable argsort gives)
+    order = torch.argsort((~flags).to(torch.int8), dim=2, stable=True).to(torch.int32)[:, None, None]  # (4, 1, 1, nb, nb)
     end = subtree_end
+    if device is not None:
+        device = torch.device(device)
+        counts, order, end = (_moved(t, device) for t in (counts, order, end))
+        positions = None if positions is None else _moved(positions, device)
 
     def ancestor_or_self(b, h, q_idx, kv_idx):
         return (kv_idx <= q_idx) & (q_idx < end[kv_idx])
@@ -186,8 +195,17 @@ def tree_block_mask(subtree_end: torch.Tensor, block_size: int = 128, positions:
     def ancestor_in_window(b, h, q_idx, kv_idx):
         return ancestor_or_self(b, h, q_idx, kv_idx) & (positions[q_idx] - positions[kv_idx] < window)
 
-    kv_num, kv_idx = listed(partial)
-    full_num, full_idx = listed(full)
-    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block_size,
-                                    mask_mod=ancestor_or_self if window is None else ancestor_in_window,
-                                    seq_lengths=(n, n))
+    return BlockMask(seq_lengths=(n, n), kv_num_blocks=counts[0], kv_indices=order[0],
+                     full_kv_num_blocks=counts[1], full_kv_indices=order[1],
+                     q_num_blocks=counts[2], q_indices=order[2],
+                     full_q_num_blocks=counts[3], full_q_indices=order[3], BLOCK_SIZE=(block_size, block_size),
+                     mask_mod=ancestor_or_self if window is None else ancestor_in_window)
+
+
+def _moved(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device``; a host tensor bound for CUDA goes pinned and non-blocking (no host wait)."""
+    if t.device == device:
+        return t
+    if t.device.type == "cpu" and device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
