@@ -106,8 +106,10 @@ def random_batch(seed: int):
     vocab = rng.choice([2, 3, 50])
     width = rng.randint(1, 9)
 
+    offset = rng.choice([0, 0, -1, -(1 << 40)])  # ids sort as integers, negative and wide ones too
+
     def tokens(n):
-        return [rng.randrange(vocab) for _ in range(n)]
+        return [offset + rng.randrange(vocab) for _ in range(n)]
 
     prompts, completions = [], []
     for _ in range(rng.randint(1, 4)):
@@ -130,7 +132,7 @@ def random_batch(seed: int):
     permutation = list(range(len(prompts)))
     rng.shuffle(permutation)
     prompts, completions = [prompts[i] for i in permutation], [completions[i] for i in permutation]
-    ids, mask = trl_rows(prompts, completions, width, pad=rng.randrange(vocab))
+    ids, mask = trl_rows(prompts, completions, width, pad=offset + rng.randrange(vocab))
     budgets = rng.choice([{}, {"max_rows": rng.randint(1, 5)}, {"max_tokens": rng.randint(1, 30)},
                           {"max_rows": rng.randint(1, 5), "max_tokens": rng.randint(5, 40)}])
     return ids, mask, width, prompts, completions, budgets
@@ -200,6 +202,13 @@ def test_pack_host_rows_refuses_device_tensors_and_bad_lengths():
         pack_host_rows(torch.zeros(2, 3, dtype=torch.int64), [1, 1], 3, 2)
     with pytest.raises(ValueError, match="completion in the completion columns"):
         pack_host_rows([[1, 2, 3, 4]], [1], 4, 2)
+
+
+def test_empty_batches_and_empty_rows_pack():
+    assert pack_host_rows([], [], 4, 2).chunks == []
+    (chunk,) = pack_host_rows([[], [5]], [0, 0], 2, 2).chunks
+    assert chunk.input_ids.tolist() == [5] and chunk.rows.tolist() == [0, 1]
+    assert chunk.gather.tolist() == [[1, 1], [1, 1]]  # nothing to score: row 1's first token has no predictor
 
 
 def test_a_chunk_moves_to_a_device_whole():

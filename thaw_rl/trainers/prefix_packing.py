@@ -234,7 +234,8 @@ def _host_rows(token_rows, lengths) -> tuple[np.ndarray, np.ndarray]:
         rows = [_host_array(row, "token_rows").reshape(-1) for row in token_rows]
         lengths = np.array([row.size for row in rows], dtype=np.int64)
         tokens = np.zeros((len(rows), int(lengths.max(initial=0))), dtype=np.int64)
-        tokens[np.arange(tokens.shape[1])[None, :] < lengths[:, None]] = np.concatenate(rows or [tokens[0]])
+        if rows:
+            tokens[np.arange(tokens.shape[1])[None, :] < lengths[:, None]] = np.concatenate(rows)
     if tokens.shape[1] == 0:
         tokens = np.zeros((tokens.shape[0], 1), dtype=np.int64)
     return tokens, lengths
@@ -290,9 +291,11 @@ def _build_chunk(tokens, lengths, prompt_lengths, keep, rows, num_columns: int, 
     num_appended = lengths - keep  # (R,)
     start = np.cumsum(num_appended) - num_appended  # (R,): packed index of row r's first appended token
     n = int(num_appended.sum())
-    # path[r, j]: packed index of row r's token at depth j, appended by the last row s <= r with keep[s] <= j
-    owner = np.maximum.accumulate(np.where(depth >= keep[:, None], np.arange(num_rows)[:, None], 0), axis=0)
-    path = (start - keep)[owner] + depth  # (R, W), meaningful where real
+    # path[r, j]: packed index of row r's token at depth j = start[s] - keep[s] + j for the last row s <= r
+    # that appended depth j (keep[s] <= j). start - keep never decreases (start[s + 1] - start[s] = len[s] -
+    # keep[s] and keep[s + 1] <= len[s]), so the last such row's offset is the running maximum down the rows
+    offset = np.where(depth >= keep[:, None], (start - keep)[:, None], -1)  # (R, W): -1 where reused
+    path = np.maximum.accumulate(offset, axis=0) + depth  # (R, W), meaningful where real
     # token k's subtree ends after the last row on it: row r is the last at depth j when the next row
     # re-appends depth j (or there is no next row); rows on k are consecutive, so each k is written once
     next_keep = np.append(keep[1:], 0)  # (R,)
