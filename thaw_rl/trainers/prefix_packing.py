@@ -33,7 +33,6 @@ takes TRL's ``(B, L)`` tensors on any device (reading them waits for the device)
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
-from typing import Sequence
 
 import numpy as np
 import torch

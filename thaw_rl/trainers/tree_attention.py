@@ -182,7 +182,8 @@ def tree_block_mask(subtree_end: torch.Tensor, block_size: int = 128, positions:
     flags = torch.stack([partial, full, partial.T, full.T])  # (4, nb, nb): kv lists, then q lists
     counts = flags.sum(dim=2, dtype=torch.int32)[:, None, None]  # (4, 1, 1, nb)
     # flagged columns first, each group in index order (what from_kv_blocks' stable argsort gives)
-    order = torch.argsort((~flags).to(torch.int8), dim=2, stable=True).to(torch.int32)[:, None, None]  # (4, 1, 1, nb, nb)
+    order = torch.argsort((~flags).to(torch.int8), dim=2, stable=True).to(torch.int32)  # (4, nb, nb)
+    order = order[:, None, None]  # (4, 1, 1, nb, nb)
     end = subtree_end
     if device is not None:
         device = torch.device(device)
