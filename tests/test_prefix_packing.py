@@ -273,3 +273,5 @@ def test_tree_block_mask_moves_host_lists_to_the_device_given():
     assert all(getattr(moved, name).device.type == "meta" for name in BLOCK_FIELDS)
     here = tree_block_mask(ends)
     assert here.kv_num_blocks.tolist() == [[[1, 1]]] and here.kv_indices.tolist() == [[[[0, 1], [1, 0]]]]
+    assert all(getattr(here, name).storage_offset() == 0 and getattr(here, name).is_contiguous()
+               for name in BLOCK_FIELDS)  # each its own tensor, as from_kv_blocks makes them

@@ -196,6 +196,9 @@ def tree_block_mask(subtree_end: torch.Tensor, block_size: int = 128, positions:
     def ancestor_in_window(b, h, q_idx, kv_idx):
         return ancestor_or_self(b, h, q_idx, kv_idx) & (positions[q_idx] - positions[kv_idx] < window)
 
+    # each list its own tensor, as from_kv_blocks makes them (a view's storage offset is one more thing
+    # the compiled flex_attention would guard on)
+    counts, order = [t.clone() for t in counts.unbind(0)], [t.clone() for t in order.unbind(0)]
     return BlockMask(seq_lengths=(n, n), kv_num_blocks=counts[0], kv_indices=order[0],
                      full_kv_num_blocks=counts[1], full_kv_indices=order[1],
                      q_num_blocks=counts[2], q_indices=order[2],
