@@ -20,12 +20,11 @@ subclass scoring other rows) packs on the spot as before.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
 
-from thaw_rl.trainers.prefix_packing import PackedBatch, PackedChunk, pack_rows
+from thaw_rl.trainers.prefix_packing import pack_rows
 from thaw_rl.trainers.shared_prefix import PreparedPack, ready_chunks
 
 _NOT_PACKED = object()
@@ -91,20 +90,8 @@ class PackAhead:
                 entry.prepared = None
                 return
             max_positions = [int(c.position_ids.max()) if c.num_tokens else 0 for c in batch.chunks]
-            on_device = to_device(batch, self.device)
+            on_device = batch.to(self.device, non_blocking=True)  # pinned copies on CUDA
             entry.prepared = PreparedPack(on_device, ready_chunks(on_device, self._config, self.mask_kind,
                                                                   self.device, max_positions),
                                           tuple(entry.input_ids.shape))
 
-
-def to_device(batch: PackedBatch, device: torch.device) -> PackedBatch:
-    """``batch`` (host tensors) on ``device``, copied from pinned memory without blocking the host."""
-    if device.type == "cpu":
-        return batch
-
-    def moved(t: torch.Tensor) -> torch.Tensor:
-        return t.pin_memory().to(device, non_blocking=True)
-
-    chunks = [PackedChunk(**{f.name: moved(v) if isinstance(v := getattr(c, f.name), torch.Tensor) else v
-                             for f in dataclasses.fields(PackedChunk)}) for c in batch.chunks]
-    return dataclasses.replace(batch, chunks=chunks)
