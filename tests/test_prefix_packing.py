@@ -151,8 +151,11 @@ def test_pack_rows_equals_the_reference_builder(seed):
 def test_pack_host_rows_from_lists_equals_pack_rows(seed):
     ids, mask, width, prompts, completions, budgets = random_batch(seed)
     rows = [p + c for p, c in zip(prompts, completions)]
-    host = pack_host_rows(rows, [len(p) for p in prompts], ids.size(1), width, **budgets)
-    assert_same_chunks(host, reference_pack_rows(ids, mask, width, **budgets))
+    expected = reference_pack_rows(ids, mask, width, **budgets)
+    assert_same_chunks(pack_host_rows(rows, [len(p) for p in prompts], ids.size(1), width, **budgets), expected)
+    as_tensors = [torch.tensor(row, dtype=torch.int64) for row in rows]  # 1-D host tensors work the same
+    assert_same_chunks(pack_host_rows(as_tensors, torch.tensor([len(p) for p in prompts]), ids.size(1), width,
+                                      **budgets), expected)
 
 
 def test_rows_longer_than_the_token_budget_get_a_chunk_each():

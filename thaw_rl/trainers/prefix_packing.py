@@ -32,6 +32,7 @@ takes TRL's ``(B, L)`` tensors on any device (reading them waits for the device)
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, fields, replace
 
 import numpy as np
@@ -230,11 +231,16 @@ def _host_rows(token_rows, lengths) -> tuple[np.ndarray, np.ndarray]:
     else:
         if lengths is not None:
             raise ValueError("lengths is for a 2-D token_rows; a sequence of rows carries its own lengths")
-        rows = [_host_array(row, "token_rows").reshape(-1) for row in token_rows]
-        lengths = np.array([row.size for row in rows], dtype=np.int64)
+        rows = list(token_rows)
+        if all(isinstance(row, list) for row in rows):  # Python ints: one pass over all of them
+            lengths = np.array([len(row) for row in rows], dtype=np.int64)
+            flat = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int64, count=int(lengths.sum()))
+        else:
+            rows = [_host_array(row, "token_rows").reshape(-1) for row in rows]
+            lengths = np.array([row.size for row in rows], dtype=np.int64)
+            flat = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
         tokens = np.zeros((len(rows), int(lengths.max(initial=0))), dtype=np.int64)
-        if rows:
-            tokens[np.arange(tokens.shape[1])[None, :] < lengths[:, None]] = np.concatenate(rows)
+        tokens[np.arange(tokens.shape[1])[None, :] < lengths[:, None]] = flat
     if tokens.shape[1] == 0:
         tokens = np.zeros((tokens.shape[0], 1), dtype=np.int64)
     return tokens, lengths
