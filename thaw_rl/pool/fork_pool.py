@@ -393,7 +393,7 @@ class ForkPool(PoolWeights):
             if w == home:
                 source = handle.session_id
             elif w in stale:
-                source = export.for_destination()
+                source = export.for_destination(w)
                 self._workers[w].bytes_sent += export.nbytes
             else:
                 source = copies[w][1]
@@ -408,8 +408,9 @@ class ForkPool(PoolWeights):
         return errors, failures
 
     def _export(self, handle: PoolHandle, destinations: list[int]) -> tuple[TrunkExport | None, dict, dict]:
-        """The handle's trunk exported for ``destinations``: taken once per token state and transport; a device
-        export that has handed out its CUDA IPC handles asks the source worker for more."""
+        """The handle's trunk exported for ``destinations``: taken once per token state and transport. A device
+        export carries a handle of its buffer for each destination that has not opened that buffer (as its
+        last reply said); a cached one asks the source worker for handles for destinations new to it."""
         w = handle.worker
         transport = pick_transport(self.trunk_transport, self._devices[w], [self._devices[d] for d in destinations])
         cached = self._exports.get(handle.handle_id)
@@ -417,21 +418,35 @@ class ForkPool(PoolWeights):
             export, source, incarnation = cached
             if (export.num_tokens, export.transport, source, incarnation) == \
                     (handle.num_tokens, transport, w, self._workers[w].incarnation):
-                more = len(destinations) - len(export.payloads) if transport == "device" else 0
-                if more <= 0:
+                lacking = [d for d in destinations if d not in export.payloads and
+                           export.buffer_id not in self._opened_buffers(d, w)] if transport == "device" else []
+                if not lacking:
                     return export, {}, {}
-                values, errors, failures = self._call_all({w: ("share_trunk", (export.export_id, more))})
+                values, errors, failures = self._call_all({w: ("share_trunk", (export.export_id, lacking))})
                 if w in values:
-                    export.payloads.extend(values[w])
+                    export.payloads.update(values[w])
                     return export, {}, {}
                 return None, errors, failures
             self._release_export(handle.handle_id)
-        values, errors, failures = self._call_all(
-            {w: ("snapshot", (handle.session_id, transport, len(destinations)))})
+        opened_by = {d: sorted(self._opened_buffers(d, w)) for d in destinations} if transport == "device" else None
+        values, errors, failures = self._call_all({w: ("snapshot", (handle.session_id, transport, opened_by))})
         export = values.get(w)
         if export is not None:
             self._exports[handle.handle_id] = (export, w, self._workers[w].incarnation)
+            if export.retired:
+                self._drop_trunk_buffers(export.owner, export.retired, skip=w)
         return export, errors, failures
+
+    def _opened_buffers(self, destination: int, source: int) -> set[int]:
+        """The ids of worker ``source``'s export buffers that worker ``destination`` had open at its last reply."""
+        owner = self._workers[source].info.get("trunk_owner")
+        return {b for o, b in self._workers[destination].status.get("trunk_buffers_open", ()) if o == owner}
+
+    def _drop_trunk_buffers(self, owner: str, buffer_ids: list[int] | None, skip: int) -> None:
+        """Tell every worker but ``skip`` to close ``owner``'s export buffers ``buffer_ids`` (None: all of them)."""
+        for d, worker in enumerate(self._workers):
+            if d != skip and worker is not None and not worker.closed:
+                worker.send_no_reply("drop_trunk_buffers", (owner, buffer_ids))
 
     def _release_export(self, handle_id: int) -> None:
         """Forget a handle's export and tell its worker (if it is still the process that took it) to free it."""
@@ -544,6 +559,8 @@ class ForkPool(PoolWeights):
         """Kill and reap worker ``index``, keep its counters, start a fresh one with the current weights."""
         old = self._workers[index]
         old.kill(str(failure))
+        if old.info.get("trunk_owner"):  # the others close the dead process's export buffers
+            self._drop_trunk_buffers(old.info["trunk_owner"], None, skip=index)
         self._retired.update(summed([old.status]))
         old.status = {}  # counted once, also when this slot's start fails and it is replaced again
         self._failures.append(str(failure))

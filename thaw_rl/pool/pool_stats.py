@@ -17,15 +17,20 @@ from thaw_rl.backends.base import COUNTER_KEYS
 # trunks a worker imported, by transport (worker.WorkerCounters)
 TRUNK_STATUS_KEYS = tuple(f"{k}_{t}" for t in ("host", "device")
                           for k in ("num_trunks", "trunk_bytes", "trunk_seconds"))
+# where a cross-worker fork's time goes (worker.WorkerCounters): the source's export, the destination's import
+FORK_BREAKDOWN_KEYS = ("export_alloc_seconds", "export_gather_seconds", "export_share_seconds", "num_export_allocs",
+                       "num_export_handles", "import_open_seconds", "import_copy_seconds", "num_import_opens",
+                       "num_import_reuses")
 SUMMED_STATUS_KEYS = ("prompt_tokens_computed", "prompt_tokens_reused", "tokens_computed", "tokens_generated",
                       "num_forks", "num_snapshots", "snapshot_seconds", "num_restores", "restore_seconds",
-                      "snapshot_bytes", "restore_bytes", "num_weight_loads", "weight_load_seconds", *TRUNK_STATUS_KEYS)
+                      "snapshot_bytes", "restore_bytes", "num_weight_loads", "weight_load_seconds", *TRUNK_STATUS_KEYS,
+                      *FORK_BREAKDOWN_KEYS)
 # what ``stats()`` shows per worker, straight from its status
 WORKER_STATUS_KEYS = ("version", "num_blocks", "num_used_blocks", "num_free_blocks", "num_cached_blocks",
                       "num_sessions", "tokens_computed", "prompt_tokens_computed", "tokens_generated", "num_forks",
                       "num_snapshots", "snapshot_bytes", "snapshot_seconds", "num_restores", "restore_bytes",
                       "restore_seconds", "busy_seconds", "num_weight_loads", "weight_load_seconds", *TRUNK_STATUS_KEYS,
-                      "num_trunk_exports", "num_idle_trunk_buffers")
+                      *FORK_BREAKDOWN_KEYS, "num_trunk_exports", "num_idle_trunk_buffers", "num_export_buffers")
 
 
 def summed(statuses: Iterable[dict]) -> Counter:
@@ -59,7 +64,8 @@ def transfer_stats(total: Counter) -> dict:
     out = {t: {"num": int(total[f"num_trunks_{t}"]), "bytes": int(total[f"trunk_bytes_{t}"]),
                "seconds": float(total[f"trunk_seconds_{t}"])} for t in ("host", "device")}
     return {"transfer_bytes": sum(v["bytes"] for v in out.values()),
-            "transfer_seconds": sum(v["seconds"] for v in out.values()), "transfer": out}
+            "transfer_seconds": sum(v["seconds"] for v in out.values()), "transfer": out,
+            "fork_breakdown": {k: total[k] for k in FORK_BREAKDOWN_KEYS}}
 
 
 def worker_row(worker) -> dict:

@@ -7,13 +7,14 @@ Messages are pickled by multiprocessing's ``ForkingPickler``, which ``torch.mult
 a CPU tensor travels as a handle to shared memory, never as bytes in the pipe. A weight update
 (``PackedWeights``) costs one copy into shared memory on the sending side and is read in place on the
 receiving side; a trunk's KV (``snapshot``) is gathered straight into shared memory or a device buffer
-that the destinations read (``trunk_export.py``), and stays with this worker until ``release_trunk``.
+that the destinations read (``trunk_export.py``), and stays with this worker until ``release_trunk``; a
+destination keeps the source's device buffers it opened until ``drop_trunk_buffers``.
 
     parent -> worker   Request(req_id, op, version, args)
     worker -> parent   Reply(req_id, ok, value, status)   ok=False: value = (exception, traceback text)
 
-Every op but ``free`` and ``release_trunk`` is answered (those are fire-and-forget: the next reply's
-status shows what they released). Ops that read or write KV carry the weight version the parent expects;
+Every op but ``free``, ``release_trunk`` and ``drop_trunk_buffers`` is answered (those are fire-and-forget:
+the next reply's status shows what they released). Ops that read or write KV carry the weight version the parent expects;
 a worker holding another version refuses them with ``WeightVersionError`` instead of serving stale weights.
 """
 
@@ -33,12 +34,12 @@ import torch
 
 from thaw_rl.engine import SamplingParams, Session, ThawEngine
 from thaw_rl.pool.shared_memory import shared_empty
-from thaw_rl.pool.trunk_export import TrunkExport, TrunkExports, TrunkImport
+from thaw_rl.pool.trunk_export import OpenedBuffers, TrunkExport, TrunkExports, TrunkImport
 from thaw_rl.pool.weight_sync import (GroupSpec, TransferGroup, WeightLayout, open_buckets, receive_weights,
                                       send_weights)
 
 VERSIONED_OPS = frozenset({"prefill", "fork", "generate", "snapshot"})  # read or write KV: weights must match
-NO_REPLY_OPS = frozenset({"free", "release_trunk"})  # fire-and-forget
+NO_REPLY_OPS = frozenset({"free", "release_trunk", "drop_trunk_buffers"})  # fire-and-forget
 
 
 class WeightVersionError(RuntimeError):
@@ -143,6 +144,19 @@ class WorkerCounters:
     num_trunks_device: int = 0
     trunk_bytes_device: int = 0
     trunk_seconds_device: float = 0.0
+    # where a cross-worker fork's time goes. Source (op_snapshot): taking an export buffer (a new one: an
+    # allocation), the gather (and logits copy) into it, pickling handles for destinations that lack it.
+    # Destination: opening a handle or mapping shared memory, the peer copy from another GPU (restore_seconds
+    # is the scatter and its bookkeeping).
+    export_alloc_seconds: float = 0.0
+    export_gather_seconds: float = 0.0
+    export_share_seconds: float = 0.0
+    num_export_allocs: int = 0
+    num_export_handles: int = 0
+    import_open_seconds: float = 0.0
+    import_copy_seconds: float = 0.0
+    num_import_opens: int = 0  # device trunks whose buffer came with a handle (opened here)
+    num_import_reuses: int = 0  # device trunks read from a buffer opened before
     num_weight_loads: int = 0
     weight_load_seconds: float = 0.0
     busy_seconds: float = 0.0  # time spent inside ops
@@ -160,6 +174,7 @@ class Worker:
     group: TransferGroup | None = None  # the weight-transfer group this worker last joined
     old_groups: list[TransferGroup] = field(default_factory=list)  # kept, not destroyed: gloo teardown can hang
     exports: TrunkExports | None = None  # trunks snapshotted for other workers, kept until released
+    opened: OpenedBuffers = field(default_factory=OpenedBuffers)  # other workers' export buffers open here
 
     def __post_init__(self) -> None:
         if self.exports is None:
@@ -172,13 +187,16 @@ class Worker:
             "kv_bytes_per_token": e.spec.bytes_per_token, "fingerprint": dict(e.fingerprint),
             "weights": {k: (tuple(v.shape), v.dtype) for k, v in e.model.state_dict().items()},
             "parameters": {k: (tuple(v.shape), v.dtype) for k, v in e.model.named_parameters()},
+            "trunk_owner": self.exports.owner,
         }
 
     def status(self) -> dict:
         st = self.engine.stats
         return {"version": self.version, "num_sessions": len(self.sessions), **vars(st), **vars(self.counters),
                 "num_trunk_exports": self.exports.num_held,
-                "num_idle_trunk_buffers": self.exports.host_buffers.num_idle}
+                "num_idle_trunk_buffers": self.exports.host_buffers.num_idle,
+                "num_export_buffers": self.exports.device_buffers.num_buffers,
+                "trunk_buffers_open": self.opened.keys()}
 
     def handle(self, req: Request) -> Any:
         for fault in [f for f in self.faults if f.op == req.op]:
@@ -213,7 +231,7 @@ class Worker:
 
     def _restore(self, export: TrunkExport) -> Session:
         c = self.counters
-        trunk = TrunkImport(export, self.engine.device)
+        trunk = TrunkImport(export, self.engine.device, self.opened)
         try:
             start = time.perf_counter()
             parent = self.engine.restore(trunk.snapshot)
@@ -226,6 +244,11 @@ class Worker:
         setattr(c, f"num_trunks_{t}", getattr(c, f"num_trunks_{t}") + 1)
         setattr(c, f"trunk_bytes_{t}", getattr(c, f"trunk_bytes_{t}") + trunk.nbytes)
         setattr(c, f"trunk_seconds_{t}", getattr(c, f"trunk_seconds_{t}") + trunk.seconds)
+        c.import_open_seconds += trunk.open_seconds
+        c.import_copy_seconds += trunk.copy_seconds
+        if t == "device":
+            c.num_import_opens += trunk.opened_now
+            c.num_import_reuses += not trunk.opened_now
         return parent
 
     def op_generate(self, sids: list[int], params: list[SamplingParams], seeds: list[int]) -> list[tuple]:
@@ -233,19 +256,36 @@ class Worker:
         outs = self.engine.generate([self._session(sid) for sid in sids], local)
         return [(o.token_ids, o.logprobs, o.entropies, o.finish_reason) for o in outs]
 
-    def op_snapshot(self, sid: int, transport: str = "host", num_destinations: int = 1) -> TrunkExport:
-        """The session's KV gathered once into memory the destinations read (kept until ``release_trunk``)."""
+    def op_snapshot(self, sid: int, transport: str = "host", opened_by: dict[int, list[int]] | None = None
+                    ) -> TrunkExport:
+        """The session's KV gathered once into memory the destinations read (kept until ``release_trunk``).
+
+        ``opened_by`` ("device"): destination -> the ids of this worker's export buffers it has open; the
+        export carries a handle of its buffer for each destination that lacks it."""
         start = time.perf_counter()
-        out = self.exports.export(self.engine, self._session(sid), transport, num_destinations)
+        out = self.exports.export(self.engine, self._session(sid), transport, opened_by)
         c = self.counters
         c.snapshot_seconds += time.perf_counter() - start
         c.num_snapshots += 1
         c.snapshot_bytes += out.nbytes
+        c.export_alloc_seconds += out.timings["alloc_seconds"]
+        c.export_gather_seconds += out.timings["gather_seconds"]
+        c.export_share_seconds += out.timings["share_seconds"]
+        c.num_export_allocs += int(out.timings["num_allocs"])
+        c.num_export_handles += int(out.timings["num_handles"])
         return out
 
-    def op_share_trunk(self, export_id: int, n: int) -> list[bytes]:
-        """n more CUDA IPC handles of a device export, for destinations that were not known when it was taken."""
-        return self.exports.share(export_id, n)
+    def op_share_trunk(self, export_id: int, destinations: list[int]) -> dict[int, bytes]:
+        """A handle of a device export's buffer for each of ``destinations`` (that have not opened it)."""
+        start = time.perf_counter()
+        handles = self.exports.share(export_id, destinations)
+        self.counters.export_share_seconds += time.perf_counter() - start
+        self.counters.num_export_handles += len(handles)
+        return handles
+
+    def op_drop_trunk_buffers(self, owner: str, buffer_ids: list[int] | None) -> None:
+        """Close another worker's export buffers: those it retired, or all (None) when that worker is gone."""
+        self.opened.drop(owner, buffer_ids)
 
     def op_release_trunk(self, export_ids: list[int]) -> None:
         for export_id in export_ids:
