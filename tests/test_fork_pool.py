@@ -203,6 +203,59 @@ def test_the_device_transport_protocol_runs_between_cpu_workers_and_continues_ex
     assert [w["num_used_blocks"] for w in st["workers"]] == [0, 0]
 
 
+def test_device_trunks_reuse_the_sources_buffers_each_opened_once_and_a_replaced_source_is_forgotten(pool):
+    """Forced "device" on CPU workers, cold forks of fresh trunks: the source keeps its export buffers and the
+    destination keeps them open, so after the first round no buffer is allocated and no handle sent; two
+    trunks held at once take two buffers (neither overwrites the other) and both are reused afterwards. When
+    the source dies, its replacement has new buffers (a new owner) and the destination closes the dead one's."""
+    same_seed = SamplingParams(temperature=1.0, max_tokens=6, ignore_eos=True, seed=9)
+
+    def cold_forks(seeds):
+        trunks = pool.prefill(random_prompts([40] * len(seeds), seed=seeds[0]), worker=0)
+        kids = [pool.fork(t, 4) for t in trunks]  # spread: children on both workers; every export held
+        for ks in kids:
+            assert {k.worker for k in ks} == {0, 1}
+            outs = pool.generate(ks, [same_seed] * 4)  # one seed: in place or restored, the same samples
+            assert all(o.token_ids == outs[0].token_ids for o in outs)  # (logprobs: to the batch's float noise)
+            torch.testing.assert_close(torch.tensor([o.logprobs for o in outs]),
+                                       torch.tensor([outs[0].logprobs] * 4), atol=1e-5, rtol=0)
+        for h in [*trunks, *(k for ks in kids for k in ks)]:
+            pool.free(h)
+
+    keys = ("num_export_allocs", "num_export_handles", "num_import_opens", "num_import_reuses", "num_trunks_device")
+    pool.trunk_transport = "device"
+    try:
+        cold_forks([40])
+        cold_forks([41, 42])  # two exports held at once: two buffers
+        before = pool.stats()
+        for seed in (43, 45):
+            cold_forks([seed, seed + 1])
+        after = pool.stats()
+        owner = pool.stats()["workers"][0]  # the source's buffers, as the destination has them open
+        opened = pool._workers[1].status["trunk_buffers_open"]
+        old_owner = pool._workers[0].info["trunk_owner"]
+        assert owner["num_export_buffers"] == 2 and sorted(b for o, b in opened if o == old_owner) == [1, 2]
+
+        pool._set_faults(0, [Fault("snapshot", "kill")])  # the source dies taking the next export
+        (trunk,) = pool.prefill(random_prompts([40], seed=50), worker=0)
+        kids = pool.fork(trunk, 2)  # retried: trunk prefilled again on the replacement, exported from there
+        home, away = pool.generate(kids, [same_seed] * 2)
+        for h in (trunk, *kids):
+            pool.free(h)
+        st = pool.stats()
+    finally:
+        pool.trunk_transport = "auto"
+    for key in keys:  # two rounds of two trunks: four cross-worker forks from the two kept buffers
+        want = {"num_trunks_device": [0, 4], "num_import_reuses": [0, 4]}.get(key, [0, 0])
+        assert worker_delta(before, after, key) == want, key
+    assert away.token_ids == home.token_ids and away.logprobs == home.logprobs
+    new_owner = pool._workers[0].info["trunk_owner"]
+    assert new_owner != old_owner and "during snapshot" in st["failures"][-1]
+    assert pool._workers[1].status["trunk_buffers_open"] == [(new_owner, 1)]  # the dead source's buffers closed
+    assert [w["num_trunk_exports"] for w in st["workers"]] == [0, 0]
+    assert [w["num_used_blocks"] for w in st["workers"]] == [0, 0]
+
+
 def test_trunk_transport_is_checked_before_any_worker_starts():
     with pytest.raises(ValueError, match=r"trunk_transport='ipc': use one of \('auto', 'host', 'device'\)"):
         ForkPool(FACTORY, num_workers=2, trunk_transport="ipc")
