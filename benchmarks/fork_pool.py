@@ -55,6 +55,8 @@ LLAMA3_8B = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
                  rope_parameters={"rope_type": "default", "rope_theta": 500000.0}, tie_word_embeddings=False,
                  bos_token_id=128000, eos_token_id=128001)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+BREAKDOWN = ("export_alloc_seconds", "export_gather_seconds", "export_share_seconds", "import_open_seconds",
+             "import_copy_seconds", "num_export_allocs", "num_export_handles", "num_import_opens", "num_import_reuses")
 
 
 def parse_args() -> argparse.Namespace:
@@ -130,7 +132,7 @@ def run_round(pool: ForkPool, trunk, branches: int, params: SamplingParams) -> d
         pool.free(k)
     after = pool.stats()
     d = {k: _sum(after, k) - _sum(before, k) for k in
-         ("snapshot_seconds", "restore_seconds", "snapshot_bytes", "num_snapshots", "num_restores")}
+         ("snapshot_seconds", "restore_seconds", "snapshot_bytes", "num_snapshots", "num_restores", *BREAKDOWN)}
     moved = {t: {k: after["transfer"][t][k] - before["transfer"][t][k] for k in ("num", "bytes", "seconds")}
              for t in after["transfer"]}
     fork_s = forked - start
@@ -143,6 +145,15 @@ def run_round(pool: ForkPool, trunk, branches: int, params: SamplingParams) -> d
         "transports": sorted(t for t, m in moved.items() if m["num"]), "snapshots": int(d["num_snapshots"]),
         "restores": int(d["num_restores"]), "kid_workers": [k.worker for k in kids],
         "tokens": sum(len(o.token_ids) for o in outs),
+        # where the fork's time goes: the source's export (alloc + gather + share = snapshot), the
+        # destination's import (open + peer copy) and restore (the scatter and its bookkeeping), the rest
+        # (pipes, the parent, placement)
+        "alloc_s": d["export_alloc_seconds"], "gather_s": d["export_gather_seconds"],
+        "share_s": d["export_share_seconds"], "open_s": d["import_open_seconds"], "copy_s": d["import_copy_seconds"],
+        "other_s": max(0.0, fork_s - d["snapshot_seconds"] - d["restore_seconds"] - d["import_open_seconds"]
+                       - d["import_copy_seconds"]),
+        "allocs": int(d["num_export_allocs"]), "handles": int(d["num_export_handles"]),
+        "opens": int(d["num_import_opens"]), "reuses": int(d["num_import_reuses"]),
     }
 
 
@@ -154,8 +165,10 @@ def prefill_trunk(pool: ForkPool, tokens: list[int]):
 
 
 def medians(rounds: list[dict]) -> dict:
-    keys = ("round_s", "fork_s", "decode_s", "snapshot_s", "restore_s", "transfer_s", "import_s", "bytes_moved", "gbps")
-    return {k: statistics.median(r[k] for r in rounds) for k in keys}
+    keys = ("round_s", "fork_s", "decode_s", "snapshot_s", "restore_s", "transfer_s", "import_s", "bytes_moved", "gbps",
+            "alloc_s", "gather_s", "share_s", "open_s", "copy_s", "other_s")
+    counts = ("allocs", "handles", "opens", "reuses")
+    return {**{k: statistics.median(r[k] for r in rounds) for k in keys}, **{k: sum(r[k] for r in rounds) for k in counts}}
 
 
 def make_pool(args, num_workers: int, factory, transport: str) -> ForkPool:
@@ -199,9 +212,9 @@ def run_pool(args, num_workers: int, factory, vocab: int, transport: str) -> lis
 # ----------------------------------------------------------------------------------------------
 # report
 # ----------------------------------------------------------------------------------------------
-def table(rows: list[dict]) -> str:
+def table(rows: list[dict], cols=None, note: str | None = None) -> str:
     ms = "{:.1f}"
-    cols = [("workers", "workers", "{}"), ("transport:used", "transport", "{}"), ("rounds", "mode", "{}"),
+    cols = cols or [("workers", "workers", "{}"), ("transport:used", "transport", "{}"), ("rounds", "mode", "{}"),
             ("round ms", "round_s", ms), ("1st round ms", "first_round_s", ms), ("fork (total) ms", "fork_s", ms),
             ("snapshot ms", "snapshot_s", ms), ("transfer ms", "transfer_s", ms), ("restore ms", "restore_s", ms),
             ("GB/s", "gbps", "{:.2f}"), ("decode ms", "decode_s", ms), ("MB moved", "bytes_moved", "{:.1f}"),
@@ -213,21 +226,38 @@ def table(rows: list[dict]) -> str:
                       for _, k, fmt in cols])
     widths = [max(len(line[i]) for line in lines) for i in range(len(cols))]
     text = ["  ".join(cell.rjust(w) for cell, w in zip(line, widths)) for line in lines]
-    return "\n".join(text[:1] + ["-" * len(text[0])] + text[1:] + [
+    return "\n".join(text[:1] + ["-" * len(text[0])] + text[1:] + [note or
         "(medians over rounds; transport:used = the pool's trunk_transport and what the trunks took; a cold "
         "round's fork is the cross-worker fork: snapshot + transfer + restore)"])
+
+
+def breakdown_table(rows: list[dict]) -> str:
+    """Where a fork's time goes (medians over rounds; the counts are summed over the rounds)."""
+    ms, n = "{:.2f}", "{}"
+    cols = [("workers", "workers", n), ("transport:used", "transport", n), ("rounds", "mode", n),
+            ("fork ms", "fork_s", ms), ("alloc ms", "alloc_s", ms), ("gather ms", "gather_s", ms),
+            ("share ms", "share_s", ms), ("open ms", "open_s", ms), ("peer copy ms", "copy_s", ms),
+            ("restore ms", "restore_s", ms), ("other ms", "other_s", ms), ("allocs", "allocs", n),
+            ("handles", "handles", n), ("opens", "opens", n), ("reuses", "reuses", n)]
+    return table(rows, cols, "(source: alloc = taking an export buffer, a new one costs a cudaMalloc; gather = the "
+                 "snapshot into it; share = pickling IPC handles. destination: open = opening a handle / mapping "
+                 "shared memory; peer copy = from the other GPU; restore = scatter + bookkeeping. other = pipes and "
+                 "the parent. allocs/handles/opens/reuses: buffers allocated, handles sent, opened, opened ones reused)")
 
 
 # ----------------------------------------------------------------------------------------------
 # --check: a cross-worker fork continues exactly like a same-worker fork
 # ----------------------------------------------------------------------------------------------
 def check_transport(args, factory, vocab: int, transport: str) -> list[dict]:
-    """Fork a fresh trunk into one child per worker (``spread``), decode both with one seed, compare."""
+    """Fork a fresh trunk into one child per worker (``spread``), decode both with one seed, compare. Three
+    trunks one after the other: the later ones reuse the first one's export buffer ("device": already open in
+    the destination, so they must come without a handle and still continue exactly)."""
     rows = []
     with make_pool(args, 2, factory, transport) as pool:
         devices = [w["device"] for w in pool.stats()["workers"]]
         expected = pick_transport(transport, devices[0], devices[1:])
-        for i, at in enumerate([None, args.trunk_tokens - pool.block_size // 2]):  # at: inside a block
+        inside = args.trunk_tokens - pool.block_size // 2  # at: inside a block
+        for i, at in enumerate([None, inside, None]):
             (trunk,) = pool.prefill([random_tokens(args.trunk_tokens, vocab, args.seed + 50 + i)], worker=0)
             before = pool.stats()
             start = time.perf_counter()
@@ -240,29 +270,34 @@ def check_transport(args, factory, vocab: int, transport: str) -> list[dict]:
                 pool.free(h)
             left = [w["num_trunk_exports"] for w in pool.stats()["workers"]]
             used = [t for t in after["transfer"] if after["transfer"][t]["num"] > before["transfer"][t]["num"]]
+            opens = sum(a["num_import_opens"] - b["num_import_opens"] for a, b in zip(after["workers"], before["workers"]))
             home, away = outs.get(0), outs.get(1)
             diff = max((abs(a - b) for a, b in zip(home.logprobs, away.logprobs)), default=0.0) if away else None
             same = away is not None and home.token_ids == away.token_ids
-            ok = same and diff <= 1e-3 and used == [expected] and left == [0, 0]
+            reused = not (expected == "device" and i > 0 and opens)  # later trunks: the buffer opened before
+            ok = same and diff <= 1e-3 and used == [expected] and left == [0, 0] and reused
             rows.append({"transport": transport, "devices": "+".join(devices), "at": at, "expected": expected,
                          "used": "+".join(used) or "-", "kid_workers": sorted(outs), "same_tokens": same,
-                         "max_logprob_diff": diff, "fork_s": fork_s, "exports_left": left, "ok": ok})
+                         "max_logprob_diff": diff, "fork_s": fork_s, "exports_left": left, "buffer_opens": opens,
+                         "ok": ok})
     return rows
 
 
 def check_table(rows: list[dict]) -> str:
     head = ["transport", "devices", "fork at", "used", "same tokens", "max |dlogprob|", "fork ms", "exports left",
-            "result"]
+            "opens", "result"]
     lines = [head] + [[r["transport"], r["devices"], "end" if r["at"] is None else str(r["at"]),
                        f"{r['used']} (want {r['expected']})", str(r["same_tokens"]),
                        "-" if r["max_logprob_diff"] is None else f"{r['max_logprob_diff']:.2e}",
-                       f"{r['fork_s'] * 1e3:.1f}", str(r["exports_left"]), "PASS" if r["ok"] else "FAIL"]
+                       f"{r['fork_s'] * 1e3:.1f}", str(r["exports_left"]), str(r["buffer_opens"]),
+                       "PASS" if r["ok"] else "FAIL"]
                       for r in rows]
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     text = ["  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in lines]
     return "\n".join(text[:1] + ["-" * len(text[0])] + text[1:] + [
         "(a child forked on the other worker from the exported trunk vs one forked in place, same seed; PASS: "
-        "same tokens, logprobs within 1e-3, the expected transport, no export left after free)"])
+        "same tokens, logprobs within 1e-3, the expected transport, no export left after free, and for device "
+        "trunks after the first no buffer opened again: opens = IPC handles the destination opened)"])
 
 
 def main() -> None:
@@ -293,6 +328,8 @@ def main() -> None:
             rows += run_pool(args, n, factory, vocab, transport)
     write_receipt(args.out, {**receipt("fork_pool", args, rows), "model": model_name, "cuda": torch.version.cuda,
                              "cpu_count": os.cpu_count(), "dev_shm_free_bytes": shm_free})
+    print(breakdown_table(rows))
+    print()
     print(table(rows))
 
 
