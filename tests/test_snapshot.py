@@ -475,3 +475,33 @@ def test_save_replaces_a_regular_file_and_writes_a_new_path(trunk, tmp_path):
     assert_same_snapshot(KVSnapshot.load(path), trunk[3])
     trunk[3].save(tmp_path / "new.kvsnap")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["new.kvsnap", "trunk.kvsnap"]
+
+
+def test_the_weights_digest_is_the_per_parameter_sample_and_follows_in_place_updates_and_replacements(make_tiny_model):
+    """The planned path (strided views, one cat per dtype run) gives the bytes of the per-parameter sample:
+    mixed dtypes, a parameter with fewer than 8 elements, an in-place update, a replaced parameter, and a
+    non-contiguous one (which takes the per-parameter path)."""
+    import hashlib
+
+    from thaw_rl.engine.weights import weights_digest
+
+    def by_parameter(model):
+        samples = []
+        for p in model.parameters():
+            flat = p.detach().reshape(-1)
+            samples.append(flat[::max(1, flat.numel() // 8)][:8].to(torch.float32))
+        return hashlib.blake2b(torch.cat(samples).numpy().tobytes(), digest_size=8).hexdigest()
+
+    model = make_tiny_model("qwen3", dtype=torch.bfloat16)
+    layer = model.model.layers[0]
+    layer.input_layernorm.weight.data = torch.randn(5, dtype=torch.bfloat16)  # fewer than 8 elements
+    model.model.norm.weight.data = model.model.norm.weight.data.float()  # a run of another dtype
+    first = weights_digest(model)
+    assert first == by_parameter(model) == weights_digest(model)
+    with torch.no_grad():
+        layer.mlp.up_proj.weight.mul_(2)  # in place: the planned views see it
+    assert weights_digest(model) == by_parameter(model) != first
+    layer.self_attn.q_proj.weight.data = torch.randn_like(layer.self_attn.q_proj.weight)  # replaced: planned again
+    assert weights_digest(model) == by_parameter(model)
+    layer.mlp.down_proj.weight.data = layer.mlp.down_proj.weight.data.t().contiguous().t()  # non-contiguous
+    assert weights_digest(model) == by_parameter(model)
