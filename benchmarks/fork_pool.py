@@ -168,7 +168,8 @@ def medians(rounds: list[dict]) -> dict:
     keys = ("round_s", "fork_s", "decode_s", "snapshot_s", "restore_s", "transfer_s", "import_s", "bytes_moved", "gbps",
             "alloc_s", "gather_s", "share_s", "open_s", "copy_s", "other_s")
     counts = ("allocs", "handles", "opens", "reuses")
-    return {**{k: statistics.median(r[k] for r in rounds) for k in keys}, **{k: sum(r[k] for r in rounds) for k in counts}}
+    return {**{k: statistics.median(r[k] for r in rounds) for k in keys},
+            **{k: sum(r[k] for r in rounds) for k in counts}}
 
 
 def make_pool(args, num_workers: int, factory, transport: str) -> ForkPool:
@@ -242,7 +243,8 @@ def breakdown_table(rows: list[dict]) -> str:
     return table(rows, cols, "(source: alloc = taking an export buffer, a new one costs a cudaMalloc; gather = the "
                  "snapshot into it; share = pickling IPC handles. destination: open = opening a handle / mapping "
                  "shared memory; peer copy = from the other GPU; restore = scatter + bookkeeping. other = pipes and "
-                 "the parent. allocs/handles/opens/reuses: buffers allocated, handles sent, opened, opened ones reused)")
+                 "the parent. allocs/handles/opens/reuses: buffers allocated, handles sent, opened, opened ones "
+                 "reused)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -270,7 +272,8 @@ def check_transport(args, factory, vocab: int, transport: str) -> list[dict]:
                 pool.free(h)
             left = [w["num_trunk_exports"] for w in pool.stats()["workers"]]
             used = [t for t in after["transfer"] if after["transfer"][t]["num"] > before["transfer"][t]["num"]]
-            opens = sum(a["num_import_opens"] - b["num_import_opens"] for a, b in zip(after["workers"], before["workers"]))
+            opens = sum(a["num_import_opens"] - b["num_import_opens"]
+                        for a, b in zip(after["workers"], before["workers"]))
             home, away = outs.get(0), outs.get(1)
             diff = max((abs(a - b) for a, b in zip(home.logprobs, away.logprobs)), default=0.0) if away else None
             same = away is not None and home.token_ids == away.token_ids

@@ -5,8 +5,9 @@ Why: one engine fills one device. A pool runs one ``ThawEngine`` per worker proc
 tree over several devices unchanged. A trunk (a prompt plus a partial answer) lives in one worker; when its
 children do not all fit there, the trunk is exported once and each other worker that takes children
 restores it once (the restored copy is kept for later forks of the same trunk). The export goes straight
-into memory the destination reads (``trunk_export.py``): a device buffer handed over as a CUDA IPC handle
-between CUDA workers, else shared memory registered with CUDA as pinned; ``trunk_transport`` forces one.
+into memory the destination reads (``trunk_export.py``): between CUDA workers one of the source's kept
+device buffers, whose CUDA IPC handle each destination opens once (it reads later trunks from the buffer it
+has open), else shared memory registered with CUDA as pinned; ``trunk_transport`` forces one.
 Where children go is ``placement.py``'s pure functions; the numbers reported are ``pool_stats.py``'s.
 
 Handles are ``PoolHandle`` objects: the worker that holds the sequence, the worker's session id, and the
@@ -100,9 +101,10 @@ class ForkPool(PoolWeights):
             when a replacement worker starts and no other worker holds them (e.g. a pool of one worker).
         trunk_transport: how a trunk's KV moves between workers: "auto" ("device" when both workers are on
             CUDA, else "host"), "host" (the snapshot writes into shared memory registered with CUDA as pinned,
-            the destination's restore reads it) or "device" (a device buffer handed over as a CUDA IPC handle,
-            copied peer-to-peer when the GPUs differ; every worker must be on CUDA, or every one on the CPU
-            where the "device" buffer is shared host memory: the device path's protocol, for tests).
+            the destination's restore reads it) or "device" (one of the source's kept device buffers, whose
+            CUDA IPC handle each destination opens once; copied peer-to-peer when the GPUs differ; every
+            worker must be on CUDA, or every one on the CPU where the "device" buffers are shared host memory:
+            the device path's protocol, for tests).
 
     Use it as a context manager or call ``close()``. One caller at a time (not thread-safe). "host" trunks (and,
     with "shared_memory", weights) travel through ``/dev/shm``, which must hold a trunk's KV.

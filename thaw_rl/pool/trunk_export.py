@@ -221,7 +221,7 @@ class OpenedBuffers:
         return opened, False
 
     def drop(self, owner: str, buffer_ids: Iterable[int] | None = None) -> None:
-        """Close ``owner``'s buffers ``buffer_ids`` (None: all of them): retired by the source, or its process is gone."""
+        """Close ``owner``'s buffers ``buffer_ids`` (None: all): retired by the source, or its process is gone."""
         keys = [k for k in self._opened if k[0] == owner] if buffer_ids is None else [(owner, b) for b in buffer_ids]
         for key in keys:
             self._opened.pop(key, None)  # the last reference: torch closes the IPC handle
@@ -301,7 +301,8 @@ class TrunkExports:
     def owner(self) -> str:
         return self.device_buffers.owner
 
-    def export(self, engine, session, transport: str, opened_by: dict[int, Collection[int]] | None = None) -> TrunkExport:
+    def export(self, engine, session, transport: str,
+               opened_by: dict[int, Collection[int]] | None = None) -> TrunkExport:
         """Snapshot ``session`` straight into a buffer the destinations can read; keep it until ``release``.
 
         ``opened_by`` ("device"): destination -> the ids of this worker's buffers it has open; the export

@@ -14,8 +14,9 @@ destination keeps the source's device buffers it opened until ``drop_trunk_buffe
     worker -> parent   Reply(req_id, ok, value, status)   ok=False: value = (exception, traceback text)
 
 Every op but ``free``, ``release_trunk`` and ``drop_trunk_buffers`` is answered (those are fire-and-forget:
-the next reply's status shows what they released). Ops that read or write KV carry the weight version the parent expects;
-a worker holding another version refuses them with ``WeightVersionError`` instead of serving stale weights.
+the next reply's status shows what they released). Ops that read or write KV carry the weight version the
+parent expects; a worker holding another version refuses them with ``WeightVersionError`` instead of serving
+stale weights.
 """
 
 from __future__ import annotations
