@@ -345,11 +345,11 @@ class TrunkExports:
                 logits_offset = None
             else:
                 _view(buffer, logits_offset, torch.float32, (vocab,)).copy_(snap.next_logits)  # synchronous
+            gathered = time.perf_counter()
+            payloads = {d: self.device_buffers.share(buffer_id) for d, ids in opened_by.items() if buffer_id not in ids}
         except BaseException:
             self.device_buffers.release(buffer_id)
             raise
-        gathered = time.perf_counter()
-        payloads = {d: self.device_buffers.share(buffer_id) for d, ids in opened_by.items() if buffer_id not in ids}
         export = TrunkExport(next(self._ids), "device", {**_fields(snap), "next_logits": None}, snap.nbytes,
                              owner=self.owner, buffer_id=buffer_id, kv_shape=tuple(shape), kv_dtype=dtype,
                              logits_offset=logits_offset, payloads=payloads,
