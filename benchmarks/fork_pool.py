@@ -20,7 +20,10 @@ snapshot (the gather into the export buffer, in the trunk's worker), restore (th
 worker's blocks) and transfer (the rest: pipes, opening the shared memory or the CUDA IPC handle, the
 peer copy); GB/s is the trunk's bytes over the whole fork; decode (the ``generate`` call). Beside them:
 re-prefill, the time to prefill the trunk from scratch, which is what a pool without snapshot transport
-would pay in each other worker.
+would pay in each other worker. A breakdown table before it splits the fork further (the workers' counters):
+alloc (taking an export buffer; a new one is a cudaMalloc), gather, share (pickling IPC handles), open
+(opening a handle, or mapping shared memory), peer copy, restore, other (pipes and the parent), with the
+number of buffers allocated, handles sent, buffers opened and opened buffers reused.
 
     python benchmarks/fork_pool.py --devices cuda:0,cuda:0 --out benchmarks/results/fork_pool_1gpu.json
     python benchmarks/fork_pool.py --devices cuda:0,cuda:1 --workers 2 --out benchmarks/results/fork_pool_2gpu.json
