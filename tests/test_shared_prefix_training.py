@@ -305,6 +305,7 @@ def test_training_logs_fewer_packed_tokens_and_changes_every_parameter(tmp_path)
     attention = trainer.model.config._attn_implementation
     trainer.train()
     assert trainer.model.config._attn_implementation == attention  # restored after train()
+    assert trainer._pack_ahead.num_used == 2  # each step's loss forward ran on a pack made ahead of it
     steps = [h for h in trainer.state.log_history if "thaw/train_tokens" in h]
     assert len(steps) == 2
     for h in steps:

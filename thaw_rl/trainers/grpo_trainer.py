@@ -397,6 +397,8 @@ class ThawGRPOTrainer(GRPOTrainer):
             if prepared is not None and not (batch_size is None and torch.is_grad_enabled()
                                              and prepared.fits(input_ids, logits_to_keep)):
                 prepared = None  # not the loss forward of the micro-batch it was packed for
+            if prepared is not None:
+                self._pack_ahead.num_used += 1
             scores = packed_logps(
                 model, self._policy_of(self.accelerator.unwrap_model(model)), input_ids, attention_mask, logits_to_keep,
                 max_rows=batch_size, max_tokens=self.args.shared_prefix_max_tokens,

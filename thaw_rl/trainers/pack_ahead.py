@@ -50,6 +50,7 @@ class PackAhead:
         self._entries: dict[int, _MicroBatch] = {}
         self._order: list[int] = []
         self._config = None
+        self.num_used = 0  # loss forwards that ran on a pack made here (the trainer counts them)
 
     def prepare(self, micro_batches: list[dict], config) -> None:
         """Read every micro-batch's rows to the host (call right after TRL buffered them)."""
