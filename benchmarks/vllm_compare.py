@@ -258,10 +258,10 @@ def make_native(args, model, tokenizer):
 
 
 def sync(args) -> None:
-    if args.device == "cuda":
-        import torch
+    import torch
+    from engine_throughput import sync as sync_device  # the benchmarks' one device sync
 
-        torch.cuda.synchronize()
+    sync_device(torch.device(args.device))
 
 
 def params_for(shape: Shape, max_tokens: int, seed):
