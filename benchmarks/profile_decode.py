@@ -115,6 +115,56 @@ def run_call(engine, prompts, params, device, count_syncs=False):
     return seconds, max(steps, 1), syncs, [c.token_ids for c in out]
 
 
+KERNEL_KINDS = (  # first match wins; names as CUPTI reports them on Hopper (cuBLAS, Triton, inductor, ATen)
+    ("attention", ("paged", "cascade", "flash", "attn")),
+    ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "sm90_", "cublas", "splitk")),
+    ("kv write", ("index_put", "scatter", "kv_write")),
+    ("fused elementwise (inductor)", ("triton_",)),
+    ("copy", ("memcpy", "copy", "memset", "fill")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    for kind, keys in KERNEL_KINDS:
+        if any(k in low for k in keys):
+            return kind
+    return "other"
+
+
+def kernel_breakdown(engine, prompts, steps: int = 8) -> dict:
+    """One torch.profiler pass over ``steps`` decode steps: device time and launches per step, by kind and
+    for the top kernels (kernels replayed inside CUDA graphs are traced one by one)."""
+    from torch.autograd import DeviceType
+
+    sessions = engine.prefill_many(prompts)
+    torch.cuda.synchronize()
+    steps0 = engine.stats.num_forward_steps
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        engine.generate(sessions, SamplingParams(temperature=1.0, max_tokens=steps, ignore_eos=True, seed=0))
+        torch.cuda.synchronize()
+    n = max(engine.stats.num_forward_steps - steps0, 1)
+    for s in sessions:
+        engine.free(s)
+    kernels = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA]
+    by_kind = collections.defaultdict(lambda: [0.0, 0])
+    for e in kernels:
+        kind = by_kind[kernel_kind(e.key)]
+        kind[0] += e.self_device_time_total / 1e3 / n
+        kind[1] += e.count / n
+    top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:20]
+    out = dict(steps=n, total_ms=sum(v[0] for v in by_kind.values()),
+               launches=sum(v[1] for v in by_kind.values()),
+               by_kind={k: dict(ms=v[0], launches=v[1]) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1][0])},
+               top=[dict(name=e.key[:90], ms=e.self_device_time_total / 1e3 / n, launches=e.count / n) for e in top])
+    print(f"  kernels: {out['total_ms']:.2f} ms and {out['launches']:.0f} launches per step ({n} steps profiled)")
+    for kind, v in out["by_kind"].items():
+        print(f"    {kind:30s} {v['ms']:7.3f} ms {v['launches']:6.0f} launches")
+    for t in out["top"]:
+        print(f"      {t['ms']:7.3f} ms {t['launches']:5.0f}x  {t['name']}")
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="qwen2.5-1.5b")
@@ -196,14 +246,7 @@ def main():
         rows += [sync_row, async_row]
 
         if args.kernels and device.type == "cuda":
-            sessions = engine.prefill_many(prompts)
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                                    torch.profiler.ProfilerActivity.CUDA]) as p:
-                engine.generate(sessions, SamplingParams(temperature=1.0, max_tokens=8, ignore_eos=True, seed=0))
-                torch.cuda.synchronize()
-            for s in sessions:
-                engine.free(s)
-            print(p.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
+            async_row["kernels"] = kernel_breakdown(engine, prompts)
 
     write_receipt(args.out, receipt("profile_decode", args, rows))
     print(f"\ndevice={device} model={args.model} prompt={args.prompt_len} steps={args.steps} "

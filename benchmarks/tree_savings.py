@@ -73,6 +73,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=1, help="tree and flat run alternately this many times; median wall")
     p.add_argument("--no-warmup", action="store_true", help="skip the small warm-up rollout (CUDA graphs, kernels)")
     p.add_argument("--threads", type=int, default=None, help="torch threads on CPU")
+    p.add_argument("--compile-layers", action="store_true",
+                   help="regional torch.compile of the decoder layers (the engine option a GPU user turns on)")
     p.add_argument("--out", type=Path, default=None, help="where to write the JSON receipt")
     args = p.parse_args()
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -210,7 +212,7 @@ def main() -> None:
     model, tokenizer, model_name = load_model(args)
     kv = args.kv_cache_memory
     kv = None if kv is None else (kv if kv < 1 else int(kv))
-    backend = NativeBackend(model, tokenizer, kv_cache_memory=kv)
+    backend = NativeBackend(model, tokenizer, kv_cache_memory=kv, compile_layers=args.compile_layers)
     spec = TreeSpec.segments(args.branching, segment_tokens=args.segment_tokens)
     params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, ignore_eos=not args.eos,
                             seed=args.seed)
