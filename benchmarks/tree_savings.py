@@ -221,9 +221,13 @@ def main() -> None:
     n = math.prod(args.branching)
     print(f"{model_name} on {args.device} ({args.dtype}): {args.prompts} prompts x {args.prompt_len} tokens, "
           f"{spec}, max_tokens={args.max_tokens}, {n} leaves per prompt", flush=True)
-    if not args.no_warmup:  # first calls build CUDA graphs and compile kernels; keep them out of the timing
-        warm = SamplingParams(temperature=args.temperature, max_tokens=min(8, args.max_tokens), ignore_eos=True, seed=1)
-        TreeSampler(backend, TreeSpec.grpo(2)).rollout(prompts[:1], warm)
+    if not args.no_warmup:  # first calls compile kernels and capture a CUDA graph per batch size: keep them out
+        # of the timing. Both samplers, all prompts, 2-token segments: the same decode batch sizes as the timed runs.
+        short = TreeSpec.segments(args.branching, segment_tokens=2)
+        warm = SamplingParams(temperature=args.temperature, max_tokens=2 * len(args.branching) + 2, ignore_eos=True,
+                              seed=1)
+        TreeSampler(backend, short).rollout(prompts, warm)
+        run_flat(backend, prompts, n, warm, args.device)
     trees, flats = [], []
     for _ in range(args.repeats):  # alternate, so a slow spell of a shared machine hits both
         trees.append(run_tree(backend, spec, prompts, params, args.device))
