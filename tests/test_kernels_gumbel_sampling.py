@@ -33,6 +33,27 @@ def test_kernel_equals_reference(vocab, dtype):
     assert out[0][1] == logits[1].float().argmax() and out[0][4] == logits[4].float().argmax()  # greedy rows
 
 
+@pytest.mark.parametrize("num_chunks", [1, 2, 4, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_vocabulary_chunks_merge_to_the_reference(num_chunks, dtype):
+    """Rows split into vocabulary chunks (a second kernel merges them) give the reference's tokens, logprobs and
+    entropies; asked for 8 chunks of 1,024-entry blocks, 5,000 entries fill 5, and the merge must ignore the rest. A tie planted across
+    two chunks goes to the lower token id, as torch's argmax does."""
+    g = torch.Generator().manual_seed(num_chunks)
+    vocab = 5000
+    logits = (torch.randn(4, vocab, generator=g) * 3).to(dtype).to(DEVICE)
+    logits[3, 100] = logits[3, 4900] = 50.0  # greedy row 3: equal maxima in the first and the last chunk
+    temperature = torch.tensor([1.0, 0.5, 1.0, 0.0], device=DEVICE)
+    seeds = torch.tensor([9, 8, (1 << 50) + 3, 4], dtype=torch.int64, device=DEVICE)
+    positions = torch.tensor([0, 77, 4095, 12], dtype=torch.int64, device=DEVICE)
+    ref = gumbel_sample_reference(logits, temperature, seeds, positions)
+    out = gumbel_sample_triton(logits, temperature, seeds, positions, num_chunks=num_chunks, block_v=1024)
+    assert out[0].tolist() == ref[0].tolist()
+    assert out[0][3].item() == 100
+    torch.testing.assert_close(out[1], ref[1], atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(out[2], ref[2], atol=2e-5, rtol=1e-5)
+
+
 def test_kernel_rejects_bad_shapes():
     logits = torch.randn(3, 10, device=DEVICE)
     t = torch.ones(3, device=DEVICE)

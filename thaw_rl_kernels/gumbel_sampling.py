@@ -5,9 +5,11 @@ of (s, p, v) turned into a Gumbel variate. Because it is a pure function, a requ
 depend on the batch it shares, the same seed reproduces on any device, and CUDA-graph replay is safe.
 
 - ``gumbel_noise`` / ``gumbel_sample_reference``: torch, any device (the CPU engine's path).
-- ``gumbel_sample_triton``: one program per row streams the logits once, computing the noisy argmax,
-  the log-sum-exp and the entropy online. The torch version materialises (S, V) int64 temporaries in
-  ~15 kernels (3 ms a step at 128 x 152k on an H100); this reads the logits once.
+- ``gumbel_sample_triton``: streams the logits once (in their own dtype, bf16 included), computing the
+  noisy argmax, the log-sum-exp and the entropy online. The torch version materialises (S, V) int64
+  temporaries in ~15 kernels (3 ms a step at 128 x 152k on an H100); this reads the logits once. Each row's
+  vocabulary is split into chunks when rows alone would leave SMs idle (a second tiny kernel merges them),
+  and the per-entry hash runs in uint32 lanes (int64 products cost several instructions each on the GPU).
 - ``gumbel_sample``: Triton on CUDA, the reference elsewhere.
 
 Temperature 0 rows are greedy (argmax, no noise); their logprob and entropy are reported at T = 1.
@@ -75,53 +77,125 @@ def _mix32_tl(x):
 
 
 @triton.jit
-def _gumbel_sample_kernel(
-    logits_ptr, stride_row, temp_ptr, seed_ptr, pos_ptr, tok_ptr, lp_ptr, ent_ptr, V,
-    BLOCK_V: tl.constexpr,
+def _mix32_u32(x):
+    """``_mix32`` on uint32 lanes: the products wrap mod 2^32 as the masks do, in native 32-bit arithmetic
+    (int64 products are emulated on the GPU: several instructions each, for every vocabulary entry)."""
+    x = x ^ (x >> 16)
+    x = x * 0x7FEB352D
+    x = x ^ (x >> 15)
+    x = x * 0x846CA68B
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def _gumbel_chunk_kernel(
+    logits_ptr, stride_row, temp_ptr, seed_ptr, pos_ptr,
+    tok_ptr, lp_ptr, ent_ptr,  # final outputs (NUM_CHUNKS == 1)
+    part_f_ptr, part_i_ptr,  # (S, PART_STRIDE, 5) float32 (m, s, w, x at best, best score), (S, PART_STRIDE) best id
+    V, CHUNK,
+    FINAL: tl.constexpr, PART_STRIDE: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
+    """One program per (row, vocabulary chunk). Every lane keeps its own running max, sum of exp, sum of
+    exp * x (one exp per entry) and noisy best; the lanes are combined once at the end, not per block."""
     row = tl.program_id(0)
+    chunk = tl.program_id(1)
     temp = tl.load(temp_ptr + row)
     greedy = temp == 0.0
     t = tl.where(greedy, 1.0, temp)
     seed = tl.load(seed_ptr + row)
     pos = tl.load(pos_ptr + row)
     base = _mix32_tl(_mix32_tl(seed & 0xFFFFFFFF) ^ ((seed >> 32) & 0xFFFFFFFF)
-                     ^ ((_mix32_tl(pos & 0xFFFFFFFF) * 3) & 0xFFFFFFFF))
-    m = float("-inf")  # running max of scaled logits
-    s = 0.0  # sum exp(x - m)
-    w = 0.0  # sum exp(x - m) * x
-    best = float("-inf")
-    best_idx = 0
-    best_x = 0.0
+                     ^ ((_mix32_tl(pos & 0xFFFFFFFF) * 3) & 0xFFFFFFFF)).to(tl.uint32)
+    m = tl.full([BLOCK_V], float("-inf"), tl.float32)  # per lane: max of scaled logits
+    s = tl.zeros([BLOCK_V], tl.float32)  # sum exp(x - m)
+    w = tl.zeros([BLOCK_V], tl.float32)  # sum exp(x - m) * x
+    best = tl.full([BLOCK_V], float("-inf"), tl.float32)  # noisy score (x for greedy rows)
+    best_id = tl.zeros([BLOCK_V], tl.int32)
+    best_x = tl.zeros([BLOCK_V], tl.float32)
     row_ptr = logits_ptr + row.to(tl.int64) * stride_row
-    for v0 in range(0, V, BLOCK_V):
+    lo = chunk * CHUNK
+    hi = tl.minimum(lo + CHUNK, V)
+    for v0 in range(lo, hi, BLOCK_V):
         offs = v0 + tl.arange(0, BLOCK_V)
-        mask = offs < V
+        mask = offs < hi
         x = tl.load(row_ptr + offs, mask=mask, other=float("-inf")).to(tl.float32) / t
-        m_new = tl.maximum(m, tl.max(x, axis=0))
-        alpha = tl.exp(m - m_new)
-        p = tl.where(mask, tl.exp(x - m_new), 0.0)
-        s = s * alpha + tl.sum(p, axis=0)
-        w = w * alpha + tl.sum(p * tl.where(mask, x, 0.0), axis=0)
-        m = m_new
-        bits = _mix32_tl((base + offs.to(tl.int64) * 0x9E3779B1) & 0xFFFFFFFF)
+        live = x > float("-inf")
+        bigger = x > m
+        d = tl.exp(-tl.abs(x - m))  # exp(m - x) where x is the new max, exp(x - m) otherwise
+        d = tl.where(live, d, 0.0)  # (-inf) - (-inf) would be nan
+        s = tl.where(live, tl.where(bigger, s * d + 1.0, s + d), s)
+        w = tl.where(live, tl.where(bigger, w * d + x, w + d * x), w)
+        m = tl.maximum(m, x)
+        bits = _mix32_u32(base + offs.to(tl.uint32) * 0x9E3779B1)
         u = ((bits >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
-        g = -tl.log(-tl.log(u))
-        score = tl.where(mask, tl.where(greedy, x, x + g), float("-inf"))
-        blk_best = tl.max(score, axis=0)
-        blk_idx = tl.argmax(score, axis=0)
-        blk_x = tl.sum(tl.where(offs == v0 + blk_idx, x, 0.0), axis=0)
-        take = blk_best > best
-        best_idx = tl.where(take, v0 + blk_idx, best_idx)
-        best_x = tl.where(take, blk_x, best_x)
-        best = tl.where(take, blk_best, best)
-    lse = m + tl.log(s)
-    tl.store(tok_ptr + row, best_idx.to(tl.int64))
+        score = tl.where(greedy, x, x - tl.log(-tl.log(u)))
+        take = mask & (score > best)  # strict: a lane keeps its first (lowest) id on ties
+        best = tl.where(take, score, best)
+        best_id = tl.where(take, offs, best_id)
+        best_x = tl.where(take, x, best_x)
+    m_all = tl.max(m, axis=0)
+    scale = tl.exp(m - tl.where(m_all == float("-inf"), 0.0, m_all))  # 0 for lanes that saw nothing
+    s_all = tl.sum(s * scale, axis=0)
+    w_all = tl.sum(w * scale, axis=0)
+    best_all = tl.max(best, axis=0)
+    id_all = tl.min(tl.where(best == best_all, best_id, 2147483647), axis=0)  # lowest id among ties (argmax)
+    x_all = tl.max(tl.where(best_id == id_all, best_x, float("-inf")), axis=0)
+    if FINAL:
+        lse = m_all + tl.log(s_all)
+        tl.store(tok_ptr + row, id_all.to(tl.int64))
+        tl.store(lp_ptr + row, x_all - lse)
+        tl.store(ent_ptr + row, lse - w_all / s_all)
+    else:
+        part = row * PART_STRIDE + chunk
+        tl.store(part_f_ptr + part * 5 + 0, m_all)
+        tl.store(part_f_ptr + part * 5 + 1, s_all)
+        tl.store(part_f_ptr + part * 5 + 2, w_all)
+        tl.store(part_f_ptr + part * 5 + 3, x_all)
+        tl.store(part_f_ptr + part * 5 + 4, best_all)
+        tl.store(part_i_ptr + part, id_all.to(tl.int64))
+
+
+@triton.jit
+def _gumbel_merge_kernel(part_f_ptr, part_i_ptr, tok_ptr, lp_ptr, ent_ptr, num_used, NUM_CHUNKS: tl.constexpr):
+    """Combine a row's chunks: log-sum-exp and entropy sums rescaled to one max; the best score wins, the
+    lowest token id among equal scores (the chunks hold increasing ids)."""
+    row = tl.program_id(0)
+    c = tl.arange(0, NUM_CHUNKS)
+    used = c < num_used
+    part = row * NUM_CHUNKS + c
+    m = tl.load(part_f_ptr + part * 5 + 0, mask=used, other=float("-inf"))
+    s = tl.load(part_f_ptr + part * 5 + 1, mask=used, other=0.0)
+    w = tl.load(part_f_ptr + part * 5 + 2, mask=used, other=0.0)
+    x = tl.load(part_f_ptr + part * 5 + 3, mask=used, other=0.0)
+    score = tl.load(part_f_ptr + part * 5 + 4, mask=used, other=float("-inf"))
+    ids = tl.load(part_i_ptr + part, mask=used, other=9223372036854775807)
+    m_all = tl.max(m, axis=0)
+    scale = tl.exp(m - m_all)
+    s_all = tl.sum(s * scale, axis=0)
+    w_all = tl.sum(w * scale, axis=0)
+    best = tl.max(score, axis=0)
+    best_id = tl.min(tl.where(score == best, ids, 9223372036854775807), axis=0)
+    best_x = tl.max(tl.where(ids == best_id, x, float("-inf")), axis=0)
+    lse = m_all + tl.log(s_all)
+    tl.store(tok_ptr + row, best_id)
     tl.store(lp_ptr + row, best_x - lse)
-    tl.store(ent_ptr + row, lse - w / s)
+    tl.store(ent_ptr + row, lse - w_all / s_all)
 
 
-def gumbel_sample_triton(logits, temperature, seeds, positions):
+def _num_chunks(num_rows: int, vocab_size: int, block_v: int, device: torch.device) -> int:
+    """Vocabulary chunks per row: enough programs for ~4 per SM (one row per program left 100 of 132 SMs
+    idle at 32 rows), a power of two, each chunk at least one block."""
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        sms = 132  # the interpreter: the H200's count, so CPU tests take the GPU's path
+    want = triton.next_power_of_2(max(1, triton.cdiv(4 * sms, max(num_rows, 1))))
+    return max(1, min(want, 32, triton.next_power_of_2(triton.cdiv(vocab_size, block_v))))
+
+
+def gumbel_sample_triton(logits, temperature, seeds, positions, num_chunks: int | None = None,
+                         block_v: int = 2048, num_warps: int = 8):
+    """Logits of any float dtype (bf16 read as is, upcast in registers: the same values as ``.float()``)."""
     if logits.dim() != 2 or logits.stride(-1) != 1:
         raise ValueError(f"logits must be (S, V) with a contiguous last dim, got {tuple(logits.shape)} "
                          f"strides {logits.stride()}; call .contiguous() first.")
@@ -129,14 +203,29 @@ def gumbel_sample_triton(logits, temperature, seeds, positions):
     for name, t in (("temperature", temperature), ("seeds", seeds), ("positions", positions)):
         if t.shape != (S,) or t.device != logits.device:
             raise ValueError(f"{name} must be ({S},) on {logits.device}, got {tuple(t.shape)} on {t.device}.")
-    tokens = torch.empty(S, dtype=torch.int64, device=logits.device)
-    logprobs = torch.empty(S, dtype=torch.float32, device=logits.device)
-    entropies = torch.empty(S, dtype=torch.float32, device=logits.device)
-    if S:
-        _gumbel_sample_kernel[(S,)](
-            logits, logits.stride(0), temperature.float().contiguous(), seeds.contiguous(),
-            positions.contiguous(), tokens, logprobs, entropies, V, BLOCK_V=4096, num_warps=8,
-        )
+    if num_chunks is None:
+        num_chunks = _num_chunks(S, V, block_v, logits.device)
+    if num_chunks < 1 or num_chunks & (num_chunks - 1):
+        raise ValueError(f"num_chunks={num_chunks} must be a power of two >= 1.")
+    dev = logits.device
+    tokens = torch.empty(S, dtype=torch.int64, device=dev)
+    logprobs = torch.empty(S, dtype=torch.float32, device=dev)
+    entropies = torch.empty(S, dtype=torch.float32, device=dev)
+    if not S:
+        return tokens, logprobs, entropies
+    chunk = triton.cdiv(triton.cdiv(V, num_chunks), block_v) * block_v  # whole blocks
+    used = triton.cdiv(V, chunk)  # chunks holding entries (<= num_chunks)
+    stride = num_chunks if used > 1 else 1
+    part_f = torch.empty(S * stride * 5 if used > 1 else 1, dtype=torch.float32, device=dev)
+    part_i = torch.empty(S * stride if used > 1 else 1, dtype=torch.int64, device=dev)
+    args = (temperature.float().contiguous(), seeds.contiguous(), positions.contiguous())
+    _gumbel_chunk_kernel[(S, used)](
+        logits, logits.stride(0), *args, tokens, logprobs, entropies, part_f, part_i, V, chunk,
+        FINAL=used == 1, PART_STRIDE=stride, BLOCK_V=block_v, num_warps=num_warps,
+    )
+    if used > 1:
+        _gumbel_merge_kernel[(S,)](part_f, part_i, tokens, logprobs, entropies, used, NUM_CHUNKS=stride,
+                                   num_warps=1)
     return tokens, logprobs, entropies
 
 

@@ -143,7 +143,9 @@ class DecodeGraphs:
     def forward_decode(self, input_ids, positions, slot_blocks, slot_offsets, block_tables, seq_lens
                        ) -> torch.Tensor | None:
         """``forward`` for inputs already on the device (the async decode loop): device-to-device copies
-        into the static buffers, padding rows reset to the null block, no host work per row."""
+        into the static buffers, padding rows reset to the null block, no host work per row. Returns the
+        logits in the model's dtype, a view the next replay overwrites: the sampler reads them first, on the
+        same stream (an fp32 copy of 1,024 x 152k logits cost 0.2 ms a step on an H200)."""
         n = input_ids.shape[0]
         bs = self._padded(n)
         width = block_tables.shape[1]
@@ -161,6 +163,7 @@ class DecodeGraphs:
         return self._replay(bs, n)
 
     def _replay(self, bs: int, n: int) -> torch.Tensor | None:
+        """The first n rows of the shared output buffer, in the model's dtype: valid until the next replay."""
         if bs not in self.graphs:
             try:
                 self.graphs[bs] = self._capture(bs)
@@ -169,8 +172,9 @@ class DecodeGraphs:
                 return None
         graph, logits = self.graphs[bs]
         graph.replay()
-        return logits[:n].float()
+        return logits[:n]
 
     def forward(self, chunks) -> torch.Tensor | None:
         """Logits (n, V) float32 by graph replay; None if this batch size's capture failed (run eagerly)."""
-        return self._replay(self._fill(chunks), len(chunks))
+        logits = self._replay(self._fill(chunks), len(chunks))
+        return None if logits is None else logits.float()

@@ -177,7 +177,8 @@ class ModelRunner:
 
     def forward_decode(self, input_ids: torch.Tensor, positions: torch.Tensor, block_tables: torch.Tensor,
                        cascade: CascadePlan | None = None) -> torch.Tensor:
-        """Logits (n, V) float32 of one decode token per row, from inputs already on the device.
+        """Logits (n, V) of one decode token per row, from inputs already on the device, in the model's dtype
+        (``sample`` upcasts them in its kernel; from a graph replay they are overwritten by the next replay).
 
         The async decode loop (``decode_batch.py``) keeps these tensors on the device between steps; the
         slot of each new token and the context lengths are derived here by device ops, so nothing is built
@@ -201,7 +202,7 @@ class ModelRunner:
                 max_seqlen_q=1, cascade=cascade,
             )
             last = torch.arange(n, device=self.device)  # every token is its row's last (as pack() gives)
-            return self.run_model(input_ids, positions, meta, last).float()
+            return self.run_model(input_ids, positions, meta, last)
 
     def _forward(self, chunks: list[Chunk]) -> torch.Tensor:
         if self.graphs is not None and all(c.num_new == 1 for c in chunks) and self.graphs.fits(len(chunks)):

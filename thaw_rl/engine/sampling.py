@@ -266,7 +266,8 @@ def _filter(scaled: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
 def sample(logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Draw one token per row: logits (S, V) -> token ids (S,), their logprobs (S,), entropies (S,).
 
-    Logprob and entropy are of softmax(logits / T) (T = 1 for greedy rows).
+    Logprob and entropy are of softmax(logits / T) (T = 1 for greedy rows). Logits may come in the model's
+    dtype (the async decode loop passes bf16 graph outputs as they are); everything is computed in fp32.
     """
     if not batch.any_filter and all(p == 1.0 for p in batch.repetition_penalty):
         return gumbel_sample(logits, batch.temperature, batch.seeds, batch.positions)  # one fused pass on CUDA
