@@ -445,6 +445,9 @@ def main() -> int:
     parser.add_argument("--flex", action="store_true", help="also time a paged flex_attention (torch.compile)")
     parser.add_argument("--cascade", action="store_true",
                         help="time plain vs cascade (shared-prefix) decode attention on GRPO decode batches")
+    parser.add_argument("--decode-batches", default=None,
+                        help="e.g. 32,128,1024: only decode cases of these batch sizes at --ctx (a decode step's shapes)")
+    parser.add_argument("--ctx", type=int, default=768, help="context length of --decode-batches cases")
     args = parser.parse_args()
     if args.cascade:
         return run_cascade(args)
@@ -457,7 +460,11 @@ def main() -> int:
 
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
     rows, ok = [], True
-    for case in gpu_cases() if cuda else smoke_cases():
+    cases = gpu_cases() if cuda else smoke_cases()
+    if args.decode_batches:
+        cases = [Case(f"decode b{b} ctx{args.ctx}", [1] * b, [args.ctx] * b)
+                 for b in (int(x) for x in args.decode_batches.split(","))]
+    for case in cases:
         batch = build_batch(case, shape, dtype, device, args.layout)
         expected = paged_attention_reference(**batch).float()
         contenders = {"gather+sdpa": make_gather_sdpa(case, batch), "sdpa dense": make_dense_sdpa(case, batch)}
