@@ -16,6 +16,7 @@ from thaw_rl_kernels.block_copy import (
     scatter_blocks_triton,
 )
 from thaw_rl_kernels.host_transfer import KVTransfer, PinnedBufferPool, TransferHandle
+from thaw_rl_kernels.kv_write import write_kv, write_kv_reference, write_kv_triton
 
 # paged attention: see paged_attention.py; cascade (shared-prefix) decode attention: cascade_attention.py
 
@@ -32,4 +33,7 @@ __all__ = [
     "KVTransfer",
     "PinnedBufferPool",
     "TransferHandle",
+    "write_kv",
+    "write_kv_reference",
+    "write_kv_triton",
 ]

@@ -28,6 +28,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from thaw_rl.engine.kv_cache import PagedKVCache
 from thaw_rl_kernels.cascade_attention import cascade_attention
 from thaw_rl_kernels.cascade_plan import CascadePlan
+from thaw_rl_kernels.kv_write import write_kv
 from thaw_rl_kernels.paged_attention import paged_attention
 
 ATTENTION_NAME = "thaw_paged"
@@ -70,8 +71,8 @@ def thaw_paged_attention(
     layer = module.layer_idx
     k_cache = meta.kv_cache.key_cache(layer)  # (NB, BS, KVH, D)
     v_cache = meta.kv_cache.value_cache(layer)
-    k_cache[meta.slot_blocks, meta.slot_offsets] = key[0].transpose(0, 1).to(k_cache.dtype)  # (T, KVH, D)
-    v_cache[meta.slot_blocks, meta.slot_offsets] = value[0].transpose(0, 1).to(v_cache.dtype)
+    # (T, KVH, D) views, no copy; one launch writes K and V on CUDA (kv_write.py)
+    write_kv(key[0].transpose(0, 1), value[0].transpose(0, 1), k_cache, v_cache, meta.slot_blocks, meta.slot_offsets)
     q = query[0].transpose(0, 1)  # (T, H, D)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     window = kwargs.get("sliding_window")

@@ -1,0 +1,142 @@
+"""The one-launch K/V cache write against its torch reference, on real PagedKVCache layouts.
+
+On a CPU machine the Triton kernel runs under the Triton interpreter; on a GPU it runs for real. The
+write is a copy plus a cast (round-to-nearest-even), so every element is compared exactly.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of triton
+
+import pytest  # noqa: E402
+
+from thaw_rl.engine.kv_cache import KVCacheSpec, PagedKVCache  # noqa: E402
+from thaw_rl_kernels import write_kv, write_kv_reference, write_kv_triton  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+NUM_LAYERS, NUM_BLOCKS, BLOCK_SIZE = 3, 6, 4
+
+
+def make_cache(layout, dtype, kv_heads=3, head_dim=40, seed=0):
+    """A real PagedKVCache, filled with random values so that untouched slots are checked too."""
+    spec = KVCacheSpec(num_layers=NUM_LAYERS, num_kv_heads=kv_heads, head_dim=head_dim, block_size=BLOCK_SIZE,
+                       dtype=dtype)
+    cache = PagedKVCache(spec, NUM_BLOCKS, DEVICE, layout=layout)
+    g = torch.Generator().manual_seed(seed)
+    cache.storage.copy_(torch.randn(cache.storage.shape, generator=g).to(dtype))
+    return cache
+
+
+def new_kv(num_tokens, kv_heads, head_dim, dtype, seed=1):
+    """(T, KVH, D) key and value as the attention hook passes them: transposes of (1, KVH, T, D)."""
+    g = torch.Generator().manual_seed(seed)
+    key = torch.randn(1, kv_heads, num_tokens, head_dim, generator=g).to(dtype).to(DEVICE)
+    value = torch.randn(1, kv_heads, num_tokens, head_dim, generator=g).to(dtype).to(DEVICE)
+    return key[0].transpose(0, 1), value[0].transpose(0, 1)
+
+
+def slots(pairs, dtype=torch.int64):
+    blocks = torch.tensor([b for b, _ in pairs], dtype=dtype, device=DEVICE)
+    offsets = torch.tensor([o for _, o in pairs], dtype=dtype, device=DEVICE)
+    return blocks, offsets
+
+
+# Unsorted slots across blocks, a block's first and last offsets, two tokens of one block.
+PAIRS = [(5, 3), (1, 0), (3, 2), (1, 1), (0, 3)]
+
+
+@pytest.mark.parametrize("layout", ["layer_major", "block_major"])
+@pytest.mark.parametrize(
+    "cache_dtype,input_dtype",
+    [(torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16),
+     (torch.float32, torch.bfloat16)],
+    ids=["f32<-f32", "bf16<-f32", "bf16<-bf16", "f32<-bf16"],
+)
+def test_triton_equals_reference(layout, cache_dtype, input_dtype):
+    layer = 1
+    ref_cache, tri_cache = make_cache(layout, cache_dtype), make_cache(layout, cache_dtype)
+    key, value = new_kv(len(PAIRS), 3, 40, input_dtype)
+    assert not key.is_contiguous()
+    blocks, offsets = slots(PAIRS)
+    write_kv_reference(key, value, ref_cache.key_cache(layer), ref_cache.value_cache(layer), blocks, offsets)
+    write_kv_triton(key, value, tri_cache.key_cache(layer), tri_cache.value_cache(layer), blocks, offsets)
+    assert torch.equal(tri_cache.storage, ref_cache.storage)  # every layer, every slot, bit for bit
+    # and the reference did what it says: token 2 is in block 3 offset 2 of this layer only
+    assert torch.equal(tri_cache.key_cache(layer)[3, 2], key[2].to(cache_dtype))
+    assert torch.equal(tri_cache.value_cache(layer)[3, 2], value[2].to(cache_dtype))
+    untouched = make_cache(layout, cache_dtype)
+    assert torch.equal(tri_cache.kv[0], untouched.kv[0]) and torch.equal(tri_cache.kv[2], untouched.kv[2])
+    assert torch.equal(tri_cache.kv[1, :, 2], untouched.kv[1, :, 2])  # block 2: no slot in it
+
+
+def test_head_groups_int32_slots_and_strided_slot_tensors():
+    """A head tile over MAX_TILE splits heads over programs; int32 slots read from a strided tensor."""
+    cache_ref, cache_tri = make_cache("block_major", torch.float32, 3, 2048), make_cache("block_major", torch.float32, 3, 2048)
+    key, value = new_kv(2, 3, 2048, torch.float32)
+    blocks = torch.tensor([4, -1, 2, -1], dtype=torch.int32, device=DEVICE)[::2]
+    offsets = torch.tensor([1, -1, 3, -1], dtype=torch.int32, device=DEVICE)[::2]
+    write_kv_reference(key, value, cache_ref.key_cache(0), cache_ref.value_cache(0), blocks, offsets)
+    write_kv_triton(key, value, cache_tri.key_cache(0), cache_tri.value_cache(0), blocks, offsets)
+    assert torch.equal(cache_tri.storage, cache_ref.storage)
+    assert torch.equal(cache_tri.value_cache(0)[2, 3], value[1])
+
+
+@pytest.mark.parametrize("fn", [write_kv_triton, write_kv_reference, write_kv])
+def test_no_tokens_writes_nothing(fn):
+    cache = make_cache("layer_major", torch.bfloat16)
+    before = cache.storage.clone()
+    key, value = new_kv(0, 3, 40, torch.float32)
+    blocks, offsets = slots([])
+    fn(key, value, cache.key_cache(0), cache.value_cache(0), blocks, offsets)
+    assert torch.equal(cache.storage, before)
+
+
+def test_bad_arguments_are_rejected():
+    cache = make_cache("layer_major", torch.float32)
+    k_cache, v_cache = cache.key_cache(0), cache.value_cache(0)
+    key, value = new_kv(2, 3, 40, torch.float32)
+    blocks, offsets = slots([(1, 0), (1, 1)])
+    for fn in (write_kv_triton, write_kv_reference):
+        with pytest.raises(ValueError, match="key and value must both be"):
+            fn(key, value[:1], k_cache, v_cache, blocks, offsets)
+        with pytest.raises(ValueError, match="k_cache and v_cache must both be"):
+            fn(key[:, :2], value[:, :2], k_cache, v_cache, blocks, offsets)
+        with pytest.raises(ValueError, match="k_cache and v_cache must both be"):
+            fn(key, value, k_cache, v_cache[:3], blocks, offsets)
+        with pytest.raises(ValueError, match=r"slot_offsets must be \(2,\)"):
+            fn(key, value, k_cache, v_cache, blocks, offsets[:1])
+        with pytest.raises(ValueError, match="slot_blocks must be .* int32 or int64"):
+            fn(key, value, k_cache, v_cache, blocks.float(), offsets)
+        with pytest.raises(ValueError, match="supported dtypes"):
+            fn(key.double(), value.double(), k_cache, v_cache, blocks, offsets)
+        with pytest.raises(TypeError, match="slot_blocks must be a torch.Tensor"):
+            fn(key, value, k_cache, v_cache, [1, 1], offsets)
+        with pytest.raises(ValueError, match="move them to one device"):
+            fn(key, value, k_cache, v_cache, blocks, offsets.to("meta"))
+
+
+@pytest.mark.parametrize("input_dtype", [torch.float32, torch.float16])
+def test_bfloat16_rounding_edge_cases(input_dtype):
+    """The cast to a bf16 cache rounds as torch does: ties to even, overflow to inf, subnormals, signed zero, NaN."""
+    tie = 1 + 2**-8  # halfway between bf16 1.0 and 1.0078125: rounds down to the even 1.0
+    above = 1 + 3 * 2**-8  # halfway between 1.0078125 and 1.015625: rounds up to the even 1.015625
+    near_max = torch.tensor(0x7F7FFFFF, dtype=torch.int32).view(torch.float32).item()  # float32 max: bf16 inf
+    values = [tie, -tie, above, 1 + 2**-9, 3.0e38, near_max, -near_max, float("inf"), float("-inf"), 1e-40,
+              -1e-41, -0.0, 0.0, 65504.0, 6e-8, float("nan")]
+    row = torch.tensor(values, dtype=torch.float32).to(input_dtype)  # float16: the huge ones are inf already
+    key = row[None, None, :].to(DEVICE)  # (1, 1, 16)
+    value = -key
+    cache = make_cache("layer_major", torch.bfloat16, kv_heads=1, head_dim=len(values))
+    blocks, offsets = slots([(2, 1)])
+    write_kv_triton(key, value, cache.key_cache(0), cache.value_cache(0), blocks, offsets)
+    for written, source in ((cache.key_cache(0)[2, 1, 0], key[0, 0]), (cache.value_cache(0)[2, 1, 0], value[0, 0])):
+        expected = source.to(torch.bfloat16)
+        nan = expected.isnan()
+        assert torch.equal(written.isnan(), nan)
+        assert torch.equal(written[~nan].view(torch.int16), expected[~nan].view(torch.int16))  # bits, so -0.0 != 0.0
+    if input_dtype == torch.float32:
+        assert cache.key_cache(0)[2, 1, 0, :3].tolist() == [1.0, -1.0, 1.015625]
+        assert cache.key_cache(0)[2, 1, 0, 5].item() == float("inf")

@@ -1,0 +1,164 @@
+"""Write one forward's new K and V into a layer's paged cache in one kernel launch.
+
+Every attention layer of every engine step stores its new tokens' keys and values at their slots
+(token t goes to block ``slot_blocks[t]``, offset ``slot_offsets[t]``) before attending. Two
+advanced-indexing assignments do it in torch, each an ATen ``index_put`` launch (plus a cast copy when
+the dtypes differ): 2 x 28 launches of ~4 us per decode step on an H200 for a 28-layer model. The
+Triton kernel here writes K and V together, one launch per layer (vLLM calls this
+``reshape_and_cache_flash``).
+
+Shapes: ``key``/``value`` are (T, KVH, D), any strides (the hook passes ``key[0].transpose(0, 1)`` of
+HF's (1, KVH, T, D), a non-contiguous view, and no copy is made); the caches are the per-layer views
+(NB, BS, KVH, D) of ``PagedKVCache``, whose strides differ between the layer_major and block_major
+layouts (see ``thaw_rl.engine.kv_cache``); the kernel reads all strides, so neither needs a copy. Values
+are cast to the cache's dtype (round-to-nearest-even, as ``Tensor.to``).
+
+- ``write_kv_reference``: torch, any device (the CPU engine's path), the semantics both follow.
+- ``write_kv_triton``: one launch, grid (T, head groups); no host sync and nothing read from device
+  memory on the host, so it is CUDA-graph safe; T = 0 launches nothing.
+- ``write_kv``: Triton on CUDA, the reference elsewhere.
+
+Slots are not range-checked on the device (that would need a sync): the engine hands out only slots
+of blocks it owns, and CUDA-graph padding rows all write the null block 0, offset 0.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # Triton ships for Linux only; elsewhere the torch reference still works.
+    triton = None
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+MAX_TILE = 4096  # elements of K (and as many of V) one program moves: one token's heads of a group
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernel
+# ----------------------------------------------------------------------------------------------
+
+if triton is not None:
+
+    @triton.jit
+    def _to_bf16_rtne(x):
+        """float32 -> bfloat16 rounded to nearest even, as torch rounds. Done by hand because the Triton
+        interpreter (the CPU tests) truncates in ``.to(tl.bfloat16)``; on GPUs it is the same cvt.rn."""
+        bits = x.to(tl.uint32, bitcast=True)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        rounded = tl.where(x != x, 0x7FC0, rounded)  # NaN stays a (quiet) NaN, never rounds up into inf
+        return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+    @triton.jit
+    def _cast(x, dtype: tl.constexpr):
+        if dtype == tl.bfloat16 and x.dtype != tl.bfloat16:
+            return _to_bf16_rtne(x.to(tl.float32))  # float16 -> float32 is exact, as torch goes
+        return x.to(dtype)
+
+    @triton.jit
+    def _kv_write_kernel(
+        key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, blocks_ptr, offsets_ptr,
+        stride_blocks, stride_offsets,
+        k_stride_t, k_stride_h, k_stride_d,
+        v_stride_t, v_stride_h, v_stride_d,
+        kc_stride_b, kc_stride_s, kc_stride_h, kc_stride_d,
+        vc_stride_b, vc_stride_s, vc_stride_h, vc_stride_d,
+        num_kv_heads, head_dim,
+        BLOCK_H: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
+        """Program (t, g) copies heads [g * BLOCK_H, (g + 1) * BLOCK_H) of token t's K and V to its slot."""
+        t = tl.program_id(0).to(tl.int64)
+        heads = (tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)).to(tl.int64)[:, None]  # (BLOCK_H, 1)
+        dims = tl.arange(0, BLOCK_D).to(tl.int64)[None, :]  # (1, BLOCK_D)
+        mask = (heads < num_kv_heads) & (dims < head_dim)
+        block = tl.load(blocks_ptr + t * stride_blocks).to(tl.int64)
+        offset = tl.load(offsets_ptr + t * stride_offsets).to(tl.int64)
+        # int64 throughout: a block_major cache's block stride times a block id passes 2**31 elements.
+        k = tl.load(key_ptr + t * k_stride_t + heads * k_stride_h + dims * k_stride_d, mask=mask)
+        v = tl.load(value_ptr + t * v_stride_t + heads * v_stride_h + dims * v_stride_d, mask=mask)
+        k_dst = k_cache_ptr + block * kc_stride_b + offset * kc_stride_s + heads * kc_stride_h + dims * kc_stride_d
+        v_dst = v_cache_ptr + block * vc_stride_b + offset * vc_stride_s + heads * vc_stride_h + dims * vc_stride_d
+        tl.store(k_dst, _cast(k, k_cache_ptr.dtype.element_ty), mask=mask)
+        tl.store(v_dst, _cast(v, v_cache_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation (shared by the Triton and reference paths)
+# ----------------------------------------------------------------------------------------------
+
+
+def _check(key, value, k_cache, v_cache, slot_blocks, slot_offsets) -> None:
+    """Shapes, dtypes and devices only (all host metadata): no sync, safe inside CUDA-graph capture."""
+    named = (("key", key), ("value", value), ("k_cache", k_cache), ("v_cache", v_cache),
+             ("slot_blocks", slot_blocks), ("slot_offsets", slot_offsets))
+    for name, t in named:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}.")
+    if key.dim() != 3 or value.shape != key.shape:
+        raise ValueError(f"key and value must both be (T, kv_heads, head_dim), got {tuple(key.shape)} and "
+                         f"{tuple(value.shape)}; pass key[0].transpose(0, 1) of HF's (1, kv_heads, T, head_dim).")
+    T, kvh, d = key.shape
+    if k_cache.dim() != 4 or v_cache.shape != k_cache.shape or k_cache.shape[2:] != (kvh, d):
+        raise ValueError(f"k_cache and v_cache must both be (num_blocks, block_size, {kvh}, {d}) to hold key "
+                         f"{tuple(key.shape)}, got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}; pass "
+                         f"PagedKVCache.key_cache(layer) / value_cache(layer).")
+    for name, t in (("slot_blocks", slot_blocks), ("slot_offsets", slot_offsets)):
+        if t.shape != (T,) or t.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"{name} must be ({T},) int32 or int64, one slot per new token, got "
+                             f"{tuple(t.shape)} {t.dtype}.")
+    for name, t in named[:4]:
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"{name} has dtype {t.dtype}; supported dtypes are {SUPPORTED_DTYPES}.")
+    for name, t in named[1:]:
+        if t.device != key.device:
+            raise ValueError(f"{name} is on {t.device} but key is on {key.device}; move them to one device.")
+
+
+# ----------------------------------------------------------------------------------------------
+# Public functions
+# ----------------------------------------------------------------------------------------------
+
+
+def write_kv_reference(
+    key: torch.Tensor,  # (T, KVH, D)
+    value: torch.Tensor,  # (T, KVH, D)
+    k_cache: torch.Tensor,  # (NB, BS, KVH, D), written in place
+    v_cache: torch.Tensor,  # (NB, BS, KVH, D), written in place
+    slot_blocks: torch.Tensor,  # (T,) int: block of each new token
+    slot_offsets: torch.Tensor,  # (T,) int: offset inside that block
+) -> None:
+    """k_cache[slot_blocks[t], slot_offsets[t]] = key[t] (cast), and the same for value."""
+    _check(key, value, k_cache, v_cache, slot_blocks, slot_offsets)
+    k_cache[slot_blocks, slot_offsets] = key.to(k_cache.dtype)
+    v_cache[slot_blocks, slot_offsets] = value.to(v_cache.dtype)
+
+
+def write_kv_triton(key, value, k_cache, v_cache, slot_blocks, slot_offsets) -> None:
+    """``write_kv_reference`` in one Triton launch (grid: tokens x head groups)."""
+    if triton is None:
+        raise RuntimeError("write_kv_triton needs Triton, which is not installed; use write_kv_reference.")
+    _check(key, value, k_cache, v_cache, slot_blocks, slot_offsets)
+    T, kvh, d = key.shape
+    if T == 0 or kvh == 0 or d == 0:
+        return
+    block_d = triton.next_power_of_2(d)
+    block_h = min(triton.next_power_of_2(kvh), max(1, MAX_TILE // block_d))
+    grid = (T, triton.cdiv(kvh, block_h))
+    num_warps = max(1, min(4, block_h * block_d // 256))  # ~8 elements a thread: 16-byte bf16 vectors
+    _kv_write_kernel[grid](
+        key, value, k_cache, v_cache, slot_blocks, slot_offsets,
+        slot_blocks.stride(0), slot_offsets.stride(0),
+        *key.stride(), *value.stride(), *k_cache.stride(), *v_cache.stride(),
+        kvh, d,
+        BLOCK_H=block_h, BLOCK_D=block_d, num_warps=num_warps,
+    )
+
+
+def write_kv(key, value, k_cache, v_cache, slot_blocks, slot_offsets) -> None:
+    """Triton on CUDA tensors, the torch reference elsewhere."""
+    if k_cache.is_cuda:
+        return write_kv_triton(key, value, k_cache, v_cache, slot_blocks, slot_offsets)
+    return write_kv_reference(key, value, k_cache, v_cache, slot_blocks, slot_offsets)
