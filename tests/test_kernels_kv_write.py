@@ -140,3 +140,23 @@ def test_bfloat16_rounding_edge_cases(input_dtype):
     if input_dtype == torch.float32:
         assert cache.key_cache(0)[2, 1, 0, :3].tolist() == [1.0, -1.0, 1.015625]
         assert cache.key_cache(0)[2, 1, 0, 5].item() == float("inf")
+
+
+def test_engine_with_the_triton_write_equals_the_reference_write(monkeypatch):
+    """The attention hook's real K/V views (prefill chunks and decode steps, a fork) through the Triton kernel:
+    the same tokens and the same cache contents as through the torch reference."""
+    from thaw_rl import SamplingParams, ThawEngine
+    from thaw_rl.engine import attention
+    from thaw_rl.testing import tiny_model_and_tokenizer
+
+    model, tok = tiny_model_and_tokenizer("qwen3")
+    greedy = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    results = []
+    for write in (write_kv_reference, write_kv_triton):
+        monkeypatch.setattr(attention, "write_kv", write)
+        engine = ThawEngine(model, tok, block_size=4, kv_cache_memory=1 << 20, layout="block_major")
+        trunk = engine.prefill([5, 6, 7, 8, 9, 10, 11])
+        outs = engine.generate(engine.fork(trunk, 2) + engine.prefill_many([[3, 4], [12, 13, 14, 15, 16]]), greedy)
+        results.append(([o.token_ids for o in outs], engine.kv_cache.storage.clone()))
+    assert results[1][0] == results[0][0]
+    assert torch.equal(results[1][1], results[0][1])
