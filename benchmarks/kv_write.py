@@ -81,7 +81,11 @@ def median_ms(fn, device: str) -> float:
 def graph_ms(fn, cache, key, value, blocks, offsets) -> float:
     """One CUDA graph writing every layer (as in a captured decode step), replayed: device ms per step."""
     layers = range(cache.spec.num_layers)
-    step = lambda: [fn(key, value, cache.key_cache(i), cache.value_cache(i), blocks, offsets) for i in layers]  # noqa: E731
+
+    def step():
+        for i in layers:
+            fn(key, value, cache.key_cache(i), cache.value_cache(i), blocks, offsets)
+
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -120,9 +124,11 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     shape = SMOKE_SHAPE if args.smoke else QWEN25_1_5B
     token_counts = [1, 3, 17] if args.smoke else [1, 16, 128, 1024, 4096]
-    rows = [r for t in token_counts for layout in ("layer_major", "block_major") for r in run_case(t, shape, layout, device)]
+    layouts = ("layer_major", "block_major")
+    rows = [r for t in token_counts for layout in layouts for r in run_case(t, shape, layout, device)]
     write_receipt(args.out, receipt("kv_write", args, rows) | {"shape": shape})
-    print(f"\nKV write, {device}, shape {shape}, bf16 (layer_us: one layer's call; graph_step_us: all layers, one graph)")
+    print(f"\nKV write, {device}, shape {shape}, bf16")
+    print("(layer_us: one layer's call, median; graph_step_us: every layer's write in one CUDA graph, replayed)")
     print(f"{'tokens':>7} {'layout':>12} {'contender':>10} {'layer_us':>9} {'GB/s':>7} {'graph_step_us':>14}")
     for r in rows:
         graph = f"{r['graph_step_us']:14.1f}" if "graph_step_us" in r else f"{'-':>14}"

@@ -74,7 +74,7 @@ def test_triton_equals_reference(layout, cache_dtype, input_dtype):
 
 def test_head_groups_int32_slots_and_strided_slot_tensors():
     """A head tile over MAX_TILE splits heads over programs; int32 slots read from a strided tensor."""
-    cache_ref, cache_tri = make_cache("block_major", torch.float32, 3, 2048), make_cache("block_major", torch.float32, 3, 2048)
+    cache_ref, cache_tri = (make_cache("block_major", torch.float32, 3, 2048) for _ in range(2))
     key, value = new_kv(2, 3, 2048, torch.float32)
     blocks = torch.tensor([4, -1, 2, -1], dtype=torch.int32, device=DEVICE)[::2]
     offsets = torch.tensor([1, -1, 3, -1], dtype=torch.int32, device=DEVICE)[::2]
