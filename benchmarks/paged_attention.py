@@ -220,7 +220,7 @@ def sweep_tilings(case: Case, batch: dict, group: int) -> list[dict]:
     if max(case.q_lens) <= 1:
         grid = [dict(block_q=1, block_m=max(16, 1 << (group - 1).bit_length()), tile_n=tn, num_splits=sp,
                      num_warps=w, num_stages=st)
-                for tn, sp, w, st in itertools.product((16, 32, 64), (1, 2, 4, 8, 16), (2, 4), (2, 3))]  # fmt: skip
+                for tn, sp, w, st in itertools.product((32, 64, 128), (1, 2, 4, 8), (2, 4, 8), (2, 3))]  # fmt: skip
     else:
         grid = [dict(block_q=bm // group, block_m=bm, tile_n=tn, num_splits=1, num_warps=w, num_stages=st)
                 for bm, tn, w, st in itertools.product((16, 32, 64, 128), (32, 64), (4, 8), (2, 3))
