@@ -90,9 +90,17 @@ class GpuTimer:
         return sum(a.elapsed_time(b) for a, b in self.pairs if b is not None) / 1e3
 
 
-def run_call(engine, prompts, params, device, count_syncs=False):
+def make_sessions(engine, prompts, group: int):
+    """One session per row: each prompt prefilled once and forked into ``group`` rows that share its blocks
+    (a GRPO group, as the thaw trainers sample it); group 1: every row its own prompt."""
+    if group == 1:
+        return engine.prefill_many(prompts)
+    return [kid for s in engine.prefill_many(prompts) for kid in engine.fork(s, group)]
+
+
+def run_call(engine, prompts, params, device, count_syncs=False, group: int = 1):
     """prefill, generate (timed), free; returns (seconds, forward steps, CUDA syncs reported in generate, tokens)."""
-    sessions = engine.prefill_many(prompts)
+    sessions = make_sessions(engine, prompts, group)
     sync(device)
     steps0 = engine.stats.num_forward_steps
     syncs = 0
@@ -132,12 +140,12 @@ def kernel_kind(name: str) -> str:
     return "other"
 
 
-def kernel_breakdown(engine, prompts, steps: int = 8) -> dict:
+def kernel_breakdown(engine, prompts, group: int = 1, steps: int = 8) -> dict:
     """One torch.profiler pass over ``steps`` decode steps: device time and launches per step, by kind and
     for the top kernels (kernels replayed inside CUDA graphs are traced one by one)."""
     from torch.autograd import DeviceType
 
-    sessions = engine.prefill_many(prompts)
+    sessions = make_sessions(engine, prompts, group)
     torch.cuda.synchronize()
     steps0 = engine.stats.num_forward_steps
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
@@ -172,6 +180,8 @@ def main():
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--steps", type=int, default=64, help="tokens per row (decode steps)")
     ap.add_argument("--compile-layers", action="store_true")
+    ap.add_argument("--group", type=int, default=1,
+                    help="rows per prompt: each prompt prefilled once and forked (16: a GRPO step's decode batch)")
     ap.add_argument("--kernels", action="store_true", help="also print a torch.profiler table of top CUDA kernels")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
@@ -186,19 +196,21 @@ def main():
     rows = []
     for b in batches:
         g = torch.Generator().manual_seed(b)
-        prompts = [torch.randint(10, vocab, (args.prompt_len,), generator=g).tolist() for _ in range(b)]
+        if b % args.group:
+            raise SystemExit(f"batch {b} is not a multiple of --group {args.group}")
+        prompts = [torch.randint(10, vocab, (args.prompt_len,), generator=g).tolist() for _ in range(b // args.group)]
         params = SamplingParams(temperature=1.0, max_tokens=args.steps, ignore_eos=True, seed=0)
         tokens = {}
         for mode in (False, True):  # warm-up: graph capture for every size, compile, autotune
             engine.async_decode = mode
-            tokens[mode] = run_call(engine, prompts, params, device)[3]
+            tokens[mode] = run_call(engine, prompts, params, device, group=args.group)[3]
         # no row stops early (ignore_eos), so both modes run the same batches: the same tokens, exactly
         same_tokens = tokens[False] == tokens[True]
         print(f"batch {b}: async tokens == sync tokens: {same_tokens}")
 
         # -- sync: plain, then phases under synchronising timers --
         engine.async_decode = False
-        plain, steps, syncs, _ = run_call(engine, prompts, params, device, count_syncs=True)
+        plain, steps, syncs, _ = run_call(engine, prompts, params, device, count_syncs=True, group=args.group)
         phases = collections.Counter()
         graphs = engine.runner.graphs
         saved = (engine._sample, engine.scheduler.schedule, engine_mod.sample,
@@ -209,7 +221,7 @@ def main():
         if graphs is not None:
             graphs._fill = timed(phases, "  of which fill static buffers", graphs._fill, device)
             graphs.forward = timed(phases, "graph forward (fill + replay)", graphs.forward, device)
-        instrumented, isteps, _, _ = run_call(engine, prompts, params, device)
+        instrumented, isteps, _, _ = run_call(engine, prompts, params, device, group=args.group)
         engine._sample, engine.scheduler.schedule, engine_mod.sample = saved[:3]
         if graphs is not None:
             graphs._fill, graphs.forward = saved[3:]
@@ -222,14 +234,14 @@ def main():
 
         # -- async: plain, then host phases (DecodeProfile) and device time (CUDA events) --
         engine.async_decode = True
-        plain, steps, syncs, _ = run_call(engine, prompts, params, device, count_syncs=True)
+        plain, steps, syncs, _ = run_call(engine, prompts, params, device, count_syncs=True, group=args.group)
         engine.decode_profile = prof = DecodeProfile()
         if device.type == "cuda":
             with GpuTimer(engine) as gpu:
-                instrumented, _, _, _ = run_call(engine, prompts, params, device)
+                instrumented, _, _, _ = run_call(engine, prompts, params, device, group=args.group)
             gpu_s = gpu.seconds()
         else:
-            instrumented, _, _, _ = run_call(engine, prompts, params, device)
+            instrumented, _, _, _ = run_call(engine, prompts, params, device, group=args.group)
             gpu_s = None
         engine.decode_profile = None
         n = max(prof.steps, 1)
@@ -246,10 +258,10 @@ def main():
         rows += [sync_row, async_row]
 
         if args.kernels and device.type == "cuda":
-            async_row["kernels"] = kernel_breakdown(engine, prompts)
+            async_row["kernels"] = kernel_breakdown(engine, prompts, args.group)
 
     write_receipt(args.out, receipt("profile_decode", args, rows))
-    print(f"\ndevice={device} model={args.model} prompt={args.prompt_len} steps={args.steps} "
+    print(f"\ndevice={device} model={args.model} prompt={args.prompt_len} group={args.group} steps={args.steps} "
           f"compile_layers={args.compile_layers}")
     print("| batch | mode | step ms | device ms | host work ms | host waits ms | syncs/step | same tokens |")
     print("|---:|---|---:|---:|---:|---:|---:|---|")
