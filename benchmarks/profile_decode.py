@@ -99,7 +99,12 @@ def make_sessions(engine, prompts, group: int):
 
 
 def run_call(engine, prompts, params, device, count_syncs=False, group: int = 1):
-    """prefill, generate (timed), free; returns (seconds, forward steps, CUDA syncs reported in generate, tokens)."""
+    """prefill, generate (timed), free; returns (seconds, forward steps, CUDA syncs reported in generate, tokens).
+
+    The prefix cache is dropped first, so every call prefills the same way: on a cache hit the engine recomputes
+    each prompt's last token, whose bf16 K/V and logits differ slightly from the full prefill's (H200: 60 of 128
+    forked rows diverged from token 2 on), and sync vs async tokens would compare unlike runs."""
+    engine.reset_prefix_cache()
     sessions = make_sessions(engine, prompts, group)
     sync(device)
     steps0 = engine.stats.num_forward_steps
