@@ -211,7 +211,8 @@ def main():
             tokens[mode] = run_call(engine, prompts, params, device, group=args.group)[3]
         # no row stops early (ignore_eos), so both modes run the same batches: the same tokens, exactly
         same_tokens = tokens[False] == tokens[True]
-        print(f"batch {b}: async tokens == sync tokens: {same_tokens}")
+        print(f"batch {b}: async tokens == sync tokens: {same_tokens}; LM head written into the graphs' buffer: "
+              f"{engine.runner.direct_lm_head}")
 
         # -- sync: plain, then phases under synchronising timers --
         engine.async_decode = False
@@ -230,7 +231,7 @@ def main():
         engine._sample, engine.scheduler.schedule, engine_mod.sample = saved[:3]
         if graphs is not None:
             graphs._fill, graphs.forward = saved[3:]
-        sync_row = dict(batch=b, mode="sync", same_tokens=same_tokens, step_ms=plain / steps * 1e3, steps=steps, syncs_per_step=syncs / steps,
+        sync_row = dict(batch=b, mode="sync", same_tokens=same_tokens, direct_lm_head=engine.runner.direct_lm_head, step_ms=plain / steps * 1e3, steps=steps, syncs_per_step=syncs / steps,
                         phases_ms={k: v / isteps * 1e3 for k, v in phases.items()},
                         instrumented_step_ms=instrumented / isteps * 1e3)
         print(f"\nbatch {b} sync: step {sync_row['step_ms']:.2f} ms (instrumented {sync_row['instrumented_step_ms']:.2f})")

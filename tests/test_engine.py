@@ -345,6 +345,33 @@ def test_cuda_graphs_and_triton_attention_match_generate(family):
     assert len(engine.runner.graphs.graphs) >= 1  # decode steps really replayed a graph
 
 
+def test_lm_head_written_into_a_buffer_gives_the_forwards_exact_logits(tiny):
+    """``run_model_into`` (decoder, then the head's GEMM into the graphs' shared buffer) equals ``run_model``
+    bit for bit on a decode step; a head with a hook is not run on its own (its hook would be skipped)."""
+    from thaw_rl.engine.model_runner import pack, plain_lm_head
+    from thaw_rl.engine.scheduler import Chunk
+
+    model, tok = tiny
+    engine = ThawEngine(model, tok, kv_cache_memory=8 << 20)
+    sessions = engine.prefill_many(random_prompts([5, 17, 40], model.config.vocab_size, seed=4))
+    engine.generate(sessions, GREEDY)  # every session has a last token whose KV is not computed yet
+    runner = engine.runner
+    assert runner.direct_lm_head and runner.lm_head is model.lm_head
+    assert engine.scheduler.allocate_decode(sessions, [s.num_computed for s in sessions]) is not None
+    chunks = [Chunk(s, 1) for s in sessions]
+    batch = pack(chunks, engine.block_size)
+    with runner.grad_off():
+        expected = runner.run_model(batch.input_ids, batch.positions, runner.metadata(batch), 0)
+        out = torch.full_like(expected, float("nan"))
+        runner.run_model_into(batch.input_ids, batch.positions, runner.metadata(batch), out)
+    assert torch.equal(out, expected)
+    handle = model.lm_head.register_forward_hook(lambda *a: None)
+    try:
+        assert plain_lm_head(model) is None
+    finally:
+        handle.remove()
+
+
 class _CaptureFailsGraphs:
     """Stands in for DecodeGraphs whose capture fails (as under DeepSpeed ZeRO-2 on an H100; CPU has no graphs)."""
 

@@ -13,9 +13,13 @@ The graphs read the KV cache and the weights in place: a weight update that keep
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from thaw_rl.engine.attention import AttentionMetadata
+
+logger = logging.getLogger(__name__)
 
 
 def _batch_sizes(max_num_seqs: int) -> list[int]:
@@ -80,12 +84,14 @@ class DecodeGraphs:
     def _capture(self, bs: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         """Capture size ``bs``; its logits land in the one output buffer all sizes share.
 
-        Each graph's own logits tensor is dropped after capture, so its memory goes back to the shared
-        pool: with up to ~80 sizes captured (a 2,048-row ladder) per-graph outputs would otherwise pin
-        tens of GB (bs x vocab each), where one shared buffer costs max_bs x vocab once.
+        With up to ~80 sizes captured (a 2,048-row ladder) per-graph outputs would pin tens of GB (bs x
+        vocab each), where one shared buffer costs max_bs x vocab once. The LM head's GEMM writes into it
+        directly (``ModelRunner.run_model_into``) once a warm-up showed that gives the forward's exact bits;
+        otherwise the graph copies the forward's logits there.
         """
-        run = lambda: self.runner.run_model(self.input_ids[:bs], self.positions[:bs], self._meta(bs), 0)
-        stream = torch.cuda.Stream(self.runner.device)
+        runner = self.runner
+        run = lambda: runner.run_model(self.input_ids[:bs], self.positions[:bs], self._meta(bs), 0)
+        stream = torch.cuda.Stream(runner.device)
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):  # warm up (allocator, autotuning) outside the graph
@@ -93,12 +99,18 @@ class DecodeGraphs:
         torch.cuda.current_stream().wait_stream(stream)
         if self.logits is None:  # outside the graph's pool: it outlives every capture
             self.logits = torch.empty(self.max_bs, warm.shape[-1], dtype=warm.dtype, device=warm.device)
+        if runner.direct_lm_head:  # the head's GEMM writing into the buffer must give the forward's bits
+            runner.run_model_into(self.input_ids[:bs], self.positions[:bs], self._meta(bs), self.logits[:bs])
+            if not torch.equal(self.logits[:bs], warm):
+                runner.direct_lm_head = False
+                logger.info("thaw-rl: the LM head run on its own differs from the model's forward at batch %d; "
+                            "decode graphs copy the forward's logits instead.", bs)
         del warm
         graph = torch.cuda.CUDAGraph()
         # thread_local: what other threads do meanwhile (NCCL's watchdog polling events, a data loader)
         # cannot invalidate this capture; a sync in this thread still does (see ModelRunner._give_up_graphs).
         with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-            self.logits[:bs].copy_(run())  # (bs, V)
+            runner.run_model_into(self.input_ids[:bs], self.positions[:bs], self._meta(bs), self.logits[:bs])
         if self.pool is None:
             self.pool = graph.pool()
         return graph, self.logits

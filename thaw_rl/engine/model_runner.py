@@ -56,6 +56,20 @@ def _compiled(compiled_layers):
             layer._compiled_call_impl = prev
 
 
+def plain_lm_head(model: torch.nn.Module) -> torch.nn.Linear | None:
+    """The model's LM head when its logits are exactly ``model.model(...)`` then that ``nn.Linear`` (the HF
+    Llama/Qwen2/Qwen3/Mistral CausalLM forward), so ``run_model_into`` may run the two itself; else None:
+    another class, hooks on the head (PEFT, DeepSpeed), or a sharded (DTensor) weight."""
+    head, decoder = getattr(model, "lm_head", None), getattr(model, "model", None)
+    if type(head) is not torch.nn.Linear or decoder is None:
+        return None
+    if getattr(model.config, "model_type", None) not in ("llama", "qwen2", "qwen3", "mistral"):
+        return None
+    if head._forward_hooks or head._forward_pre_hooks or hasattr(head.weight, "to_local"):
+        return None
+    return head
+
+
 @dataclass
 class PackedBatch:
     """Host-built tensors of one step, before they move to the device."""
@@ -119,6 +133,8 @@ class ModelRunner:
         # counters, which inference tensors do not have (TRL's generate path uses no_grad there too).
         self.grad_off = torch.no_grad if fsdp2_modules(model) else torch.inference_mode
         self.compiled_layers = _compile_decoder_layers(model) if compile_layers else None
+        self.lm_head = plain_lm_head(model)
+        self.direct_lm_head = self.lm_head is not None  # DecodeGraphs turns it off if the bits ever differ
         self.kv_cache = kv_cache
         self.block_size = kv_cache.spec.block_size
         self.device = kv_cache.device
@@ -155,6 +171,28 @@ class ModelRunner:
                 **{METADATA_KWARG: meta},
             )
         return out.logits[0]
+
+    def run_model_into(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                       out: torch.Tensor) -> None:
+        """``run_model`` over one decode token per row with the logits written into ``out`` (n, V).
+
+        With a plain LM head (``plain_lm_head``) the decoder runs alone and the head's GEMM writes straight
+        into ``out``, the buffer every captured graph shares: no (n, V) copy per step (0.13 ms of a 1,024-row
+        decode step's device time on an H200, for 311 MB of bf16 logits). Otherwise the model's own forward
+        runs and its logits are copied. Callers check once that both give the same bits (``DecodeGraphs``).
+        """
+        head = self.lm_head if self.direct_lm_head else None
+        if head is None:
+            out.copy_(self.run_model(input_ids, positions, meta, 0))
+            return
+        with paged_attention_mode(self.model), _compiled(self.compiled_layers):
+            hidden = self.model.model(
+                input_ids=input_ids[None], position_ids=positions[None], use_cache=False, **{METADATA_KWARG: meta},
+            ).last_hidden_state[0]  # (n, H), after the final norm
+        if head.bias is None:
+            torch.mm(hidden, head.weight.t(), out=out)
+        else:
+            torch.addmm(head.bias, hidden, head.weight.t(), out=out)
 
     def _give_up_graphs(self) -> None:
         """A capture failed: run every later step eagerly (same outputs, slower), and say so once."""
