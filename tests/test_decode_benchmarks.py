@@ -1,0 +1,44 @@
+"""The decode benchmarks run on CPU as they would on the H200 and their receipts say what the lead reads from them.
+
+Each runs as a script (its own process, as on the GPU machine) on tiny shapes: profile_decode over GRPO-shaped
+batches (each prompt prefilled once and forked), and the sampler kernel's check against its torch reference.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_script(args: list[str], tmp_path: Path) -> dict:
+    out = tmp_path / "receipt.json"
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "2"}
+    proc = subprocess.run([sys.executable, *args, "--out", str(out)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return json.loads(out.read_text())
+
+
+def test_profile_decode_on_forked_groups_compares_like_runs(tmp_path):
+    """--group 4: 2 prompts forked into 8 rows; sync and async steps give the same tokens (the prefix cache is
+    dropped before each call, so both prefill alike) and the LM head writes into a buffer only with the same bits."""
+    receipt = run_script(["benchmarks/profile_decode.py", "--model", "tiny-qwen2", "--batches", "8",
+                          "--prompt-len", "24", "--steps", "6", "--group", "4"], tmp_path)
+    rows = receipt["results"]
+    assert [(r["batch"], r["mode"]) for r in rows] == [(8, "sync"), (8, "async")]
+    assert all(r["same_tokens"] for r in rows)
+    assert rows[0]["direct_lm_head"] is True
+    assert rows[1]["rows_per_step"] == 8.0 and rows[1]["async_steps"] >= 5
+
+
+def test_gumbel_sampling_benchmark_checks_tokens_against_the_reference(tmp_path):
+    receipt = run_script(["benchmarks/gumbel_sampling.py", "--smoke"], tmp_path)
+    rows = receipt["results"]
+    assert [r["batch"] for r in rows] == [2, 5]
+    assert all(all(r["correct"].values()) for r in rows)
+    assert set(rows[0]["kernel_ms"]) == {"default", "1", "2", "4"}
