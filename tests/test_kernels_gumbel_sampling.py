@@ -54,6 +54,65 @@ def test_vocabulary_chunks_merge_to_the_reference(num_chunks, dtype):
     torch.testing.assert_close(out[2], ref[2], atol=2e-5, rtol=1e-5)
 
 
+def _rows(num_rows, vocab, seed, scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(num_rows, vocab, generator=g) * scale
+    temperature = torch.tensor([1.0, 0.0, 0.6, 1.7] * num_rows)[:num_rows]  # T = 1, greedy, two others
+    seeds = torch.arange(num_rows, dtype=torch.int64) * 1_000_003 + (1 << 41)
+    positions = torch.arange(num_rows, dtype=torch.int64) * 17 + 3
+    return logits, temperature, seeds, positions
+
+
+def _assert_matches_reference(logits, temperature, seeds, positions, **kwargs):
+    args = [t.to(DEVICE) for t in (logits, temperature, seeds, positions)]
+    ref = gumbel_sample_reference(*args)
+    out = gumbel_sample_triton(*args, **kwargs)
+    assert out[0].tolist() == ref[0].tolist()
+    torch.testing.assert_close(out[1], ref[1], atol=2e-5, rtol=1e-5, equal_nan=True)
+    torch.testing.assert_close(out[2], ref[2], atol=2e-5, rtol=1e-5, equal_nan=True)
+    return out
+
+
+@pytest.mark.parametrize("vocab", [256, 768, 767, 769, 5])
+@pytest.mark.parametrize("num_chunks", [1, 2])
+def test_exact_multiples_of_the_block_and_ragged_tails(vocab, num_chunks):
+    """Full blocks run unmasked and a chunk's ragged rest as one masked block: a vocabulary of exactly 1 or 3
+    blocks (no masked block), one entry short of or past 3 blocks, and less than one group of VEC entries."""
+    logits, temperature, seeds, positions = _rows(4, vocab, seed=vocab)
+    logits[1, -1] = 40.0  # the greedy row's maximum in the very last entry (the ragged block's last, if any)
+    out = _assert_matches_reference(logits, temperature, seeds, positions, num_chunks=num_chunks, block_v=256)
+    assert out[0][1].item() == vocab - 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_minus_inf_logits(dtype):
+    """-inf logits (a logit bias can make them) get probability 0 and add 0 to the entropy: scattered ones, a
+    whole group of 8 contiguous entries, a whole 256-entry block, and the whole first of two chunks. The
+    sampled token is never one of them; a row of nothing but -inf gives token 0 and nan, as the reference."""
+    vocab = 1000
+    logits, temperature, seeds, positions = _rows(8, vocab, seed=5)
+    minus_inf = float("-inf")
+    logits[0, ::7] = minus_inf
+    logits[1, 8:16] = minus_inf  # greedy row: one group of VEC = 8 (bf16) entries, two of 4 (fp32)
+    logits[1, 0] = 30.0
+    logits[2, 256:512] = minus_inf  # the second block
+    logits[3, :512] = minus_inf  # the first of two chunks at num_chunks=2
+    logits[4, :] = minus_inf
+    logits[4 + 1, :999] = minus_inf  # greedy row with a single finite entry, the last
+    logits[6, 1:] = minus_inf  # one finite entry, the first
+    logits[7, ::2] = minus_inf
+    logits = logits.to(dtype)
+    for num_chunks in (1, 2):
+        out = _assert_matches_reference(logits, temperature, seeds, positions, num_chunks=num_chunks, block_v=256)
+        tokens = out[0].cpu()
+        assert tokens[4].item() == 0 and out[1][4].isnan() and out[2][4].isnan()
+        assert tokens[5].item() == 999 and tokens[6].item() == 0
+        assert out[1][5].item() == 0.0 and out[2][5].item() == 0.0  # one possible token: logprob 0, entropy 0
+        finite = torch.cat([tokens[:4], tokens[5:]])
+        rows = torch.tensor([0, 1, 2, 3, 5, 6, 7])
+        assert (logits[rows, finite].float() > minus_inf).all()
+
+
 def test_kernel_rejects_bad_shapes():
     logits = torch.randn(3, 10, device=DEVICE)
     t = torch.ones(3, device=DEVICE)

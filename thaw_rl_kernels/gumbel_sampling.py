@@ -62,7 +62,9 @@ def gumbel_sample_reference(
     scores = torch.where(greedy[:, None], scaled, scaled + noise)
     tokens = scores.argmax(dim=-1)
     logprobs = logprobs_all.gather(-1, tokens[:, None])[:, 0]
-    entropies = -(logprobs_all.exp() * logprobs_all).sum(dim=-1)
+    # 0 * log 0 = 0: a -inf logit (a logit bias can make one) adds nothing, where exp(-inf) * -inf is nan
+    plogp = torch.where(logprobs_all == float("-inf"), 0.0, logprobs_all.exp() * logprobs_all)
+    entropies = -plogp.sum(dim=-1)
     return tokens, logprobs, entropies
 
 
@@ -88,68 +90,115 @@ def _mix32_u32(x):
 
 
 @triton.jit
+def _block_step(row_ptr, v0, hi, t, base, m, s, w, best, best_id,
+                MASKED: tl.constexpr, NOISE: tl.constexpr, SCALE: tl.constexpr,
+                BLOCK_V: tl.constexpr, VEC: tl.constexpr):
+    """One block of BLOCK_V entries as (BLOCK_V // VEC, VEC): each group of VEC contiguous entries lies in one
+    thread, so its max and sums are in-register reductions, and the group's running (m, s, w) is rescaled once
+    per block (one exp per group) instead of per entry.
+
+    The per-entry work is: the load, the optional division by t, d = x - m clamped at -200 (exp(-200) is 0 in
+    fp32, and 0 * -200 keeps -inf logits out of the entropy sum without a where), one exp, one add, one fma,
+    the hash and the two precise logs of the noise, and one compare with two selects for the noisy argmax.
+    Full blocks are loaded without a mask (MASKED only for a chunk's ragged last block, whose masked entries
+    read -inf: they add 0 to every sum and never win the strict argmax)."""
+    offs = v0 + tl.arange(0, BLOCK_V // VEC)[:, None] * VEC + tl.arange(0, VEC)[None, :]  # (G, VEC)
+    if MASKED:
+        x = tl.load(row_ptr + offs, mask=offs < hi, other=float("-inf")).to(tl.float32)
+    else:
+        x = tl.load(row_ptr + offs).to(tl.float32)
+    if SCALE:
+        x = x / t
+    m_new = tl.maximum(m, tl.max(x, axis=1))  # (G,)
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # a group that saw only -inf keeps s = w = 0
+    delta = tl.maximum(m - m_ref, -200.0)  # (G,) old max relative to the new; -inf -> -200, exp 0
+    alpha = tl.exp(delta)
+    d = tl.maximum(x - m_ref[:, None], -200.0)  # (G, VEC)
+    e = tl.exp(d)
+    # w is sum exp(x - m) * (x - m), relative to the group max: rescaled to the new max it gains s * delta
+    w = alpha * (w + s * delta) + tl.sum(e * d, axis=1)
+    s = alpha * s + tl.sum(e, axis=1)
+    if NOISE:
+        bits = _mix32_u32(base + offs.to(tl.uint32) * 0x9E3779B1)
+        # ((bits >> 8) + 0.5) / 2^24 as one fma: the product is exact, so both round once to the same value
+        u = (bits >> 8).to(tl.float32) * (1.0 / 16777216.0) + (0.5 / 16777216.0)
+        score = x - tl.log(-tl.log(u))
+    else:
+        score = x
+    take = score > best  # strict: a slot keeps its first (lowest) id on ties
+    best = tl.where(take, score, best)
+    best_id = tl.where(take, offs, best_id)
+    return m_new, s, w, best, best_id
+
+
+@triton.jit
+def _scan_chunk(row_ptr, lo, hi, t, base, NOISE: tl.constexpr, SCALE: tl.constexpr,
+                BLOCK_V: tl.constexpr, VEC: tl.constexpr):
+    """The chunk [lo, hi): its full blocks without masks, then the ragged rest as one masked block."""
+    G: tl.constexpr = BLOCK_V // VEC
+    m = tl.full([G], float("-inf"), tl.float32)  # per group: max of scaled logits
+    s = tl.zeros([G], tl.float32)  # sum exp(x - m)
+    w = tl.zeros([G], tl.float32)  # sum exp(x - m) * (x - m)
+    best = tl.full([G, VEC], float("-inf"), tl.float32)  # per slot: noisy score (x for greedy rows)
+    best_id = tl.zeros([G, VEC], tl.int32)
+    full_hi = lo + (hi - lo) // BLOCK_V * BLOCK_V
+    for v0 in range(lo, full_hi, BLOCK_V):
+        m, s, w, best, best_id = _block_step(row_ptr, v0, hi, t, base, m, s, w, best, best_id,
+                                             False, NOISE, SCALE, BLOCK_V, VEC)
+    if full_hi < hi:
+        m, s, w, best, best_id = _block_step(row_ptr, full_hi, hi, t, base, m, s, w, best, best_id,
+                                             True, NOISE, SCALE, BLOCK_V, VEC)
+    return m, s, w, best, best_id
+
+
+@triton.jit
 def _gumbel_chunk_kernel(
     logits_ptr, stride_row, temp_ptr, seed_ptr, pos_ptr,
     tok_ptr, lp_ptr, ent_ptr,  # final outputs (NUM_CHUNKS == 1)
     part_f_ptr, part_i_ptr,  # (S, PART_STRIDE, 5) float32 (m, s, w, x at best, best score), (S, PART_STRIDE) best id
     V, CHUNK,
-    FINAL: tl.constexpr, PART_STRIDE: tl.constexpr, BLOCK_V: tl.constexpr,
+    FINAL: tl.constexpr, PART_STRIDE: tl.constexpr, BLOCK_V: tl.constexpr, VEC: tl.constexpr,
 ):
-    """One program per (row, vocabulary chunk). Every lane keeps its own running max, sum of exp, sum of
-    exp * x (one exp per entry) and noisy best; the lanes are combined once at the end, not per block."""
+    """One program per (row, vocabulary chunk). The row's temperature picks one of three loops by a branch
+    that is uniform across the program: greedy (no noise, no division), T = 1 (no division: x / 1 == x) and
+    any other T, so no entry pays for work its row does not need. The groups are combined once at the end,
+    and the sampled entry's scaled logit is re-read there rather than carried per slot through the loop."""
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     temp = tl.load(temp_ptr + row)
-    greedy = temp == 0.0
-    t = tl.where(greedy, 1.0, temp)
+    t = tl.where(temp == 0.0, 1.0, temp)
     seed = tl.load(seed_ptr + row)
     pos = tl.load(pos_ptr + row)
     base = _mix32_tl(_mix32_tl(seed & 0xFFFFFFFF) ^ ((seed >> 32) & 0xFFFFFFFF)
                      ^ ((_mix32_tl(pos & 0xFFFFFFFF) * 3) & 0xFFFFFFFF)).to(tl.uint32)
-    m = tl.full([BLOCK_V], float("-inf"), tl.float32)  # per lane: max of scaled logits
-    s = tl.zeros([BLOCK_V], tl.float32)  # sum exp(x - m)
-    w = tl.zeros([BLOCK_V], tl.float32)  # sum exp(x - m) * x
-    best = tl.full([BLOCK_V], float("-inf"), tl.float32)  # noisy score (x for greedy rows)
-    best_id = tl.zeros([BLOCK_V], tl.int32)
-    best_x = tl.zeros([BLOCK_V], tl.float32)
     row_ptr = logits_ptr + row.to(tl.int64) * stride_row
     lo = chunk * CHUNK
     hi = tl.minimum(lo + CHUNK, V)
-    for v0 in range(lo, hi, BLOCK_V):
-        offs = v0 + tl.arange(0, BLOCK_V)
-        mask = offs < hi
-        x = tl.load(row_ptr + offs, mask=mask, other=float("-inf")).to(tl.float32) / t
-        live = x > float("-inf")
-        bigger = x > m
-        d = tl.exp(-tl.abs(x - m))  # exp(m - x) where x is the new max, exp(x - m) otherwise
-        d = tl.where(live, d, 0.0)  # (-inf) - (-inf) would be nan
-        s = tl.where(live, tl.where(bigger, s * d + 1.0, s + d), s)
-        w = tl.where(live, tl.where(bigger, w * d + x, w + d * x), w)
-        m = tl.maximum(m, x)
-        bits = _mix32_u32(base + offs.to(tl.uint32) * 0x9E3779B1)
-        u = ((bits >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
-        score = tl.where(greedy, x, x - tl.log(-tl.log(u)))
-        take = mask & (score > best)  # strict: a lane keeps its first (lowest) id on ties
-        best = tl.where(take, score, best)
-        best_id = tl.where(take, offs, best_id)
-        best_x = tl.where(take, x, best_x)
+    if temp == 0.0:
+        m, s, w, best, best_id = _scan_chunk(row_ptr, lo, hi, t, base, False, False, BLOCK_V, VEC)
+    elif temp == 1.0:
+        m, s, w, best, best_id = _scan_chunk(row_ptr, lo, hi, t, base, True, False, BLOCK_V, VEC)
+    else:
+        m, s, w, best, best_id = _scan_chunk(row_ptr, lo, hi, t, base, True, True, BLOCK_V, VEC)
     m_all = tl.max(m, axis=0)
-    scale = tl.exp(m - tl.where(m_all == float("-inf"), 0.0, m_all))  # 0 for lanes that saw nothing
+    m_ref = tl.where(m_all == float("-inf"), 0.0, m_all)
+    delta = tl.maximum(m - m_ref, -200.0)  # groups that saw nothing: s = w = 0, scale 0
+    scale = tl.exp(delta)
     s_all = tl.sum(s * scale, axis=0)
-    w_all = tl.sum(w * scale, axis=0)
-    best_all = tl.max(best, axis=0)
-    id_all = tl.min(tl.where(best == best_all, best_id, 2147483647), axis=0)  # lowest id among ties (argmax)
-    x_all = tl.max(tl.where(best_id == id_all, best_x, float("-inf")), axis=0)
+    w_all = tl.sum((w + s * delta) * scale, axis=0)  # sum exp(x - m_all) * (x - m_all)
+    best_all = tl.max(tl.max(best, axis=1), axis=0)
+    id_all = tl.min(tl.min(tl.where(best == best_all, best_id, 2147483647), axis=1), axis=0)  # lowest id on ties
+    x_all = tl.load(row_ptr + id_all).to(tl.float32) / t  # the same division as in the loop
     if FINAL:
-        lse = m_all + tl.log(s_all)
+        log_s = tl.log(s_all)
         tl.store(tok_ptr + row, id_all.to(tl.int64))
-        tl.store(lp_ptr + row, x_all - lse)
-        tl.store(ent_ptr + row, lse - w_all / s_all)
+        tl.store(lp_ptr + row, x_all - (m_all + log_s))
+        tl.store(ent_ptr + row, log_s - w_all / s_all)  # lse - sum p x, with lse = m_all + log s
     else:
         part = row * PART_STRIDE + chunk
         tl.store(part_f_ptr + part * 5 + 0, m_all)
         tl.store(part_f_ptr + part * 5 + 1, s_all)
-        tl.store(part_f_ptr + part * 5 + 2, w_all)
+        tl.store(part_f_ptr + part * 5 + 2, tl.where(s_all > 0.0, w_all + m_ref * s_all, 0.0))  # sum e * x
         tl.store(part_f_ptr + part * 5 + 3, x_all)
         tl.store(part_f_ptr + part * 5 + 4, best_all)
         tl.store(part_i_ptr + part, id_all.to(tl.int64))
@@ -221,7 +270,8 @@ def gumbel_sample_triton(logits, temperature, seeds, positions, num_chunks: int 
     args = (temperature.float().contiguous(), seeds.contiguous(), positions.contiguous())
     _gumbel_chunk_kernel[(S, used)](
         logits, logits.stride(0), *args, tokens, logprobs, entropies, part_f, part_i, V, chunk,
-        FINAL=used == 1, PART_STRIDE=stride, BLOCK_V=block_v, num_warps=num_warps,
+        FINAL=used == 1, PART_STRIDE=stride, BLOCK_V=block_v, VEC=min(block_v, max(1, 16 // logits.element_size())),
+        num_warps=num_warps,
     )
     if used > 1:
         _gumbel_merge_kernel[(S,)](part_f, part_i, tokens, logprobs, entropies, used, NUM_CHUNKS=stride,
