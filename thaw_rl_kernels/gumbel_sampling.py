@@ -97,8 +97,8 @@ def _block_step(row_ptr, v0, hi, t, base, m, s, w, best, best_id,
     thread, so its max and sums are in-register reductions, and the group's running (m, s, w) is rescaled once
     per block (one exp per group) instead of per entry.
 
-    The per-entry work is: the load, the optional division by t, d = x - m clamped at -200 (exp(-200) is 0 in
-    fp32, and 0 * -200 keeps -inf logits out of the entropy sum without a where), one exp, one add, one fma,
+    The per-entry work is: the load, the optional division by t, d = (x - m) log2(e) clamped at -300 (2^-300
+    is 0 in fp32, and 0 * -300 keeps -inf logits out of the entropy sum without a where), one exp2, one add, one fma,
     the hash and the two precise logs of the noise, and one compare with two selects for the noisy argmax.
     Full blocks are loaded without a mask (MASKED only for a chunk's ragged last block, whose masked entries
     read -inf: they add 0 to every sum and never win the strict argmax)."""
@@ -111,11 +111,12 @@ def _block_step(row_ptr, v0, hi, t, base, m, s, w, best, best_id,
         x = x / t
     m_new = tl.maximum(m, tl.max(x, axis=1))  # (G,)
     m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # a group that saw only -inf keeps s = w = 0
-    delta = tl.maximum(m - m_ref, -200.0)  # (G,) old max relative to the new; -inf -> -200, exp 0
-    alpha = tl.exp(delta)
-    d = tl.maximum(x - m_ref[:, None], -200.0)  # (G, VEC)
-    e = tl.exp(d)
-    # w is sum exp(x - m) * (x - m), relative to the group max: rescaled to the new max it gains s * delta
+    # base 2: tl.exp2 is one ex2 instruction, tl.exp five (a scale by log2(e) and a subnormal-safe ex2)
+    delta = tl.maximum((m - m_ref) * 1.4426950408889634, -300.0)  # (G,) old max vs new, log2 units; -inf -> -300
+    alpha = tl.exp2(delta)
+    d = tl.maximum((x - m_ref[:, None]) * 1.4426950408889634, -300.0)  # (G, VEC)
+    e = tl.exp2(d)
+    # w is sum exp(x - m) * (x - m) / ln 2, relative to the group max: rescaled to the new max it gains s * delta
     w = alpha * (w + s * delta) + tl.sum(e * d, axis=1)
     s = alpha * s + tl.sum(e, axis=1)
     if NOISE:
@@ -138,7 +139,7 @@ def _scan_chunk(row_ptr, lo, hi, t, base, NOISE: tl.constexpr, SCALE: tl.constex
     G: tl.constexpr = BLOCK_V // VEC
     m = tl.full([G], float("-inf"), tl.float32)  # per group: max of scaled logits
     s = tl.zeros([G], tl.float32)  # sum exp(x - m)
-    w = tl.zeros([G], tl.float32)  # sum exp(x - m) * (x - m)
+    w = tl.zeros([G], tl.float32)  # sum exp(x - m) * (x - m) / ln 2
     best = tl.full([G, VEC], float("-inf"), tl.float32)  # per slot: noisy score (x for greedy rows)
     best_id = tl.zeros([G, VEC], tl.int32)
     full_hi = lo + (hi - lo) // BLOCK_V * BLOCK_V
@@ -182,10 +183,10 @@ def _gumbel_chunk_kernel(
         m, s, w, best, best_id = _scan_chunk(row_ptr, lo, hi, t, base, True, True, BLOCK_V, VEC)
     m_all = tl.max(m, axis=0)
     m_ref = tl.where(m_all == float("-inf"), 0.0, m_all)
-    delta = tl.maximum(m - m_ref, -200.0)  # groups that saw nothing: s = w = 0, scale 0
-    scale = tl.exp(delta)
+    delta = tl.maximum((m - m_ref) * 1.4426950408889634, -300.0)  # groups that saw nothing: s = w = 0, scale 0
+    scale = tl.exp2(delta)
     s_all = tl.sum(s * scale, axis=0)
-    w_all = tl.sum((w + s * delta) * scale, axis=0)  # sum exp(x - m_all) * (x - m_all)
+    w_all = tl.sum((w + s * delta) * scale, axis=0) * 0.6931471805599453  # sum exp(x - m_all) * (x - m_all)
     best_all = tl.max(tl.max(best, axis=1), axis=0)
     id_all = tl.min(tl.min(tl.where(best == best_all, best_id, 2147483647), axis=1), axis=0)  # lowest id on ties
     x_all = tl.load(row_ptr + id_all).to(tl.float32) / t  # the same division as in the loop
