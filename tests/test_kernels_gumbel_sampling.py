@@ -11,7 +11,13 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from thaw_rl_kernels.gumbel_sampling import gumbel_sample_reference, gumbel_sample_triton  # noqa: E402
+from thaw_rl_kernels.gumbel_sampling import (  # noqa: E402
+    _mix32,
+    _row_base,
+    gumbel_noise,
+    gumbel_sample_reference,
+    gumbel_sample_triton,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -111,6 +117,24 @@ def test_minus_inf_logits(dtype):
         finite = torch.cat([tokens[:4], tokens[5:]])
         rows = torch.tensor([0, 1, 2, 3, 5, 6, 7])
         assert (logits[rows, finite].float() > minus_inf).all()
+
+
+def test_noise_is_finite_where_u_would_round_to_one():
+    """Seed 4806 at position 7 hashes entry 293 to bits >> 8 = 2^24 - 1, where ((2^24 - 1) + 0.5) / 2^24 rounds
+    to 1.0 in fp32 and -log(-log(u)) would be +inf: entry 293 would be drawn even at logit -30 against logits
+    of 0. Clamped, its noise is the largest finite one, 16.6, and a logit of -30 cannot win."""
+    seeds = torch.tensor([4806], dtype=torch.int64)
+    positions = torch.tensor([7], dtype=torch.int64)
+    base = _row_base(seeds, positions)
+    assert (_mix32((base + 293 * 0x9E3779B1) & 0xFFFFFFFF) >> 8).item() == (1 << 24) - 1
+    noise = gumbel_noise(seeds, positions, 1000)
+    assert torch.isfinite(noise).all()
+    assert noise[0, 293].item() == pytest.approx(-math.log(-math.log1p(-(2.0**-24))), rel=1e-6)
+    logits = torch.zeros(1, 1000)
+    logits[0, 293] = -30.0
+    for dtype in (torch.float32, torch.bfloat16):
+        out = _assert_matches_reference(logits.to(dtype), torch.ones(1), seeds, positions, block_v=256)
+        assert out[0].item() != 293
 
 
 def test_kernel_rejects_bad_shapes():

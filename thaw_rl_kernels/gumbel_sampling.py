@@ -23,6 +23,7 @@ import triton.language as tl
 
 _M32 = 0xFFFFFFFF
 _GOLDEN = 0x9E3779B1
+_U_MAX = 1.0 - 2.0**-24  # the largest float32 below 1
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:
@@ -43,7 +44,11 @@ def gumbel_noise(seeds: torch.Tensor, positions: torch.Tensor, vocab_size: int) 
     base = _row_base(seeds, positions)  # (S,)
     vocab = torch.arange(vocab_size, device=seeds.device, dtype=torch.int64)  # (V,)
     bits = _mix32((base[:, None] + vocab[None, :] * _GOLDEN) & _M32)  # (S, V)
-    u = ((bits >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))  # (S, V) in (0, 1)
+    u = ((bits >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))  # (S, V)
+    # (2^24 - 1) + 0.5 rounds to 2^24 in fp32 (a tie, to even), so u = 1 and the noise is +inf for one entry in
+    # 2^24: that entry would win whatever its logit (~0.9% of rows at a 152k vocabulary). The largest float
+    # below 1 instead: the noise of that entry becomes 16.6, the largest any other entry can get.
+    u = u.clamp(max=_U_MAX)  # (S, V) in (0, 1)
     return -torch.log(-torch.log(u))
 
 
@@ -123,6 +128,7 @@ def _block_step(row_ptr, v0, hi, t, base, m, s, w, best, best_id,
         bits = _mix32_u32(base + offs.to(tl.uint32) * 0x9E3779B1)
         # ((bits >> 8) + 0.5) / 2^24 as one fma: the product is exact, so both round once to the same value
         u = (bits >> 8).to(tl.float32) * (1.0 / 16777216.0) + (0.5 / 16777216.0)
+        u = tl.minimum(u, 0.99999994039535522)  # 1 - 2^-24, as the reference (u = 1 would make the noise +inf)
         score = x - tl.log(-tl.log(u))
     else:
         score = x
