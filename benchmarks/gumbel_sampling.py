@@ -2,11 +2,13 @@
 
 For each batch size (rows x the vocabulary of Qwen2.5, 151,936), bf16 logits as the decode graph leaves them:
 - check: the Triton kernel's tokens equal ``gumbel_sample_reference``'s (same hash, same noise), logprobs and
-  entropies within 1e-4;
+  entropies within 1e-4; and once, its noise equals ``gumbel_noise``'s bit for bit on all 2^24 values u can
+  take (the kernel runs libdevice's logf without its guards; torch's CUDA log is libdevice's logf);
 - time (``triton.testing.do_bench``, median) the kernel with the default vocabulary chunking and with 1, 2, 4,
   8, 16 and 32 chunks per row, and the torch reference (the CPU engine's path) for scale.
 
     python benchmarks/gumbel_sampling.py --out benchmarks/results/gumbel_sampling_h200.json
+    python benchmarks/gumbel_sampling.py --temperature 0.7 --out ...   # the loop that divides by T
     python benchmarks/gumbel_sampling.py --smoke     # CPU, Triton interpreter, tiny shapes
 """
 
@@ -27,7 +29,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from receipt_utils import receipt, write_receipt  # noqa: E402
 
-from thaw_rl_kernels.gumbel_sampling import _num_chunks, gumbel_sample_reference, gumbel_sample_triton  # noqa: E402
+from thaw_rl_kernels.gumbel_sampling import (  # noqa: E402
+    _num_chunks,
+    gumbel_of_bits_reference,
+    gumbel_of_bits_triton,
+    gumbel_sample_reference,
+    gumbel_sample_triton,
+)
 
 
 def time_ms(fn, cuda: bool) -> float:
@@ -46,6 +54,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batches", default="32,128,1024")
     ap.add_argument("--vocab", type=int, default=151936)
+    ap.add_argument("--temperature", type=float, default=1.0, help="of the sampled rows (every 7th is greedy)")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
@@ -55,15 +64,22 @@ def main() -> None:
     vocab = 3000 if args.smoke else args.vocab
     chunkings = [None, 1, 2, 4] if args.smoke else [None, 1, 2, 4, 8, 16, 32]
     rows, all_ok = [], True
+    step = 1 if cuda else 4096  # every value of bits >> 8 on the GPU; a sample under the interpreter
+    bits = (torch.arange(0, 1 << 24, step, device=device, dtype=torch.int64) << 8).to(torch.int32)
+    noise, noise_ref = gumbel_of_bits_triton(bits), gumbel_of_bits_reference(bits)
+    noise_mismatches = int((noise != noise_ref).sum()) if cuda else None  # CPU torch.log is not libdevice's
+    all_ok &= not noise_mismatches and bool(torch.isfinite(noise).all())
+    del bits, noise, noise_ref
     for b in batches:
         g = torch.Generator(device=device).manual_seed(b)
         logits = (torch.randn(b, vocab, generator=g, device=device) * 3).to(torch.bfloat16)
-        temperature = torch.ones(b, device=device)
+        temperature = torch.full((b,), args.temperature, device=device)
         temperature[::7] = 0.0  # some greedy rows
         seeds = torch.arange(b, device=device, dtype=torch.int64) * 7919 + (1 << 40)
         positions = torch.full((b,), 513, device=device, dtype=torch.int64)
         ref = gumbel_sample_reference(logits, temperature, seeds, positions)
-        row = dict(batch=b, vocab=vocab, default_chunks=_num_chunks(b, vocab, 2048, logits.device), kernel_ms={})
+        row = dict(batch=b, vocab=vocab, temperature=args.temperature, noise_mismatches=noise_mismatches,
+                   default_chunks=_num_chunks(b, vocab, 2048, logits.device), kernel_ms={})
         for chunks in chunkings:
             out = gumbel_sample_triton(logits, temperature, seeds, positions, num_chunks=chunks)
             ok = (out[0] == ref[0]).all().item() and torch.allclose(out[1], ref[1], atol=1e-4) \
@@ -78,7 +94,9 @@ def main() -> None:
         del logits
     write_receipt(args.out, receipt("gumbel_sampling", args, rows))
     names = list(rows[0]["kernel_ms"])
-    print(f"\ngumbel sampling on {device}, vocab {vocab}, bf16 logits; ms (median); all correct: {all_ok}")
+    print(f"\ngumbel sampling on {device}, vocab {vocab}, bf16 logits, T = {args.temperature} (every 7th row greedy); "
+          f"ms (median); noise != reference on {noise_mismatches} of 2^24 values (None: not checked off CUDA); "
+          f"all correct: {all_ok}")
     print("| rows | chunks (default) | " + " | ".join(f"kernel {n}" for n in names) + " | torch reference |")
     print("|---:|---:|" + "---:|" * (len(names) + 1))
     for r in rows:

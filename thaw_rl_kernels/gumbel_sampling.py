@@ -39,17 +39,21 @@ def _row_base(seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     return _mix32(_mix32(seeds & _M32) ^ ((seeds >> 32) & _M32) ^ ((_mix32(positions & _M32) * 3) & _M32))  # (S,)
 
 
+def _noise_of_hash(bits: torch.Tensor) -> torch.Tensor:
+    """Hash values (int64 holding 32-bit values) to standard Gumbel noise, float32 of the same shape."""
+    u = ((bits >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+    # (2^24 - 1) + 0.5 rounds to 2^24 in fp32 (a tie, to even), so u = 1 and the noise is +inf for one entry in
+    # 2^24: that entry would win whatever its logit (~0.9% of rows at a 152k vocabulary). The largest float
+    # below 1 instead: the noise of that entry becomes 16.6, the largest any other entry can get.
+    u = u.clamp(max=_U_MAX)  # in (0, 1)
+    return -torch.log(-torch.log(u))
+
+
 def gumbel_noise(seeds: torch.Tensor, positions: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """Standard Gumbel noise (S, V) float32, a pure function of (seed, position, token id)."""
     base = _row_base(seeds, positions)  # (S,)
     vocab = torch.arange(vocab_size, device=seeds.device, dtype=torch.int64)  # (V,)
-    bits = _mix32((base[:, None] + vocab[None, :] * _GOLDEN) & _M32)  # (S, V)
-    u = ((bits >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))  # (S, V)
-    # (2^24 - 1) + 0.5 rounds to 2^24 in fp32 (a tie, to even), so u = 1 and the noise is +inf for one entry in
-    # 2^24: that entry would win whatever its logit (~0.9% of rows at a 152k vocabulary). The largest float
-    # below 1 instead: the noise of that entry becomes 16.6, the largest any other entry can get.
-    u = u.clamp(max=_U_MAX)  # (S, V) in (0, 1)
-    return -torch.log(-torch.log(u))
+    return _noise_of_hash(_mix32((base[:, None] + vocab[None, :] * _GOLDEN) & _M32))  # (S, V)
 
 
 def gumbel_sample_reference(
@@ -95,6 +99,63 @@ def _mix32_u32(x):
 
 
 @triton.jit
+def _logf_bits(ia):
+    """libdevice's ``logf`` (``__nv_logf``, what ``tl.log`` and torch's CUDA ``log`` run), the same operations in
+    the same order, for the bits ``ia`` (uint32) of a positive normal finite float, without its guards:
+    a rescale of subnormal inputs and a select for 0, inf, nan and negatives (~8 of its ~24 instructions).
+    The noise's two logs never see such inputs (u in [2^-25, 1 - 2^-24], -log(u) in [6e-8, 17.4]), so their
+    results are bit for bit those of the guarded call: the noise, and with it the tokens, stay the torch
+    reference's. ``ia`` is taken as bits so that a caller can negate for free (the sign is bit 31)."""
+    e = (ia - 0x3F2AAAAB) & 0xFF800000  # the exponent, chosen so the mantissa m lies in [2/3, 4/3)
+    f = (ia - e).to(tl.float32, bitcast=True) - 1.0
+    r = tl.fma(f, -0.13018856942653656, 0.1408461034297943)
+    r = tl.fma(r, f, -0.12148627638816833)
+    r = tl.fma(r, f, 0.1398061066865921)
+    r = tl.fma(r, f, -0.16684235632419586)
+    r = tl.fma(r, f, 0.20012299716472626)
+    r = tl.fma(r, f, -0.24999669194221497)
+    r = tl.fma(r, f, 0.333331823348999)
+    r = tl.fma(r, f, -0.5)
+    r = tl.fma(f * r, f, f)
+    # i * ln2 + r with i = e / 2^23: libdevice's fma(e * 2^-23, ln2, r) equals fma(e, ln2 * 2^-23, r), both
+    # products being exact (scalings by powers of two), which saves the multiply
+    return tl.fma(e.to(tl.int32, bitcast=True).to(tl.float32), 8.262958317573066e-08, r)
+
+
+@triton.jit
+def _gumbel_of_bits(bits):
+    """-log(-log(u)) for u = ((bits >> 8) + 0.5) / 2^24 clamped below 1, as ``gumbel_noise`` computes it."""
+    # ((bits >> 8) + 0.5) / 2^24 as one fma: the product is exact, so both round once to the same value
+    u = (bits >> 8).to(tl.float32) * (1.0 / 16777216.0) + (0.5 / 16777216.0)
+    u = tl.minimum(u, 0.99999994039535522)  # 1 - 2^-24, as the reference (u = 1 would make the noise +inf)
+    log_u = _logf_bits(u.to(tl.uint32, bitcast=True))  # < 0
+    return -_logf_bits(log_u.to(tl.uint32, bitcast=True) ^ 0x80000000)  # log(-log u): the sign bit flipped
+
+
+@triton.jit
+def _gumbel_of_bits_kernel(bits_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    """The kernel's noise for given hash values: lets a test compare it with ``gumbel_noise`` bit for bit."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    bits = tl.load(bits_ptr + offs, mask=offs < n, other=0).to(tl.uint32, bitcast=True)
+    tl.store(out_ptr + offs, _gumbel_of_bits(bits), mask=offs < n)
+
+
+def gumbel_of_bits_triton(bits: torch.Tensor) -> torch.Tensor:
+    """The Triton sampler's noise for hash values ``bits`` (int32 holding uint32 bits): for checks."""
+    if bits.dtype != torch.int32:
+        raise TypeError(f"bits must be torch.int32 (uint32 bits), got {bits.dtype}.")
+    bits = bits.contiguous()
+    out = torch.empty(bits.shape, dtype=torch.float32, device=bits.device)
+    _gumbel_of_bits_kernel[(triton.cdiv(bits.numel(), 1024),)](bits, out, bits.numel(), BLOCK=1024)
+    return out
+
+
+def gumbel_of_bits_reference(bits: torch.Tensor) -> torch.Tensor:
+    """``gumbel_noise``'s transform of hash values to noise, on int32 bits: the kernel's must equal it."""
+    return _noise_of_hash(bits.long() & _M32)
+
+
+@triton.jit
 def _block_step(row_ptr, v0, hi, t, base, m, s, w, best, best_id,
                 MASKED: tl.constexpr, NOISE: tl.constexpr, SCALE: tl.constexpr,
                 BLOCK_V: tl.constexpr, VEC: tl.constexpr):
@@ -125,11 +186,7 @@ def _block_step(row_ptr, v0, hi, t, base, m, s, w, best, best_id,
     w = alpha * (w + s * delta) + tl.sum(e * d, axis=1)
     s = alpha * s + tl.sum(e, axis=1)
     if NOISE:
-        bits = _mix32_u32(base + offs.to(tl.uint32) * 0x9E3779B1)
-        # ((bits >> 8) + 0.5) / 2^24 as one fma: the product is exact, so both round once to the same value
-        u = (bits >> 8).to(tl.float32) * (1.0 / 16777216.0) + (0.5 / 16777216.0)
-        u = tl.minimum(u, 0.99999994039535522)  # 1 - 2^-24, as the reference (u = 1 would make the noise +inf)
-        score = x - tl.log(-tl.log(u))
+        score = x + _gumbel_of_bits(_mix32_u32(base + offs.to(tl.uint32) * 0x9E3779B1))
     else:
         score = x
     take = score > best  # strict: a slot keeps its first (lowest) id on ties
