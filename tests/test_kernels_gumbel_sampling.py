@@ -11,7 +11,11 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
 from thaw_rl_kernels.gumbel_sampling import (  # noqa: E402
+    _div_by,
     _mix32,
     _row_base,
     gumbel_noise,
@@ -155,6 +159,29 @@ def test_kernel_noise_equals_the_reference_noise():
     else:
         torch.testing.assert_close(kernel, ref, atol=1e-6, rtol=0)
     assert kernel[-1].item() == pytest.approx(16.6355, abs=1e-4)
+
+
+@triton.jit
+def _divide_kernel(x_ptr, t_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    t = tl.load(t_ptr + tl.program_id(1))
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offs, mask=offs < n, other=0.0)
+    tl.store(out_ptr + tl.program_id(1) * n + offs, _div_by(x, t, tl.math.div_rn(1.0, t)), mask=offs < n)
+
+
+def test_division_by_temperature_rounds_as_torch_divides():
+    """The sampler's x / T equals torch's division bit for bit on every bf16 value x with 1e-30 <= |x| (and 0,
+    +-inf, and quotients that overflow to +-inf), at temperatures including ones whose significand is all ones
+    (1.9999999) or just below 1: the scaled logits, hence the noisy scores and tokens, are the reference's."""
+    x = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).float()  # all bf16
+    x = x[((x.abs() >= 1e-30) & ~x.isnan()) | (x == 0)].contiguous()
+    t = torch.tensor([0.7, 0.6, 0.9, 1.3, 1 / 3, 0.1, 1e-3, 2.0 - 2.0**-23, 1.0 - 2.0**-24, 1.7, 3.0, 0.55555])
+    out = torch.empty(len(t), x.numel(), device=DEVICE)
+    x, t = x.to(DEVICE), t.to(DEVICE)
+    _divide_kernel[(triton.cdiv(x.numel(), 4096), len(t))](x, t, out, x.numel(), BLOCK=4096)
+    ref = x[None, :] / t[:, None]
+    assert torch.equal(out, ref), (out != ref).sum()
+    assert ref.isinf().sum() > 100  # bf16's largest values overflow at T < 1
 
 
 def test_kernel_rejects_bad_shapes():

@@ -156,7 +156,20 @@ def gumbel_of_bits_reference(bits: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _block_step(row_ptr, v0, hi, t, base, m, s, w, best, best_id,
+def _div_by(x, t, inv_t):
+    """x / t rounded as IEEE division rounds it (torch's ``/``), from inv_t = 1 / t correctly rounded:
+    Markstein's correction of x * inv_t with the exact residual x - q t (one fma). Triton's ``/`` is
+    div.full (~4 instructions, up to 2 ulp off, so a near-tie could draw another token than the reference);
+    div_rn is ~14 with a slow path. Exact for 1e-30 <= |x| (checked on every bf16 value in the tests); below
+    that the residual is subnormal and the result can be 1 ulp (~1e-45) off. An overflowing or infinite x
+    makes the residual inf - inf: the select keeps x * inv_t, the reference's +-inf."""
+    q = x * inv_t
+    q2 = tl.fma(tl.fma(-q, t, x), inv_t, q)
+    return tl.where(q2 == q2, q2, q)
+
+
+@triton.jit
+def _block_step(row_ptr, v0, hi, t, inv_t, base, m, s, w, best, best_id,
                 MASKED: tl.constexpr, NOISE: tl.constexpr, SCALE: tl.constexpr,
                 BLOCK_V: tl.constexpr, VEC: tl.constexpr):
     """One block of BLOCK_V entries as (BLOCK_V // VEC, VEC): each group of VEC contiguous entries lies in one
@@ -174,7 +187,7 @@ def _block_step(row_ptr, v0, hi, t, base, m, s, w, best, best_id,
     else:
         x = tl.load(row_ptr + offs).to(tl.float32)
     if SCALE:
-        x = x / t
+        x = _div_by(x, t, inv_t)
     m_new = tl.maximum(m, tl.max(x, axis=1))  # (G,)
     m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # a group that saw only -inf keeps s = w = 0
     # base 2: tl.exp2 is one ex2 instruction, tl.exp five (a scale by log2(e) and a subnormal-safe ex2)
@@ -196,7 +209,7 @@ def _block_step(row_ptr, v0, hi, t, base, m, s, w, best, best_id,
 
 
 @triton.jit
-def _scan_chunk(row_ptr, lo, hi, t, base, NOISE: tl.constexpr, SCALE: tl.constexpr,
+def _scan_chunk(row_ptr, lo, hi, t, inv_t, base, NOISE: tl.constexpr, SCALE: tl.constexpr,
                 BLOCK_V: tl.constexpr, VEC: tl.constexpr):
     """The chunk [lo, hi): its full blocks without masks, then the ragged rest as one masked block."""
     G: tl.constexpr = BLOCK_V // VEC
@@ -207,10 +220,10 @@ def _scan_chunk(row_ptr, lo, hi, t, base, NOISE: tl.constexpr, SCALE: tl.constex
     best_id = tl.zeros([G, VEC], tl.int32)
     full_hi = lo + (hi - lo) // BLOCK_V * BLOCK_V
     for v0 in range(lo, full_hi, BLOCK_V):
-        m, s, w, best, best_id = _block_step(row_ptr, v0, hi, t, base, m, s, w, best, best_id,
+        m, s, w, best, best_id = _block_step(row_ptr, v0, hi, t, inv_t, base, m, s, w, best, best_id,
                                              False, NOISE, SCALE, BLOCK_V, VEC)
     if full_hi < hi:
-        m, s, w, best, best_id = _block_step(row_ptr, full_hi, hi, t, base, m, s, w, best, best_id,
+        m, s, w, best, best_id = _block_step(row_ptr, full_hi, hi, t, inv_t, base, m, s, w, best, best_id,
                                              True, NOISE, SCALE, BLOCK_V, VEC)
     return m, s, w, best, best_id
 
@@ -231,6 +244,7 @@ def _gumbel_chunk_kernel(
     chunk = tl.program_id(1)
     temp = tl.load(temp_ptr + row)
     t = tl.where(temp == 0.0, 1.0, temp)
+    inv_t = tl.math.div_rn(1.0, t)  # once per program, for _div_by
     seed = tl.load(seed_ptr + row)
     pos = tl.load(pos_ptr + row)
     base = _mix32_tl(_mix32_tl(seed & 0xFFFFFFFF) ^ ((seed >> 32) & 0xFFFFFFFF)
@@ -239,11 +253,11 @@ def _gumbel_chunk_kernel(
     lo = chunk * CHUNK
     hi = tl.minimum(lo + CHUNK, V)
     if temp == 0.0:
-        m, s, w, best, best_id = _scan_chunk(row_ptr, lo, hi, t, base, False, False, BLOCK_V, VEC)
+        m, s, w, best, best_id = _scan_chunk(row_ptr, lo, hi, t, inv_t, base, False, False, BLOCK_V, VEC)
     elif temp == 1.0:
-        m, s, w, best, best_id = _scan_chunk(row_ptr, lo, hi, t, base, True, False, BLOCK_V, VEC)
+        m, s, w, best, best_id = _scan_chunk(row_ptr, lo, hi, t, inv_t, base, True, False, BLOCK_V, VEC)
     else:
-        m, s, w, best, best_id = _scan_chunk(row_ptr, lo, hi, t, base, True, True, BLOCK_V, VEC)
+        m, s, w, best, best_id = _scan_chunk(row_ptr, lo, hi, t, inv_t, base, True, True, BLOCK_V, VEC)
     m_all = tl.max(m, axis=0)
     m_ref = tl.where(m_all == float("-inf"), 0.0, m_all)
     delta = tl.maximum((m - m_ref) * 1.4426950408889634, -300.0)  # groups that saw nothing: s = w = 0, scale 0
@@ -252,7 +266,7 @@ def _gumbel_chunk_kernel(
     w_all = tl.sum((w + s * delta) * scale, axis=0) * 0.6931471805599453  # sum exp(x - m_all) * (x - m_all)
     best_all = tl.max(tl.max(best, axis=1), axis=0)
     id_all = tl.min(tl.min(tl.where(best == best_all, best_id, 2147483647), axis=1), axis=0)  # lowest id on ties
-    x_all = tl.load(row_ptr + id_all).to(tl.float32) / t  # the same division as in the loop
+    x_all = _div_by(tl.load(row_ptr + id_all).to(tl.float32), t, inv_t)  # as in the loop (t = 1: exact)
     if FINAL:
         log_s = tl.log(s_all)
         tl.store(tok_ptr + row, id_all.to(tl.int64))
