@@ -10,6 +10,10 @@ depend on the batch it shares, the same seed reproduces on any device, and CUDA-
   temporaries in ~15 kernels (3 ms a step at 128 x 152k on an H100); this reads the logits once. Each row's
   vocabulary is split into chunks when rows alone would leave SMs idle (a second tiny kernel merges them),
   and the per-entry hash runs in uint32 lanes (int64 products cost several instructions each on the GPU).
+  At S = 1,024 the logits are ~0.07 ms of HBM time and the kernel is bound by instructions per entry, so the
+  loop is kept lean: full blocks without masks, a per-thread log-sum-exp with one exp2 per entry, the noise's
+  two logs as libdevice's without its (here dead) guards, greedy and T = 1 rows in loops without the noise or
+  the division, x / T rounded as torch rounds it: ~61 SASS instructions per entry at T = 1 on sm_90 (95 before).
 - ``gumbel_sample``: Triton on CUDA, the reference elsewhere.
 
 Temperature 0 rows are greedy (argmax, no noise); their logprob and entropy are reported at T = 1.
@@ -177,8 +181,8 @@ def _block_step(row_ptr, v0, hi, t, inv_t, base, m, s, w, best, best_id,
     per block (one exp per group) instead of per entry.
 
     The per-entry work is: the load, the optional division by t, d = (x - m) log2(e) clamped at -300 (2^-300
-    is 0 in fp32, and 0 * -300 keeps -inf logits out of the entropy sum without a where), one exp2, one add, one fma,
-    the hash and the two precise logs of the noise, and one compare with two selects for the noisy argmax.
+    is 0 in fp32, and 0 * -300 keeps -inf logits out of the entropy sum without a where), one exp2, one add,
+    one fma, the hash and the two precise logs of the noise, and one compare with two selects for the argmax.
     Full blocks are loaded without a mask (MASKED only for a chunk's ragged last block, whose masked entries
     read -inf: they add 0 to every sum and never win the strict argmax)."""
     offs = v0 + tl.arange(0, BLOCK_V // VEC)[:, None] * VEC + tl.arange(0, VEC)[None, :]  # (G, VEC)
