@@ -87,12 +87,13 @@ def _assert_matches_reference(logits, temperature, seeds, positions, **kwargs):
 
 @pytest.mark.parametrize("vocab", [256, 768, 767, 769, 5])
 @pytest.mark.parametrize("num_chunks", [1, 2])
-def test_exact_multiples_of_the_block_and_ragged_tails(vocab, num_chunks):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_exact_multiples_of_the_block_and_ragged_tails(vocab, num_chunks, dtype):
     """Full blocks run unmasked and a chunk's ragged rest as one masked block: a vocabulary of exactly 1 or 3
     blocks (no masked block), one entry short of or past 3 blocks, and less than one group of VEC entries."""
     logits, temperature, seeds, positions = _rows(4, vocab, seed=vocab)
     logits[1, -1] = 40.0  # the greedy row's maximum in the very last entry (the ragged block's last, if any)
-    out = _assert_matches_reference(logits, temperature, seeds, positions, num_chunks=num_chunks, block_v=256)
+    out = _assert_matches_reference(logits.to(dtype), temperature, seeds, positions, num_chunks=num_chunks, block_v=256)
     assert out[0][1].item() == vocab - 1
 
 

@@ -216,12 +216,11 @@ def _block_step(row_ptr, v0, hi, t, inv_t, base, m, s, w, best, best_id,
 def _scan_chunk(row_ptr, lo, hi, t, inv_t, base, NOISE: tl.constexpr, SCALE: tl.constexpr,
                 BLOCK_V: tl.constexpr, VEC: tl.constexpr):
     """The chunk [lo, hi): its full blocks without masks, then the ragged rest as one masked block."""
-    G: tl.constexpr = BLOCK_V // VEC
-    m = tl.full([G], float("-inf"), tl.float32)  # per group: max of scaled logits
-    s = tl.zeros([G], tl.float32)  # sum exp(x - m)
-    w = tl.zeros([G], tl.float32)  # sum exp(x - m) * (x - m) / ln 2
-    best = tl.full([G, VEC], float("-inf"), tl.float32)  # per slot: noisy score (x for greedy rows)
-    best_id = tl.zeros([G, VEC], tl.int32)
+    m = tl.full([BLOCK_V // VEC], float("-inf"), tl.float32)  # per group of VEC entries: max of scaled logits
+    s = tl.zeros([BLOCK_V // VEC], tl.float32)  # sum exp(x - m)
+    w = tl.zeros([BLOCK_V // VEC], tl.float32)  # sum exp(x - m) * (x - m) / ln 2
+    best = tl.full([BLOCK_V // VEC, VEC], float("-inf"), tl.float32)  # per slot: noisy score (x for greedy rows)
+    best_id = tl.zeros([BLOCK_V // VEC, VEC], tl.int32)
     full_hi = lo + (hi - lo) // BLOCK_V * BLOCK_V
     for v0 in range(lo, full_hi, BLOCK_V):
         m, s, w, best, best_id = _block_step(row_ptr, v0, hi, t, inv_t, base, m, s, w, best, best_id,
