@@ -42,3 +42,4 @@ def test_gumbel_sampling_benchmark_checks_tokens_against_the_reference(tmp_path)
     assert [r["batch"] for r in rows] == [2, 5]
     assert all(all(r["correct"].values()) for r in rows)
     assert set(rows[0]["kernel_ms"]) == {"default", "1", "2", "4"}
+    assert rows[0]["temperature"] == 1.0 and rows[0]["noise_mismatches"] is None  # bitwise noise check: CUDA only
