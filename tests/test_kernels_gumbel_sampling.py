@@ -213,3 +213,16 @@ def test_draws_follow_softmax_of_scaled_logits():
     # and the entropy reported is the distribution's
     _, _, ent = gumbel_sample_reference(logits[:1], temperature[:1], seeds[:1], positions[:1])
     assert math.isclose(ent.item(), float(-(p * p.log()).sum()), rel_tol=1e-5)
+
+
+def test_filtered_sampling_path_reports_a_finite_entropy_with_minus_inf_logits():
+    """The engine's torch path (top-k here) counts a -inf logit as 0 * log 0 = 0, as the fused sampler does."""
+    from thaw_rl.engine.sampling import SamplingBatch, SamplingParams, sample
+
+    logits = torch.tensor([[1.0, -math.inf, 0.5, 2.0]])
+    batch = SamplingBatch.build([SamplingParams(temperature=1.0, top_k=3, seed=1)], [1], [5], [[]], 4,
+                                torch.device("cpu"))
+    _, logprob, entropy = sample(logits, batch)
+    p = torch.softmax(logits[0, [0, 2, 3]], dim=-1)
+    assert torch.isfinite(logprob).all()
+    assert math.isclose(entropy.item(), float(-(p * p.log()).sum()), rel_tol=1e-5)

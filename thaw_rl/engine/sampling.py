@@ -288,5 +288,6 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, to
         drawn = (scaled + noise).argmax(dim=-1)
         tokens = torch.where(greedy, shaped.argmax(dim=-1), drawn)
     logprobs = logprobs_all.gather(-1, tokens[:, None])[:, 0]
-    entropies = -(logprobs_all.exp() * logprobs_all).sum(dim=-1)
+    # 0 * log 0 = 0 for a -inf logit (as gumbel_sample_reference), where exp(-inf) * -inf would be nan
+    entropies = -torch.where(logprobs_all == -math.inf, 0.0, logprobs_all.exp() * logprobs_all).sum(dim=-1)
     return tokens, logprobs, entropies
