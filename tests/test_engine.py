@@ -548,6 +548,24 @@ def test_a_list_of_params_is_used_as_given_and_one_params_derives_per_session_se
     assert derive_seed(7, 1, 2) == derive_seed(derive_seed(7, 1), 2)
 
 
+def test_per_session_params_equal_what_dataclasses_replace_gives_and_own_their_lists():
+    """``params_per_session`` copies without re-validating (``with_seed``): field for field what
+    ``dataclasses.replace`` gives, each copy with its own stop list; a bad seed is still refused."""
+    import dataclasses
+
+    from thaw_rl.engine.sampling import derive_seed, params_per_session
+
+    p = SamplingParams(temperature=0.7, top_p=0.9, top_k=5, min_p=0.1, repetition_penalty=1.1, max_tokens=9,
+                       stop_token_ids=[3, 4], ignore_eos=True, seed=11)
+    copies = params_per_session(p, 3)
+    assert copies == [dataclasses.replace(p, seed=derive_seed(11, i)) for i in range(3)]
+    assert all(type(c) is SamplingParams for c in copies)
+    copies[0].stop_token_ids.append(5)
+    assert p.stop_token_ids == [3, 4] and copies[1].stop_token_ids == [3, 4]
+    with pytest.raises(ValueError, match="seed"):
+        p.with_seed(1.5)
+
+
 def test_blocks_held_outside_the_call_count_against_what_a_session_may_use(tiny):
     model, tok = tiny
     spec = ThawEngine(model, tok, kv_cache_memory=1 << 20).spec

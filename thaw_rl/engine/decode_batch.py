@@ -24,6 +24,7 @@ CPU the same code runs with CPU tensors (the copies are plain copies), which is 
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from thaw_rl.engine.sampling import SamplingBatch, SamplingParams
@@ -38,6 +39,20 @@ def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type != "cuda":
         return host.to(device)
     return host.pin_memory().to(device, non_blocking=True)
+
+
+def _padded_tables(tables: list[list[int]], min_width: int) -> torch.Tensor:
+    """(J, W) int32 host tensor of the block tables, zero-padded to the longest (at least ``min_width``).
+
+    Built in numpy: a torch.tensor per row cost ~10 ms for the 1,024 rows joining a GRPO step's first decode step.
+    """
+    width = max(min_width, max(len(t) for t in tables))
+    if all(len(t) == width for t in tables):
+        return torch.from_numpy(np.asarray(tables, dtype=np.int32).reshape(len(tables), width))
+    out = np.zeros((len(tables), width), dtype=np.int32)
+    for i, t in enumerate(tables):
+        out[i, : len(t)] = t
+    return torch.from_numpy(out)
 
 
 class LateTokens:
@@ -112,10 +127,8 @@ class DecodeBatch:
             ids = sampling = None
             params = []
         if joining:
-            width = max(tables.shape[1], max(len(t) for _, _, t, _, _ in joining))
-            host_tables = torch.zeros(len(joining), width, dtype=torch.int32)
-            for i, (_, _, table, _, _) in enumerate(joining):
-                host_tables[i, : len(table)] = torch.tensor(table, dtype=torch.int32)
+            host_tables = _padded_tables([t for _, _, t, _, _ in joining], tables.shape[1])
+            width = host_tables.shape[1]
             host_ids = torch.tensor([[t, p] for t, p, _, _, _ in joining], dtype=torch.int64)  # (J, 2)
             joined = to_device(host_ids, dev)
             join_params = [p for _, _, _, p, _ in joining]
