@@ -384,6 +384,23 @@ def agreement(reference: list[list[int]], other: list[list[int]]) -> dict:
             "first_divergences": firsts}
 
 
+def greedy_paired(engine_firsts: list, vllm_firsts: list, num_tokens: int) -> dict:
+    """Engine and vLLM on the same greedy prompts, prompt by prompt: which matches ``model.generate`` longer.
+
+    A prompt's matched length is its first divergence (``num_tokens`` when identical). Identical shares and mean
+    divergences compare two small counts; the paired count (engine longer / vLLM longer / equal) with a two-sided
+    sign test over the unequal prompts says whether one is really closer (p near 1: no sign of a difference)."""
+    eng = [num_tokens if f is None else f for f in engine_firsts]
+    vll = [num_tokens if f is None else f for f in vllm_firsts]
+    longer = sum(e > v for e, v in zip(eng, vll))
+    shorter = sum(e < v for e, v in zip(eng, vll))
+    n = longer + shorter
+    tail = sum(math.comb(n, k) for k in range(min(longer, shorter) + 1)) / 2 ** n if n else 1.0
+    return {"prompts": len(eng), "engine_longer": longer, "vllm_longer": shorter, "equal": len(eng) - n,
+            "sign_test_p": min(1.0, 2 * tail), "engine_mean_matched": sum(eng) / max(1, len(eng)),
+            "vllm_mean_matched": sum(vll) / max(1, len(vll))}
+
+
 def same_run_stats(original: list, again: list) -> dict:
     """Two runs that should match exactly: tokens identical, logprob |diff| over the common prefix."""
     firsts = [first_divergence(a[0], b[0]) for a, b in zip(original, again)]
@@ -518,6 +535,8 @@ def measure(model, tokenizer, prompts: list[dict], *, group: int, max_tokens: in
         results["greedy"]["engine"] = agreement(reference, [o.token_ids for o in outs])
         if vllm_greedy is not None:
             results["greedy"]["vllm"] = agreement(reference, [vllm_greedy[i] for i in pick])
+            results["greedy_paired"] = greedy_paired(results["greedy"]["engine"]["first_divergences"],
+                                                     results["greedy"]["vllm"]["first_divergences"], greedy_tokens)
 
     def fork_snapshot():  # line 5
         prompt = ids[long[0] if long else 0]
@@ -563,6 +582,11 @@ def table(results: dict) -> str:
     rows = [[name, fmt(g["sequences"]), fmt(g["identical_share"], "{:.2%}"), fmt(g["mean_first_divergence"], "{:.1f}")]
             for name, g in results["greedy"].items() if name != "prompt_indices"]
     out += [_grid(head, rows), ""]
+    if "greedy_paired" in results:
+        g = results["greedy_paired"]
+        out += [f"greedy, prompt by prompt: engine matches longer on {g['engine_longer']}, vLLM on {g['vllm_longer']}, "
+                f"equal on {g['equal']} (sign test p = {g['sign_test_p']:.2f}); mean tokens matched "
+                f"{g['engine_mean_matched']:.1f} vs {g['vllm_mean_matched']:.1f}", ""]
     head = ["engine check", "seqs", "tokens identical", "max |dlogp|"]
     rows = [[name, fmt(s["sequences"]), fmt(s["tokens_identical_share"], "{:.2%}"), fmt(s["max_abs_logprob_diff"])]
             for name, s in results.get("fork_snapshot", {}).items()]

@@ -86,3 +86,13 @@ def test_bootstrap_tells_a_closer_sampler_from_noise():
     assert 0.02 < same["stats"]["median"]["p_engine_at_least_as_close"] < 0.98  # equal noise: no verdict
     exact = fidelity.sequence_stats([torch.tensor([0.0, 0.05, 0.5])], torch.tensor([0.0, 2.0]))
     assert exact["max"] == 0.5 and exact["share_gt_0.1"] == pytest.approx(1 / 3) and exact["is_share_clipped"] == 0.5
+
+
+def test_greedy_paired_counts_prompt_by_prompt_and_tests_the_sign():
+    """Identical sequences count as the full length; the sign test is over the prompts where the two differ."""
+    g = fidelity.greedy_paired([None, 3, 10, 7, 0], [5, None, 10, 2, 0], num_tokens=16)
+    assert (g["engine_longer"], g["vllm_longer"], g["equal"]) == (2, 1, 2)
+    assert g["sign_test_p"] == 1.0  # 2 vs 1 of 3: two-sided p = 2 * P(X <= 1) = 2 * 4/8, capped at 1
+    assert g["engine_mean_matched"] == (16 + 3 + 10 + 7 + 0) / 5 and g["vllm_mean_matched"] == (5 + 16 + 10 + 2) / 5
+    lopsided = fidelity.greedy_paired([None] * 8, [0] * 8, num_tokens=16)
+    assert lopsided["engine_longer"] == 8 and abs(lopsided["sign_test_p"] - 2 / 2 ** 8) < 1e-12
