@@ -146,7 +146,7 @@ def tree_attention_mask(subtree_end: torch.Tensor, kind: str, positions: torch.T
 
 
 def tree_block_mask(subtree_end: torch.Tensor, block_size: int = 128, positions: torch.Tensor | None = None,
-                    window: int | None = None, device: torch.device | str | None = None):
+                    window: int | None = None):
     """The tree's FlexAttention ``BlockMask``, computed from ``subtree_end`` per block, with no compile.
 
     ``create_block_mask`` evaluates the mask for every (q, k) pair, and compiled it recompiled inside
@@ -160,9 +160,8 @@ def tree_block_mask(subtree_end: torch.Tensor, block_size: int = 128, positions:
     The four block lists (kv and q, partial and full) come from one sort of the ``(nb, nb)`` flags and
     its transpose: the same tensors ``BlockMask.from_kv_blocks`` derives, without its scatter/vmap
     transposes (fewer launches: this runs once per micro-batch on the host's critical path). It is
-    computed where ``subtree_end`` lies and reads no value back, so it never waits for a device; with
-    ``device``, host inputs are computed on the host and the mask's tensors copied there (pinned,
-    non-blocking), for a pipeline that prepares the next micro-batch while the device runs this one.
+    computed where ``subtree_end`` lies and reads no value back, so it never waits for a device (the
+    trainer's ``PackAhead`` moves packs with ``PackedBatch.to`` and builds their masks on the device).
     """
     from torch.nn.attention.flex_attention import BlockMask
 
@@ -185,10 +184,6 @@ def tree_block_mask(subtree_end: torch.Tensor, block_size: int = 128, positions:
     order = torch.argsort((~flags).to(torch.int8), dim=2, stable=True).to(torch.int32)  # (4, nb, nb)
     order = order[:, None, None]  # (4, 1, 1, nb, nb)
     end = subtree_end
-    if device is not None:
-        device = torch.device(device)
-        counts, order, end = (_moved(t, device) for t in (counts, order, end))
-        positions = None if positions is None else _moved(positions, device)
 
     def ancestor_or_self(b, h, q_idx, kv_idx):
         return (kv_idx <= q_idx) & (q_idx < end[kv_idx])
@@ -205,11 +200,3 @@ def tree_block_mask(subtree_end: torch.Tensor, block_size: int = 128, positions:
                      full_q_num_blocks=counts[3], full_q_indices=order[3], BLOCK_SIZE=(block_size, block_size),
                      mask_mod=ancestor_or_self if window is None else ancestor_in_window)
 
-
-def _moved(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``t`` on ``device``; a host tensor bound for CUDA goes pinned and non-blocking (no host wait)."""
-    if t.device == device:
-        return t
-    if t.device.type == "cpu" and device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
