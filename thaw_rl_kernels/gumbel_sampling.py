@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from thaw_rl_kernels.triton_paged_attention import num_sms
+
 _M32 = 0xFFFFFFFF
 _GOLDEN = 0x9E3779B1
 _U_MAX = 1.0 - 2.0**-24  # the largest float32 below 1
@@ -316,7 +318,7 @@ def _num_chunks(num_rows: int, vocab_size: int, block_v: int, device: torch.devi
     """Vocabulary chunks per row: enough programs for ~4 per SM (one row per program left 100 of 132 SMs
     idle at 32 rows), a power of two, each chunk at least one block."""
     if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        sms = num_sms(device)
     else:
         sms = 132  # the interpreter: the H200's count, so CPU tests take the GPU's path
     want = triton.next_power_of_2(max(1, triton.cdiv(4 * sms, max(num_rows, 1))))

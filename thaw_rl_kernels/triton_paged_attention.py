@@ -329,11 +329,16 @@ def _decode_splits(num_programs: int, max_tiles: int, device: torch.device) -> i
     """Power of two such that the grid has ~1.5 programs per SM, each split keeping >= 2 KV tiles."""
     if device.type != "cuda" or num_programs == 0:
         return 1
-    target = 3 * _num_sms(device.index if device.index is not None else torch.cuda.current_device()) // 2
+    target = 3 * num_sms(device) // 2
     splits = 1
     while splits < 16 and num_programs * splits < target and 2 * splits * 2 <= max_tiles:
         splits *= 2
     return splits
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device: launch heuristics ask on every decode step, so it is cached."""
+    return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
 @functools.lru_cache(maxsize=None)
