@@ -37,7 +37,7 @@ from thaw_rl.engine.block_manager import BlockManager, KVCacheExhaustedError, pr
 from thaw_rl.engine.cascade import CASCADE_MODES
 from thaw_rl.engine.decode_batch import DecodeBatch, LateTokens
 from thaw_rl.engine.kv_cache import KVCacheSpec, PagedKVCache, use_vmm
-from thaw_rl.engine.model_runner import ModelRunner
+from thaw_rl.engine.model_runner import SUPPORTED_MODEL_TYPES, ModelRunner
 from thaw_rl.engine.sampling import SamplingBatch, SamplingParams, check_token_ids, params_per_session, sample
 from thaw_rl.engine.scheduler import Scheduler
 from thaw_rl.engine.session import Session
@@ -54,7 +54,6 @@ logger = logging.getLogger(__name__)
 __all__ = ["SUPPORTED_MODEL_TYPES", "Completion", "EngineStats", "KVCacheExhaustedError", "SnapshotHandle",
            "ThawEngine"]
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 CPU_KV_CACHE_LIMIT = 512 * 2**20  # the most a default CPU pool grows to (bytes)
 CPU_KV_CACHE_INITIAL_BLOCKS = 64  # a default CPU pool (and a VMM pool's mapping) starts this small and grows
 DEFAULT_MAX_NUM_SEQS_CUDA = 2048  # rows per step on CUDA when not given (CPU: 256)

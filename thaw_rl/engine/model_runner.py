@@ -56,6 +56,11 @@ def _compiled(compiled_layers):
             layer._compiled_call_impl = prev
 
 
+# The families the engine runs (ThawEngine refuses others): their HF attention calls go through our hook, and
+# their CausalLM forward is the decoder then ``lm_head`` (``plain_lm_head`` relies on that).
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
+
+
 def plain_lm_head(model: torch.nn.Module) -> torch.nn.Linear | None:
     """The model's LM head when its logits are exactly ``model.model(...)`` then that ``nn.Linear`` (the HF
     Llama/Qwen2/Qwen3/Mistral CausalLM forward), so ``run_model_into`` may run the two itself; else None:
@@ -63,7 +68,7 @@ def plain_lm_head(model: torch.nn.Module) -> torch.nn.Linear | None:
     head, decoder = getattr(model, "lm_head", None), getattr(model, "model", None)
     if type(head) is not torch.nn.Linear or decoder is None:
         return None
-    if getattr(model.config, "model_type", None) not in ("llama", "qwen2", "qwen3", "mistral"):
+    if getattr(model.config, "model_type", None) not in SUPPORTED_MODEL_TYPES:
         return None
     if head._forward_hooks or head._forward_pre_hooks or hasattr(head.weight, "to_local"):
         return None
