@@ -130,7 +130,7 @@ def _diagnose(key, value, k_cache, v_cache, slot_blocks, slot_offsets) -> None:
                          f"{tuple(key.shape)}, got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}; pass "
                          f"PagedKVCache.key_cache(layer) / value_cache(layer).")
     for name, t in (("slot_blocks", slot_blocks), ("slot_offsets", slot_offsets)):
-        if t.shape != (T,) or t.dtype not in (torch.int32, torch.int64):
+        if t.shape != (T,) or t.dtype not in _SLOT_DTYPES:
             raise ValueError(f"{name} must be ({T},) int32 or int64, one slot per new token, got "
                              f"{tuple(t.shape)} {t.dtype}.")
     for name, t in named[:4]:
