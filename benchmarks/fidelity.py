@@ -14,7 +14,10 @@ prompts: a long system document plus a question), G samples each at temperature 
    as TRL's colocate mode asks), scored by the same training forward.
 3. the sequence-level IS ratio exp(sum(train - sampler)), what TRL's default ``sequence_mask`` mode
    computes and masks above ``vllm_importance_sampling_clip_max`` (3.0).
-4. greedy agreement with ``model.generate`` (batch 1, eos ignored) over ``--greedy-tokens`` tokens.
+4. greedy agreement with ``model.generate`` (batch 1, eos ignored) over ``--greedy-tokens`` tokens, beside its
+   floor (``model.generate`` batched) and a verdict at each divergence (which token the model in fp32 prefers),
+   and agreement with fp32 greedy decoding; ``--greedy-variants`` splits the engine's divergence into batch shape
+   and attention kernel (``fidelity_greedy.py``).
 5. forked children vs the same prompt prefilled from scratch (no prefix-cache hit), and a KVSnapshot
    restored into a second engine vs the original: same seeds, so the same tokens and logprobs.
 6. the packed shared-prefix training forward (``packed_logps``) vs the flat one on the same rows.
@@ -45,6 +48,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from fidelity_greedy import agreement, first_divergence, greedy_paired, greedy_study, greedy_table  # noqa: E402,F401
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCUMENTS = ("docs/architecture.md", "README.md")  # the long prompts' system text: real English prose
 LONG_QUESTIONS = (
@@ -72,6 +77,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--greedy-prompts", type=int, default=4, help="prompts for the greedy check (half short)")
     p.add_argument("--greedy-tokens", type=int, default=256)
+    p.add_argument("--greedy-variants", action="store_true",
+                   help="also the engine one prompt per call and with HF's SDPA attention (fidelity_greedy.py)")
+    p.add_argument("--greedy-only", action="store_true",
+                   help="only the greedy study and the fork/snapshot check: no sampling or training-forward lines")
     p.add_argument("--packed-masks", default="auto", help="packed tree-mask kinds (auto: dense,flex on CUDA, dense)")
     p.add_argument("--engine-kv-bytes", type=int, default=2 << 30)
     p.add_argument("--no-vllm", action="store_true")
@@ -210,21 +219,6 @@ def engine_sample(engine, prompts: list[list[int]], n: int, params) -> list[list
     for s in parents + kids:
         engine.free(s)
     return [[(o.token_ids, o.logprobs) for o in outs[i * n:(i + 1) * n]] for i in range(len(prompts))]
-
-
-def hf_greedy(model, prompt: list[int], num_tokens: int) -> list[int]:
-    """model.generate, greedy, batch 1, eos ignored (generate refills a None eos from generation_config)."""
-    import torch
-
-    ids = torch.tensor([prompt], device=model.device)
-    saved = model.generation_config.eos_token_id
-    model.generation_config.eos_token_id = None
-    try:
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=num_tokens, do_sample=False,
-                             min_new_tokens=0, pad_token_id=0)
-    finally:
-        model.generation_config.eos_token_id = saved
-    return out[0, len(prompt):].tolist()
 
 
 # -- the training forward --------------------------------------------------------------------------------
@@ -369,38 +363,6 @@ def bootstrap_comparison(sampled: dict, train: dict, resamples: int = 400, seed:
     return {"resamples": resamples, "sequences": {n: len(per[n][0]) for n in per}, "stats": out}
 
 
-def first_divergence(a: list[int], b: list[int]) -> int | None:
-    for i, (x, y) in enumerate(zip(a, b)):
-        if x != y:
-            return i
-    return None if len(a) == len(b) else min(len(a), len(b))
-
-
-def agreement(reference: list[list[int]], other: list[list[int]]) -> dict:
-    firsts = [first_divergence(r, o) for r, o in zip(reference, other)]
-    diverged = [f for f in firsts if f is not None]
-    return {"sequences": len(firsts), "identical_share": 1 - len(diverged) / max(1, len(firsts)),
-            "mean_first_divergence": sum(diverged) / len(diverged) if diverged else None,
-            "first_divergences": firsts}
-
-
-def greedy_paired(engine_firsts: list, vllm_firsts: list, num_tokens: int) -> dict:
-    """Engine and vLLM on the same greedy prompts, prompt by prompt: which matches ``model.generate`` longer.
-
-    A prompt's matched length is its first divergence (``num_tokens`` when identical). Identical shares and mean
-    divergences compare two small counts; the paired count (engine longer / vLLM longer / equal) with a two-sided
-    sign test over the unequal prompts says whether one is really closer (p near 1: no sign of a difference)."""
-    eng = [num_tokens if f is None else f for f in engine_firsts]
-    vll = [num_tokens if f is None else f for f in vllm_firsts]
-    longer = sum(e > v for e, v in zip(eng, vll))
-    shorter = sum(e < v for e, v in zip(eng, vll))
-    n = longer + shorter
-    tail = sum(math.comb(n, k) for k in range(min(longer, shorter) + 1)) / 2 ** n if n else 1.0
-    return {"prompts": len(eng), "engine_longer": longer, "vllm_longer": shorter, "equal": len(eng) - n,
-            "sign_test_p": min(1.0, 2 * tail), "engine_mean_matched": sum(eng) / max(1, len(eng)),
-            "vllm_mean_matched": sum(vll) / max(1, len(vll))}
-
-
 def same_run_stats(original: list, again: list) -> dict:
     """Two runs that should match exactly: tokens identical, logprob |diff| over the common prefix."""
     firsts = [first_divergence(a[0], b[0]) for a, b in zip(original, again)]
@@ -446,8 +408,12 @@ def forks_and_snapshots(engine, make_engine, prompt: list[int], params, n: int) 
 
 def measure(model, tokenizer, prompts: list[dict], *, group: int, max_tokens: int, temperature: float, seed: int,
             greedy_prompts: int, greedy_tokens: int, packed_masks: list[str], engine_kwargs: dict,
-            vllm_groups=None, vllm_greedy=None, log=print) -> dict:
-    """Every line for the engine (and for vLLM's samples when given); returns the receipt's results."""
+            vllm_groups=None, vllm_greedy=None, truth=None, greedy_variants: bool = False, sample: bool = True,
+            log=print) -> dict:
+    """Every line for the engine (and for vLLM's samples when given); returns the receipt's results.
+
+    ``truth``: the model in fp32 for the greedy verdicts (default: ``model``, right when it computes in fp32).
+    ``sample=False`` runs only the greedy study and the fork/snapshot check (no sampling, training-forward lines)."""
     from thaw_rl import SamplingParams, ThawEngine
 
     timings: dict[str, float] = {}
@@ -457,12 +423,56 @@ def measure(model, tokenizer, prompts: list[dict], *, group: int, max_tokens: in
     eos = {int(tokenizer.eos_token_id)} if tokenizer.eos_token_id is not None else set()
     results["training_forward"] = "trl fused lm head" if fused else "plain forward, fp32 log_softmax"
 
-    def make_engine():
-        return ThawEngine(model, tokenizer, **engine_kwargs)
+    def make_engine(**overrides):
+        return ThawEngine(model, tokenizer, **{**engine_kwargs, **overrides})
 
-    t0 = time.perf_counter()
     engine = make_engine()
     params = SamplingParams(temperature=temperature, max_tokens=max_tokens, seed=seed)
+
+    def guarded(name: str, fn) -> None:
+        """Run one optional part; a failure is recorded (and printed), the other parts still run."""
+        t0 = time.perf_counter()
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 - one GPU call must bring back everything that worked
+            import traceback
+
+            traceback.print_exc()
+            results.setdefault("errors", {})[name] = f"{type(e).__name__}: {e}"[:500]
+        timings[name] = time.perf_counter() - t0
+
+    if sample:
+        sampled_lines(results, model, engine, prompts, group=group, params=params, temperature=temperature,
+                      eos=eos, fused=fused, packed_masks=packed_masks, vllm_groups=vllm_groups, seed=seed,
+                      guarded=guarded, log=log)
+
+    short = [i for i, p in enumerate(prompts) if p["kind"] == "arithmetic"]
+    long = [i for i, p in enumerate(prompts) if p["kind"] == "long"]
+
+    def greedy():  # line 4: against model.generate (batch 1, eos ignored), the floors and verdicts beside it
+        pick = (short[:(greedy_prompts + 1) // 2] + long[:greedy_prompts // 2])
+        pick = (pick + [i for i in range(len(prompts)) if i not in pick])[:greedy_prompts]
+        study = greedy_study(model, truth if truth is not None else model, engine,
+                             lambda: make_engine(use_cuda_graphs=False), [ids[i] for i in pick], greedy_tokens,
+                             vllm=None if vllm_greedy is None else [vllm_greedy[i] for i in pick],
+                             variants=greedy_variants, log=log)
+        results["greedy"] = {"prompt_indices": pick, **study}
+
+    def fork_snapshot():  # line 5
+        prompt = ids[long[0] if long else 0]
+        results["fork_snapshot"] = forks_and_snapshots(engine, make_engine, prompt, params, group)
+
+    guarded("greedy", greedy)
+    guarded("fork_snapshot", fork_snapshot)
+    return results
+
+
+def sampled_lines(results: dict, model, engine, prompts: list[dict], *, group: int, params, temperature: float,
+                  eos: set, fused: bool, packed_masks: list[str], vllm_groups, seed: int, guarded, log) -> None:
+    """Lines 1-3 (sampler minus training forward, IS ratios, engine vs vLLM), the floors and line 6 (packed)."""
+    timings = results["timings"]
+    ids = [p["ids"] for p in prompts]
+    t0 = time.perf_counter()
     eng = engine_sample(engine, ids, group, params)
     timings["engine_sample"] = time.perf_counter() - t0
     log(f"engine sampled {sum(len(t) for g in eng for t, _ in g)} tokens in {timings['engine_sample']:.1f} s")
@@ -483,25 +493,13 @@ def measure(model, tokenizer, prompts: list[dict], *, group: int, max_tokens: in
         lengths = [len(t) for g in groups for t, _ in g]
         results.setdefault("completions", {})[name] = {
             "sequences": len(lengths), "mean_tokens": sum(lengths) / len(lengths),
-            "share_at_max_tokens": sum(n >= max_tokens for n in lengths) / len(lengths),
+            "share_at_max_tokens": sum(n >= params.max_tokens for n in lengths) / len(lengths),
             "share_ending_in_eos": sum(bool(t) and t[-1] in eos for g in groups for t, _ in g) / len(lengths)}
     timings["train_forward"] = time.perf_counter() - t0
     if "vllm" in sampled:
         t0 = time.perf_counter()
         results["engine_vs_vllm"] = bootstrap_comparison(sampled, train, seed=seed)
         timings["bootstrap"] = time.perf_counter() - t0
-
-    def guarded(name: str, fn) -> None:
-        """Run one optional part; a failure is recorded (and printed), the other parts still run."""
-        t0 = time.perf_counter()
-        try:
-            fn()
-        except Exception as e:  # noqa: BLE001 - one GPU call must bring back everything that worked
-            import traceback
-
-            traceback.print_exc()
-            results.setdefault("errors", {})[name] = f"{type(e).__name__}: {e}"[:500]
-        timings[name] = time.perf_counter() - t0
 
     comps = [[t for t, _ in g] for g in eng]
 
@@ -519,36 +517,10 @@ def measure(model, tokenizer, prompts: list[dict], *, group: int, max_tokens: in
         results["lines"].append({"line": f"packed ({kind}) - flat train", "prompts": "all",
                                  **diff_stats(scored, train["engine"])})
 
-    short = [i for i, p in enumerate(prompts) if p["kind"] == "arithmetic"]
-    long = [i for i, p in enumerate(prompts) if p["kind"] == "long"]
-
-    def greedy():  # line 4: against model.generate, batch 1, eos ignored
-        pick = (short[:(greedy_prompts + 1) // 2] + long[:greedy_prompts // 2])
-        pick = (pick + [i for i in range(len(prompts)) if i not in pick])[:greedy_prompts]
-        results["greedy"]["prompt_indices"] = pick
-        greedy_ids = [ids[i] for i in pick]
-        reference = [hf_greedy(model, p, greedy_tokens) for p in greedy_ids]
-        sessions = engine.prefill_many(greedy_ids)
-        outs = engine.generate(sessions, SamplingParams(temperature=0.0, max_tokens=greedy_tokens, ignore_eos=True))
-        for s in sessions:
-            engine.free(s)
-        results["greedy"]["engine"] = agreement(reference, [o.token_ids for o in outs])
-        if vllm_greedy is not None:
-            results["greedy"]["vllm"] = agreement(reference, [vllm_greedy[i] for i in pick])
-            results["greedy_paired"] = greedy_paired(results["greedy"]["engine"]["first_divergences"],
-                                                     results["greedy"]["vllm"]["first_divergences"], greedy_tokens)
-
-    def fork_snapshot():  # line 5
-        prompt = ids[long[0] if long else 0]
-        results["fork_snapshot"] = forks_and_snapshots(engine, make_engine, prompt, params, group)
-
     guarded("floors", floors)
     if fused:
         for kind in packed_masks:
             guarded(f"packed_{kind}", lambda kind=kind: packed(kind))
-    guarded("greedy", greedy)
-    guarded("fork_snapshot", fork_snapshot)
-    return results
 
 
 # -- output ----------------------------------------------------------------------------------------------
@@ -578,15 +550,8 @@ def table(results: dict) -> str:
         rows = [[stat, fmt(r["engine"], "{:.4g}"), ci(r["engine_ci95"]), fmt(r["vllm"], "{:.4g}"), ci(r["vllm_ci95"]),
                  fmt(r["p_engine_at_least_as_close"], "{:.2f}")] for stat, r in cmp["stats"].items()]
         out += [_grid(head, rows), ""]
-    head = ["greedy vs model.generate", "seqs", "identical", "mean first divergence"]
-    rows = [[name, fmt(g["sequences"]), fmt(g["identical_share"], "{:.2%}"), fmt(g["mean_first_divergence"], "{:.1f}")]
-            for name, g in results["greedy"].items() if name != "prompt_indices"]
-    out += [_grid(head, rows), ""]
-    if "greedy_paired" in results:
-        g = results["greedy_paired"]
-        out += [f"greedy, prompt by prompt: engine matches longer on {g['engine_longer']}, vLLM on {g['vllm_longer']}, "
-                f"equal on {g['equal']} (sign test p = {g['sign_test_p']:.2f}); mean tokens matched "
-                f"{g['engine_mean_matched']:.1f} vs {g['vllm_mean_matched']:.1f}", ""]
+    if results.get("greedy", {}).get("vs_fp32"):
+        out += greedy_table(results["greedy"], _grid) + [""]
     head = ["engine check", "seqs", "tokens identical", "max |dlogp|"]
     rows = [[name, fmt(s["sequences"]), fmt(s["tokens_identical_share"], "{:.2%}"), fmt(s["max_abs_logprob_diff"])]
             for name, s in results.get("fork_snapshot", {}).items()]
@@ -646,11 +611,12 @@ def main(argv=None) -> None:
             try:
                 vllm_sample(llm, ids[:1], 2, 1.0, 4, eos)  # warm-up
                 t0 = time.perf_counter()
-                vllm_groups = vllm_sample(llm, ids, args.group, args.temperature, args.max_tokens, eos)
+                if not args.greedy_only:
+                    vllm_groups = vllm_sample(llm, ids, args.group, args.temperature, args.max_tokens, eos)
                 vllm_info["sample_seconds"] = time.perf_counter() - t0
                 vllm_greedy = [g[0][0] for g in vllm_sample(llm, ids, 1, 0.0, args.greedy_tokens, eos,
                                                             ignore_eos=True)]
-                print(f"vLLM sampled {sum(len(t) for g in vllm_groups for t, _ in g)} tokens in "
+                print(f"vLLM sampled {sum(len(t) for g in vllm_groups or [] for t, _ in g)} tokens in "
                       f"{vllm_info['sample_seconds']:.1f} s", flush=True)
             except Exception as e:  # noqa: BLE001 - the engine's lines still run
                 import traceback
@@ -662,13 +628,18 @@ def main(argv=None) -> None:
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa",
                                                  local_files_only=True).to(args.device).eval()
+    truth = None  # the greedy verdicts' exact-arithmetic reference: the same weights in fp32
+    if dtype != torch.float32:
+        truth = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa",
+                                                     local_files_only=True).to(args.device).eval()
     engine_kwargs = {"kv_cache_memory": args.engine_kv_bytes if args.device == "cuda" else None}
     masks = (["dense", "flex"] if args.device == "cuda" else ["dense"]) if args.packed_masks == "auto" \
         else args.packed_masks.split(",")
     results = measure(model, tokenizer, prompts, group=args.group, max_tokens=args.max_tokens,
                       temperature=args.temperature, seed=args.seed, greedy_prompts=args.greedy_prompts,
                       greedy_tokens=args.greedy_tokens, packed_masks=masks, engine_kwargs=engine_kwargs,
-                      vllm_groups=vllm_groups, vllm_greedy=vllm_greedy,
+                      vllm_groups=vllm_groups, vllm_greedy=vllm_greedy, truth=truth,
+                      greedy_variants=args.greedy_variants, sample=not args.greedy_only,
                       log=lambda m: print(m, flush=True))
     results["vllm"] = vllm_info
     try:

@@ -22,8 +22,8 @@ def results(make_tiny_model, tiny_tokenizer):
     prompts.append({"kind": "long", "ids": fidelity.chat_ids(
         tiny_tokenizer, [{"role": "system", "content": text}, {"role": "user", "content": "Summarize it."}])})
     return fidelity.measure(model, tiny_tokenizer, prompts, group=4, max_tokens=12, temperature=1.0, seed=5,
-                            greedy_prompts=2, greedy_tokens=16, packed_masks=["dense"],
-                            engine_kwargs={"block_size": 16}, log=lambda m: None)
+                            greedy_prompts=3, greedy_tokens=16, packed_masks=["dense"],
+                            engine_kwargs={"block_size": 16}, greedy_variants=True, log=lambda m: None)
 
 
 def line(results, name, prompts="all"):
@@ -48,9 +48,17 @@ def test_floors_and_packed_training_are_rounding_level(results):
 
 
 def test_greedy_agrees_with_generate_and_forks_match_scratch_and_snapshots(results):
-    greedy = results["greedy"]["engine"]
-    assert greedy["sequences"] == 2 and greedy["identical_share"] == 1.0
-    assert greedy["mean_first_divergence"] is None
+    """In fp32 every sampler, the engine's variants (one prompt per call, HF's SDPA over the paged K/V) and
+    model.generate batched with left padding give model.generate's tokens; no divergence, so no verdict."""
+    greedy = results["greedy"]
+    assert set(greedy["vs_generate"]) == {"generate batched", "engine", "engine, one prompt per call",
+                                          "engine, HF SDPA attention", "engine, HF SDPA, one prompt per call"}
+    for name, agree in greedy["vs_generate"].items():
+        assert agree["sequences"] == 3 and agree["identical_share"] == 1.0, name
+        assert agree["mean_first_divergence"] is None and agree["mean_tokens_matched"] == 16, name
+        assert greedy["vs_fp32"][name]["identical_share"] == 1.0, name
+        assert greedy["verdicts"][name]["divergences"] == 0, name
+    assert greedy["vs_fp32"]["generate"]["identical_share"] == 1.0
     for check in ("fork_vs_scratch", "snapshot_vs_original"):
         stats = results["fork_snapshot"][check]
         assert stats["sequences"] == 4 and stats["tokens_identical_share"] == 1.0
@@ -69,6 +77,29 @@ def test_statistics_helpers_on_known_values():
     assert fidelity.first_divergence([1, 2], [1, 2, 3]) == 2
     agree = fidelity.agreement([[1, 2], [1, 2]], [[1, 2], [1, 3]])
     assert agree["identical_share"] == 0.5 and agree["mean_first_divergence"] == 1.0
+    assert agree["mean_tokens_matched"] == (2 + 1) / 2
+
+
+def test_divergence_verdicts_side_with_the_truths_argmax(make_tiny_model):
+    """A sampler that leaves model.generate's greedy path for the truth's second-best token is ruled against
+    (positive gap), one whose token the truth prefers is ruled for; a sampler that never diverges gets no verdict."""
+    from fidelity_greedy import divergence_verdicts, hf_greedy
+
+    model = make_tiny_model("llama", seed=3)
+    prompt = [5, 9, 14, 3, 7]
+    reference = hf_greedy(model, prompt, 8)
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([prompt + reference[:3]])).logits[0, -1]
+    second = int(logits.topk(2).indices[1])
+    worse = reference[:3] + [second] + reference[4:]
+    # a "reference" that took the second-best token at 3: the real argmax diverging from it is the truth's pick
+    verdicts = divergence_verdicts(model, [prompt], [worse], {"sampler": [reference], "same": [worse]})
+    assert verdicts["same"]["divergences"] == 0 and verdicts["same"]["median_abs_gap"] is None
+    v = verdicts["sampler"]
+    assert v["divergences"] == 1 and v["truth_prefers_sampler"] == 1 and v["truth_prefers_generate"] == 0
+    assert v["gaps"][0] == pytest.approx(float(logits[second] - logits[reference[3]]), abs=1e-4)
+    back = divergence_verdicts(model, [prompt], [reference], {"sampler": [worse]})["sampler"]
+    assert back["truth_prefers_generate"] == 1 and back["gaps"][0] == pytest.approx(-v["gaps"][0], abs=1e-4)
 
 
 def test_bootstrap_tells_a_closer_sampler_from_noise():
