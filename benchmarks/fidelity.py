@@ -462,7 +462,8 @@ def measure(model, tokenizer, prompts: list[dict], *, group: int, max_tokens: in
         prompt = ids[long[0] if long else 0]
         results["fork_snapshot"] = forks_and_snapshots(engine, make_engine, prompt, params, group)
 
-    guarded("greedy", greedy)
+    if greedy_prompts > 0:
+        guarded("greedy", greedy)
     guarded("fork_snapshot", fork_snapshot)
     return results
 
