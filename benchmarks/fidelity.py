@@ -80,7 +80,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--greedy-variants", action="store_true",
                    help="also the engine one prompt per call and with HF's SDPA attention (fidelity_greedy.py)")
     p.add_argument("--greedy-only", action="store_true",
-                   help="only the greedy study and the fork/snapshot check: no sampling or training-forward lines")
+                   help="only the greedy study: no sampling, training-forward or fork/snapshot lines")
     p.add_argument("--packed-masks", default="auto", help="packed tree-mask kinds (auto: dense,flex on CUDA, dense)")
     p.add_argument("--engine-kv-bytes", type=int, default=2 << 30)
     p.add_argument("--no-vllm", action="store_true")
@@ -413,7 +413,7 @@ def measure(model, tokenizer, prompts: list[dict], *, group: int, max_tokens: in
     """Every line for the engine (and for vLLM's samples when given); returns the receipt's results.
 
     ``truth``: the model in fp32 for the greedy verdicts (default: ``model``, right when it computes in fp32).
-    ``sample=False`` runs only the greedy study and the fork/snapshot check (no sampling, training-forward lines)."""
+    ``sample=False`` runs only the greedy study (no sampling, training-forward, fork/snapshot lines)."""
     from thaw_rl import SamplingParams, ThawEngine
 
     timings: dict[str, float] = {}
@@ -464,7 +464,8 @@ def measure(model, tokenizer, prompts: list[dict], *, group: int, max_tokens: in
 
     if greedy_prompts > 0:
         guarded("greedy", greedy)
-    guarded("fork_snapshot", fork_snapshot)
+    if sample:
+        guarded("fork_snapshot", fork_snapshot)
     return results
 
 
