@@ -188,6 +188,8 @@ def main():
     ap.add_argument("--group", type=int, default=1,
                     help="rows per prompt: each prompt prefilled once and forked (16: a GRPO step's decode batch)")
     ap.add_argument("--kernels", action="store_true", help="also print a torch.profiler table of top CUDA kernels")
+    ap.add_argument("--fuse-qkv", choices=("auto", "on", "off"), default="auto",
+                    help="the engine's fused q/k/v projections (auto: its default, on for CUDA)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -196,7 +198,9 @@ def main():
     batches = [int(x) for x in args.batches.split(",")]
     kv = 0.4 if device.type == "cuda" else 1 << 30
     engine = ThawEngine(model, tok, kv_cache_memory=kv, compile_layers=args.compile_layers,
-                        max_num_seqs=max(256, *batches))
+                        max_num_seqs=max(256, *batches), fuse_qkv={"auto": None, "on": True, "off": False}[args.fuse_qkv])
+    fused_layers = engine.runner.fused_qkv.num_layers if engine.runner.fused_qkv is not None else 0
+    print(f"fused q/k/v projections in {fused_layers} of {model.config.num_hidden_layers} layers")
     vocab = model.config.vocab_size
     rows = []
     for b in batches:
@@ -231,7 +235,8 @@ def main():
         engine._sample, engine.scheduler.schedule, engine_mod.sample = saved[:3]
         if graphs is not None:
             graphs._fill, graphs.forward = saved[3:]
-        sync_row = dict(batch=b, mode="sync", same_tokens=same_tokens, direct_lm_head=engine.runner.direct_lm_head, step_ms=plain / steps * 1e3, steps=steps, syncs_per_step=syncs / steps,
+        sync_row = dict(batch=b, mode="sync", same_tokens=same_tokens, direct_lm_head=engine.runner.direct_lm_head,
+                        fused_qkv_layers=fused_layers, step_ms=plain / steps * 1e3, steps=steps, syncs_per_step=syncs / steps,
                         phases_ms={k: v / isteps * 1e3 for k, v in phases.items()},
                         instrumented_step_ms=instrumented / isteps * 1e3)
         print(f"\nbatch {b} sync: step {sync_row['step_ms']:.2f} ms (instrumented {sync_row['instrumented_step_ms']:.2f})")
@@ -252,7 +257,7 @@ def main():
         engine.decode_profile = None
         n = max(prof.steps, 1)
         host = {k: getattr(prof, k) / n * 1e3 for k in ("prepare", "launch", "process", "wait")}
-        async_row = dict(batch=b, mode="async", same_tokens=same_tokens, step_ms=plain / steps * 1e3, steps=steps, syncs_per_step=syncs / steps,
+        async_row = dict(batch=b, mode="async", same_tokens=same_tokens, fused_qkv_layers=fused_layers, step_ms=plain / steps * 1e3, steps=steps, syncs_per_step=syncs / steps,
                          async_steps=prof.steps, rows_per_step=prof.rows / n, host_ms=host,
                          host_work_ms=host["prepare"] + host["launch"] + host["process"],
                          gpu_ms=gpu_s / n * 1e3 if gpu_s is not None else None,

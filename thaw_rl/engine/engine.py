@@ -166,6 +166,7 @@ class ThawEngine:
         weight_version: int = 0,
         cascade_attention: str = "auto",
         kv_cache_vmm: bool | None = None,
+        fuse_qkv: bool | None = None,
     ) -> None:
         config = model.config
         if cascade_attention not in CASCADE_MODES:
@@ -212,6 +213,9 @@ class ThawEngine:
             model, self.kv_cache, use_cuda_graphs=use_cuda_graphs, max_num_seqs=max_num_seqs,
             max_blocks_per_seq=-(-self.max_model_len // block_size), compile_layers=compile_layers,
             cascade_attention=cascade_attention,
+            # one GEMM for q/k/v per layer from a refreshed copy of the weights (engine/fused_qkv.py); None: on
+            # CUDA, where it saves kernel launches per decode step; off on CPU, where the model's own GEMMs run
+            fuse_qkv=self.device.type == "cuda" if fuse_qkv is None else bool(fuse_qkv),
         )
         self.eos_token_ids = self._eos_ids(model, tokenizer)
         self._weights_digest = weights_digest(model)
@@ -695,6 +699,8 @@ class ThawEngine:
     # -- internals: the step loop -------------------------------------------------------------------------
     def _run(self, sessions: list[Session], requests: list[_Request] | None, progress: bool, desc: str) -> None:
         """The step loop shared by prefill and generate."""
+        if self.runner.refresh_weights():  # the engine's weight copies follow the live parameters every call
+            self.invalidate_cuda_graphs()
         by_session = {id(r.session): r for r in requests} if requests is not None else {}
         live = list(sessions)
         total = sum(r.params.max_tokens for r in requests) if requests else sum(s.num_uncomputed for s in sessions)

@@ -19,6 +19,7 @@ import torch
 
 from thaw_rl.engine.attention import METADATA_KWARG, AttentionMetadata, model_lock, paged_attention_mode
 from thaw_rl.engine.cascade import CascadePlanner
+from thaw_rl.engine.fused_qkv import FusedQKV
 from thaw_rl_kernels.cascade_plan import CascadePlan
 from thaw_rl.engine.kv_cache import PagedKVCache
 from thaw_rl.engine.scheduler import Chunk
@@ -131,13 +132,17 @@ class ModelRunner:
     """Owns the forward pass: packing, device transfer, the attention-mode switch, CUDA graphs."""
 
     def __init__(self, model: torch.nn.Module, kv_cache: PagedKVCache, use_cuda_graphs: bool, max_num_seqs: int,
-                 max_blocks_per_seq: int, compile_layers: bool = False, cascade_attention: str = "off") -> None:
+                 max_blocks_per_seq: int, compile_layers: bool = False, cascade_attention: str = "off",
+                 fuse_qkv: bool = False) -> None:
         self.model = model
         model_lock(model)  # from now on the model's own forwards wait for ours (attention.py)
         # inference_mode, except under FSDP2: its pre-forward unshard reads the parameters' version
         # counters, which inference tensors do not have (TRL's generate path uses no_grad there too).
         self.grad_off = torch.no_grad if fsdp2_modules(model) else torch.inference_mode
         self.compiled_layers = _compile_decoder_layers(model) if compile_layers else None
+        self.fused_qkv = FusedQKV(model) if fuse_qkv else None  # engine/fused_qkv.py
+        if self.fused_qkv is not None and not self.fused_qkv.num_layers:
+            self.fused_qkv = None  # no layer qualifies (LoRA-wrapped or quantized projections): the model's own
         self.lm_head = plain_lm_head(model)
         self.direct_lm_head = self.lm_head is not None  # DecodeGraphs turns it off if the bits ever differ
         self.kv_cache = kv_cache
@@ -151,6 +156,18 @@ class ModelRunner:
             from thaw_rl.engine.cuda_graphs import DecodeGraphs
 
             self.graphs = DecodeGraphs(self, max_num_seqs=max_num_seqs)
+
+    def refresh_weights(self) -> bool:
+        """Bring the engine's own copies of the weights (the fused q/k/v buffers) up to the live parameters; the
+        engine calls it before every run of the model. True when buffers moved, so captured graphs must go."""
+        return self.fused_qkv.refresh() if self.fused_qkv is not None else False
+
+    @contextlib.contextmanager
+    def _engine_forward(self):
+        """The model as the engine runs it: our attention hook, fused q/k/v projections, compiled layers."""
+        fused = self.fused_qkv.swapped() if self.fused_qkv is not None else contextlib.nullcontext()
+        with paged_attention_mode(self.model), fused, _compiled(self.compiled_layers):
+            yield
 
     def metadata(self, batch: PackedBatch) -> AttentionMetadata:
         dev = self.device
@@ -167,7 +184,7 @@ class ModelRunner:
     def run_model(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                   logits_index: torch.Tensor | int) -> torch.Tensor:
         """The HF forward over one packed row; returns (S, V) logits in the model's dtype."""
-        with paged_attention_mode(self.model), _compiled(self.compiled_layers):
+        with self._engine_forward():
             out = self.model(
                 input_ids=input_ids[None],
                 position_ids=positions[None],
@@ -190,7 +207,7 @@ class ModelRunner:
         if head is None:
             out.copy_(self.run_model(input_ids, positions, meta, 0))
             return
-        with paged_attention_mode(self.model), _compiled(self.compiled_layers):
+        with self._engine_forward():
             hidden = self.model.model(
                 input_ids=input_ids[None], position_ids=positions[None], use_cache=False, **{METADATA_KWARG: meta},
             ).last_hidden_state[0]  # (n, H), after the final norm
