@@ -13,6 +13,10 @@ For each batch size, after a warm-up of both modes (graph capture, compile):
   waited for the device; the device's time per step from CUDA events around forward + sampler (they do not
   synchronise, so the loop runs as it does unprofiled). A step costs about max(GPU, host): when ``wait`` is
   most of the step, the host work is off the critical path.
+- ``fixed ms/call`` and ``marginal ms/step`` (async): the same call timed again at ``--steps // 8`` tokens (at
+  least 2); the line through both lengths splits the call's wall time into a per-call part (checks, requests,
+  the first token, the rows joining, completions, the final sync) and the cost of one more step. ``step ms``
+  spreads the per-call part over the steps, so it is above ``marginal`` by about ``fixed / steps``.
 - ``syncs/step``: CUDA synchronisations PyTorch reports in the decode call (``set_sync_debug_mode``), per
   forward step; the async loop's only wait is the event of the late token copy, which is not counted.
 
@@ -178,6 +182,31 @@ def kernel_breakdown(engine, prompts, group: int = 1, steps: int = 8) -> dict:
     return out
 
 
+def fixed_and_marginal(engine, prompts, max_tokens: int, long_s: float, long_steps: int, device, group: int,
+                       repeats: int = 2) -> dict:
+    """The same async call at two lengths: ``max_tokens`` (timed already: ``long_s``, ``long_steps`` forward
+    steps) and a short one (``max_tokens // 8``, at least 2 tokens), each timed ``repeats`` times, the fastest
+    kept. A straight line through the two (time against forward steps) splits a call into ``fixed_ms``, what it
+    costs whatever its length (checks, requests, the first token sampled from the prefill's logits, the rows
+    joining the first decode step, the completions, the final sync), and ``marginal_step_ms``, what one more
+    forward step costs. ``step_ms`` (wall / steps) is their sum with the fixed part spread over the steps."""
+    short_tokens = max(2, max_tokens // 8)
+    long_times = [long_s] + [run_call(engine, prompts, _params(max_tokens), device, group=group)[0]
+                             for _ in range(repeats - 1)]
+    short = [run_call(engine, prompts, _params(short_tokens), device, group=group)[:2] for _ in range(repeats)]
+    short_s, short_steps = min(t for t, _ in short), short[0][1]
+    long_s = min(long_times)
+    if long_steps <= short_steps:
+        raise SystemExit(f"--steps {max_tokens} is too short to split fixed from per-step cost; give --steps >= 4")
+    marginal = (long_s - short_s) / (long_steps - short_steps)
+    return dict(fixed_ms=(long_s - marginal * long_steps) * 1e3, marginal_step_ms=marginal * 1e3,
+                short_steps=short_steps, long_steps=long_steps, short_ms=short_s * 1e3, long_ms=long_s * 1e3)
+
+
+def _params(max_tokens: int) -> SamplingParams:
+    return SamplingParams(temperature=1.0, max_tokens=max_tokens, ignore_eos=True, seed=0)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="qwen2.5-1.5b")
@@ -208,7 +237,7 @@ def main():
         if b % args.group:
             raise SystemExit(f"batch {b} is not a multiple of --group {args.group}")
         prompts = [torch.randint(10, vocab, (args.prompt_len,), generator=g).tolist() for _ in range(b // args.group)]
-        params = SamplingParams(temperature=1.0, max_tokens=args.steps, ignore_eos=True, seed=0)
+        params = _params(args.steps)
         tokens = {}
         for mode in (False, True):  # warm-up: graph capture for every size, compile, autotune
             engine.async_decode = mode
@@ -255,17 +284,21 @@ def main():
             instrumented, _, _, _ = run_call(engine, prompts, params, device, group=args.group)
             gpu_s = None
         engine.decode_profile = None
+        fit = fixed_and_marginal(engine, prompts, args.steps, plain, steps, device, args.group)
         n = max(prof.steps, 1)
         host = {k: getattr(prof, k) / n * 1e3 for k in ("prepare", "launch", "process", "wait")}
         async_row = dict(batch=b, mode="async", same_tokens=same_tokens, fused_qkv_layers=fused_layers, step_ms=plain / steps * 1e3, steps=steps, syncs_per_step=syncs / steps,
                          async_steps=prof.steps, rows_per_step=prof.rows / n, host_ms=host,
                          host_work_ms=host["prepare"] + host["launch"] + host["process"],
                          gpu_ms=gpu_s / n * 1e3 if gpu_s is not None else None,
-                         instrumented_step_ms=instrumented / n * 1e3)
+                         instrumented_step_ms=instrumented / n * 1e3, **fit)
         print(f"batch {b} async: step {async_row['step_ms']:.2f} ms; host work {async_row['host_work_ms']:.2f} ms/step "
               f"(prepare {host['prepare']:.3f}, launch {host['launch']:.3f}, process {host['process']:.3f}), "
               f"waiting on the device {host['wait']:.3f}"
               + (f", device {async_row['gpu_ms']:.2f} ms/step" if gpu_s is not None else ""))
+        print(f"batch {b} async: {fit['fixed_ms']:.2f} ms per call + {fit['marginal_step_ms']:.3f} ms per step "
+              f"(calls of {fit['short_steps']} and {fit['long_steps']} forward steps: {fit['short_ms']:.2f} and "
+              f"{fit['long_ms']:.2f} ms)")
         rows += [sync_row, async_row]
 
         if args.kernels and device.type == "cuda":
@@ -274,13 +307,17 @@ def main():
     write_receipt(args.out, receipt("profile_decode", args, rows))
     print(f"\ndevice={device} model={args.model} prompt={args.prompt_len} group={args.group} steps={args.steps} "
           f"compile_layers={args.compile_layers}")
-    print("| batch | mode | step ms | device ms | host work ms | host waits ms | syncs/step | same tokens |")
-    print("|---:|---|---:|---:|---:|---:|---:|---|")
+    print("| batch | mode | step ms | device ms | host work ms | host waits ms | fixed ms/call | marginal ms/step "
+          "| syncs/step | same tokens |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in rows:
         gpu = f"{r['gpu_ms']:.2f}" if r.get("gpu_ms") is not None else "-"
         work = f"{r['host_work_ms']:.2f}" if "host_work_ms" in r else "(serial)"
         wait = f"{r['host_ms']['wait']:.2f}" if "host_ms" in r else "-"
-        print(f"| {r['batch']} | {r['mode']} | {r['step_ms']:.2f} | {gpu} | {work} | {wait} | {r['syncs_per_step']:.2f} | {r['same_tokens']} |")
+        fixed = f"{r['fixed_ms']:.1f}" if "fixed_ms" in r else "-"
+        marginal = f"{r['marginal_step_ms']:.2f}" if "marginal_step_ms" in r else "-"
+        print(f"| {r['batch']} | {r['mode']} | {r['step_ms']:.2f} | {gpu} | {work} | {wait} | {fixed} | {marginal} "
+              f"| {r['syncs_per_step']:.2f} | {r['same_tokens']} |")
 
 
 if __name__ == "__main__":

@@ -7,10 +7,13 @@ batches (each prompt prefilled once and forked), and the sampler kernel's check 
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,6 +37,31 @@ def test_profile_decode_on_forked_groups_compares_like_runs(tmp_path):
     assert all(r["same_tokens"] for r in rows)
     assert rows[0]["direct_lm_head"] is True
     assert rows[1]["rows_per_step"] == 8.0 and rows[1]["async_steps"] >= 5
+    assert_fixed_and_marginal_fit(rows[1], steps=5, short_steps=1)
+
+
+def assert_fixed_and_marginal_fit(row: dict, steps: int, short_steps: int) -> None:
+    """The async row splits a call into a per-call part and a per-step part: a line through two call lengths
+    (``steps`` and ``short_steps`` forward steps) that passes through the long call's time and predicts the
+    plain call's total within a loose bound (CPU timings of a tiny model jitter by tens of percent)."""
+    assert (row["long_steps"], row["short_steps"]) == (steps, short_steps)
+    fixed, marginal = row["fixed_ms"], row["marginal_step_ms"]
+    assert math.isfinite(fixed) and math.isfinite(marginal) and marginal > 0
+    assert fixed + marginal * steps == pytest.approx(row["long_ms"], rel=1e-6)
+    assert fixed + marginal * short_steps == pytest.approx(row["short_ms"], rel=1e-6)
+    total = row["step_ms"] * row["steps"]  # the plain call's wall time
+    assert 0.5 * total <= fixed + marginal * row["steps"] <= 1.05 * total
+
+
+def test_profile_decode_splits_fixed_from_per_step_cost_per_batch(tmp_path):
+    """Own prompts (group 1) at two batch sizes, the CPU check of the H200 command: every async row has the fit."""
+    receipt = run_script(["benchmarks/profile_decode.py", "--model", "tiny-qwen2", "--batches", "2,8",
+                          "--prompt-len", "32", "--steps", "8"], tmp_path)
+    rows = receipt["results"]
+    assert [(r["batch"], r["mode"]) for r in rows] == [(2, "sync"), (2, "async"), (8, "sync"), (8, "async")]
+    assert all("fixed_ms" not in r for r in rows if r["mode"] == "sync")
+    for r in rows[1::2]:
+        assert_fixed_and_marginal_fit(r, steps=7, short_steps=1)
 
 
 def test_gumbel_sampling_benchmark_checks_tokens_against_the_reference(tmp_path):
