@@ -532,7 +532,7 @@ def test_sleep_gives_the_kv_memory_back_and_the_next_call_maps_it_again(tiny):
 
 
 def test_a_list_of_params_is_used_as_given_and_one_params_derives_per_session_seeds(tiny):
-    """The one seed rule (#13): only one SamplingParams for n sessions derives seeds, in params_per_session."""
+    """The one seed rule (#13): only one SamplingParams for n sessions derives seeds, in params_and_seeds."""
     from thaw_rl.engine.sampling import derive_seed
 
     model, tok = tiny
@@ -564,6 +564,82 @@ def test_per_session_params_equal_what_dataclasses_replace_gives_and_own_their_l
     assert p.stop_token_ids == [3, 4] and copies[1].stop_token_ids == [3, 4]
     with pytest.raises(ValueError, match="seed"):
         p.with_seed(1.5)
+
+
+def test_derive_seeds_gives_derive_seed_of_every_index():
+    """The vectorised derivation (one generate call's 1,024 seeds) equals the per-index rule, for seeds of every
+    size and sign: above 32 bits the high bits are kept, above 64 they stay Python ints."""
+    from thaw_rl.engine.sampling import derive_seed, derive_seeds
+
+    for seed in (0, 7, 2**32 - 1, 2**32 + 5, 2**63 - 1, 2**70 + 3, -1, -(2**40) - 7):
+        assert derive_seeds(seed, 300) == [derive_seed(seed, i) for i in range(300)], seed
+    assert derive_seeds(7, 0) == []
+
+
+def test_one_params_is_shared_by_the_sessions_and_each_gets_its_derived_seed():
+    """``params_and_seeds`` (what generate uses) copies nothing: the one params object for every session, and
+    the derived seeds beside it; a list keeps each params' own seed; unseeded params leave the seeds to the engine."""
+    from thaw_rl.engine.sampling import derive_seed, params_and_seeds, params_per_session
+
+    p = SamplingParams(temperature=0.7, max_tokens=9, seed=11)
+    plist, seeds = params_and_seeds(p, 3)
+    assert all(q is p for q in plist) and p.seed == 11
+    assert seeds == [derive_seed(11, i) for i in range(3)] == [q.seed for q in params_per_session(p, 3)]
+    assert params_and_seeds(SamplingParams(), 2)[1] == [None, None]
+    given = [SamplingParams(seed=3), SamplingParams()]
+    assert params_and_seeds(given, 2) == (given, [3, None])
+    with pytest.raises(ValueError, match="got 2 SamplingParams for 3 sessions"):
+        params_and_seeds(given, 3)
+
+
+@pytest.mark.parametrize("kw", [dict(temperature=0.0), dict(temperature=0.8), dict(temperature=1, top_k=5),
+                                dict(temperature=1.0, top_p=0.9, min_p=0.05), dict(repetition_penalty=1.2)])
+def test_a_sampling_batch_of_one_shared_params_equals_one_of_equal_copies(kw):
+    """The shared-params fast path (tensors filled, flags looked at once) builds the batch that per-row
+    lists build for equal params in distinct objects: same tensors, dtypes and flags; refresh_flags agrees."""
+    from thaw_rl.engine.sampling import SamplingBatch, params_per_session
+
+    p = SamplingParams(seed=1, **kw)
+    cpu = torch.device("cpu")
+    copies = params_per_session(p, 5)
+    seeds = [c.seed for c in copies]
+    shared = SamplingBatch.build([p] * 5, seeds, [3] * 5, [[1, 2]] * 5, 50, cpu)
+    apart = SamplingBatch.build(copies, seeds, [3] * 5, [[1, 2]] * 5, 50, cpu)
+    for name in ("temperature", "top_p", "top_k", "min_p", "seeds", "positions"):
+        a, b = getattr(shared, name), getattr(apart, name)
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+    flags = lambda b: (b.repetition_penalty, b.any_filter, b.all_greedy)
+    assert flags(shared) == flags(apart)
+    assert flags(apart) == ([p.repetition_penalty] * 5, "top" in str(kw) or "min_p" in kw, p.temperature == 0)
+    apart.refresh_flags([p] * 5, 50)
+    assert flags(apart) == flags(shared)
+
+
+def test_flags_of_mixed_params_look_at_every_row():
+    """A filter on one non-greedy row turns the filter path on; a filter on a greedy row does not."""
+    from thaw_rl.engine.sampling import SamplingBatch
+
+    cpu = torch.device("cpu")
+    build = lambda ps: SamplingBatch.build(ps, [0] * len(ps), [1] * len(ps), [[]] * len(ps), 50, cpu)
+    plain, greedy_topk = SamplingParams(), SamplingParams(temperature=0.0, top_k=3)
+    assert (build([plain, greedy_topk]).any_filter, build([plain, greedy_topk]).all_greedy) == (False, False)
+    assert build([plain, SamplingParams(top_p=0.5)]).any_filter
+    assert build([greedy_topk, SamplingParams(temperature=0.0)]).all_greedy
+    assert not build([plain, SamplingParams(top_k=50)]).any_filter  # top_k >= vocab: off
+
+
+def test_the_fit_check_names_the_first_session_that_cannot_fit(tiny):
+    """generate checks each (length, max_tokens) pair once; the error still names the first session, in call
+    order, that could never finish, and nothing is sampled."""
+    model, tok = tiny
+    spec = ThawEngine(model, tok, kv_cache_memory=1 << 20).spec
+    engine = ThawEngine(model, tok, kv_cache_memory=9 * spec.bytes_per_block)  # 8 usable blocks = 128 tokens
+    short, long_a, long_b = engine.prefill_many(random_prompts([5, 30, 30], model.config.vocab_size, seed=3))
+    with pytest.raises(KVCacheExhaustedError, match=f"session {long_a.session_id} has 30 tokens and max_tokens=100"):
+        engine.generate([short, long_a, long_b], SamplingParams(max_tokens=100))
+    assert engine.stats.tokens_generated == 0
+    with pytest.raises(KVCacheExhaustedError, match=f"session {long_b.session_id} has 30 tokens"):
+        engine.generate([short, long_b, long_a], SamplingParams(max_tokens=100))
 
 
 def test_blocks_held_outside_the_call_count_against_what_a_session_may_use(tiny):
