@@ -96,10 +96,15 @@ class GpuTimer:
 
 def make_sessions(engine, prompts, group: int):
     """One session per row: each prompt prefilled once and forked into ``group`` rows that share its blocks
-    (a GRPO group, as the thaw trainers sample it); group 1: every row its own prompt."""
+    (a GRPO group, as the thaw trainers sample it); group 1: every row its own prompt. The parents are freed
+    once forked (their children hold the shared blocks), so no call leaves blocks held behind it."""
     if group == 1:
         return engine.prefill_many(prompts)
-    return [kid for s in engine.prefill_many(prompts) for kid in engine.fork(s, group)]
+    parents = engine.prefill_many(prompts)
+    kids = [kid for s in parents for kid in engine.fork(s, group)]
+    for s in parents:
+        engine.free(s)
+    return kids
 
 
 def run_call(engine, prompts, params, device, count_syncs=False, group: int = 1):
@@ -291,7 +296,8 @@ def main():
                          async_steps=prof.steps, rows_per_step=prof.rows / n, host_ms=host,
                          host_work_ms=host["prepare"] + host["launch"] + host["process"],
                          gpu_ms=gpu_s / n * 1e3 if gpu_s is not None else None,
-                         instrumented_step_ms=instrumented / n * 1e3, **fit)
+                         instrumented_step_ms=instrumented / n * 1e3, **fit,
+                         used_blocks_after=engine.stats.num_used_blocks)  # 0: every call freed what it took
         print(f"batch {b} async: step {async_row['step_ms']:.2f} ms; host work {async_row['host_work_ms']:.2f} ms/step "
               f"(prepare {host['prepare']:.3f}, launch {host['launch']:.3f}, process {host['process']:.3f}), "
               f"waiting on the device {host['wait']:.3f}"

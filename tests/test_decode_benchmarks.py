@@ -37,6 +37,7 @@ def test_profile_decode_on_forked_groups_compares_like_runs(tmp_path):
     assert all(r["same_tokens"] for r in rows)
     assert rows[0]["direct_lm_head"] is True
     assert rows[1]["rows_per_step"] == 8.0 and rows[1]["async_steps"] >= 5
+    assert rows[1]["used_blocks_after"] == 0  # the forked prompts' parents are freed too
     assert_fixed_and_marginal_fit(rows[1], steps=5, short_steps=1)
 
 

