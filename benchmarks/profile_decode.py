@@ -297,6 +297,10 @@ def main():
                          host_work_ms=host["prepare"] + host["launch"] + host["process"],
                          gpu_ms=gpu_s / n * 1e3 if gpu_s is not None else None,
                          instrumented_step_ms=instrumented / n * 1e3, **fit,
+                         # the profiled call's time outside the loop (checks, requests, the first token, the
+                         # completions) and the loop's own per-call parts, all host ms per call
+                         outside_loop_ms=(instrumented - prof.loop) * 1e3, loop_runs=prof.runs,
+                         first_prepare_ms=prof.first_prepare * 1e3, last_process_ms=prof.last_process * 1e3,
                          used_blocks_after=engine.stats.num_used_blocks)  # 0: every call freed what it took
         print(f"batch {b} async: step {async_row['step_ms']:.2f} ms; host work {async_row['host_work_ms']:.2f} ms/step "
               f"(prepare {host['prepare']:.3f}, launch {host['launch']:.3f}, process {host['process']:.3f}), "
@@ -304,7 +308,9 @@ def main():
               + (f", device {async_row['gpu_ms']:.2f} ms/step" if gpu_s is not None else ""))
         print(f"batch {b} async: {fit['fixed_ms']:.2f} ms per call + {fit['marginal_step_ms']:.3f} ms per step "
               f"(calls of {fit['short_steps']} and {fit['long_steps']} forward steps: {fit['short_ms']:.2f} and "
-              f"{fit['long_ms']:.2f} ms)")
+              f"{fit['long_ms']:.2f} ms); per call outside the loop {async_row['outside_loop_ms']:.2f} ms, first "
+              f"step's prepare {async_row['first_prepare_ms']:.2f}, last step's process "
+              f"{async_row['last_process_ms']:.2f}")
         rows += [sync_row, async_row]
 
         if args.kernels and device.type == "cuda":

@@ -51,6 +51,8 @@ def assert_fixed_and_marginal_fit(row: dict, steps: int, short_steps: int) -> No
     assert fixed + marginal * steps == pytest.approx(row["long_ms"], rel=1e-6)
     assert fixed + marginal * short_steps == pytest.approx(row["short_ms"], rel=1e-6)
     total = row["step_ms"] * row["steps"]  # the plain call's wall time
+    assert row["loop_runs"] == 1 and 0 < row["outside_loop_ms"] < row["instrumented_step_ms"] * row["steps"]
+    assert 0 < row["first_prepare_ms"] and 0 < row["last_process_ms"]
     assert 0.5 * total <= fixed + marginal * row["steps"] <= 1.05 * total
 
 

@@ -90,6 +90,9 @@ def test_without_stops_the_batches_match_and_everything_is_bitwise_equal(one_tor
     sync, _ = _run(model, tok, False, params)
     asyn, prof = _run(model, tok, True, params)
     assert prof.steps > 0 and asyn == sync
+    # one run of the loop; its per-call parts are parts of the summed phases, all inside the loop's time
+    assert prof.runs == 1 and 0 < prof.first_prepare <= prof.prepare and 0 < prof.last_process <= prof.process
+    assert prof.prepare + prof.launch + prof.process + prof.wait <= prof.loop
 
 
 def test_rows_join_as_others_finish_under_max_num_seqs(one_torch_thread):

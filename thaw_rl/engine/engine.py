@@ -110,6 +110,10 @@ class DecodeProfile:
     ``launch``: queueing the forward and the sampler; ``wait``: blocked on the previous step's tokens (the
     host is ahead of the GPU); ``process``: appending tokens, stop checks, hashing full blocks. With the
     overlap working, a step costs max(GPU, prepare + launch + process), and ``wait`` is the GPU's lead.
+
+    Per run of the loop (``runs``; one per generate call unless blocks run out): ``loop``, its whole time;
+    ``first_prepare``, the prepare of its first step (every row joins; the device has nothing queued) and
+    ``last_process``, the process of its last (nothing left to overlap): per-call costs on the critical path.
     """
 
     steps: int = 0
@@ -118,6 +122,10 @@ class DecodeProfile:
     launch: float = 0.0
     wait: float = 0.0
     process: float = 0.0
+    runs: int = 0
+    loop: float = 0.0
+    first_prepare: float = 0.0
+    last_process: float = 0.0
 
 
 @dataclass
@@ -833,7 +841,7 @@ class ThawEngine:
         more rows than ``max_num_seqs`` can take a few more forward steps. When the free blocks cannot cover
         the next step, the loop drains and returns to ``_run``, whose scheduler preempts.
         """
-        prof = self.decode_profile
+        prof, start = self.decode_profile, time.perf_counter()
         max_rows = min(self.max_num_seqs, self.max_num_batched_tokens)
         batch = DecodeBatch(self.device, self.block_size, self.vocab_size)
         self.runner.cascade.reset()
@@ -855,18 +863,25 @@ class ThawEngine:
                     new_blocks)
                 t1 = time.perf_counter()
                 step = self._launch(batch, rows, positions, cascade)
-                launched = True
                 if prof is not None:
                     prof.steps += 1
                     prof.rows += len(rows)
                     prof.prepare += t1 - t0
                     prof.launch += time.perf_counter() - t1
+                    prof.first_prepare += 0.0 if launched else t1 - t0
+                launched = True
             else:
                 waiting.extendleft(reversed(joining))
             if inflight is not None:  # the previous step's tokens, while the device runs this one
+                processed = prof.process if prof is not None else 0.0
                 self._finish_step(inflight, bar, requests)
+                if prof is not None and step is None:
+                    prof.last_process += prof.process - processed
             inflight = step
             if step is None:
+                if prof is not None:
+                    prof.runs += 1
+                    prof.loop += time.perf_counter() - start
                 return launched
 
     @staticmethod
