@@ -33,6 +33,32 @@ def refcounts(bm: BlockManager, ids) -> list[int]:
     return [bm.ref_count(b) for b in ids]
 
 
+def test_append_blocks_hands_out_what_one_allocate_per_session_would():
+    """One block for each of many sessions in one take (the async decode loop's boundary step): the same ids, in
+    the same order, as allocating them one by one: fresh, then freed uncached, then cached least recent first."""
+    def pool():
+        bm = BlockManager(9, BS)
+        cached, plain = computed(bm, range(8)), session(range(3))
+        bm.allocate(plain, 3)
+        bm.free(plain)  # block 3: free, no hash
+        bm.free(cached)  # blocks 2, 1: free and cached (the tail first)
+        rows = [session(range(4), 4) for _ in range(9)]
+        for r in rows:
+            r.block_table = [0]  # a stand-in first block (the null block): each row's next token starts block 1
+        return bm, rows
+
+    bm, rows = pool()
+    ids = bm.append_blocks(rows[:7])
+    one, one_rows = pool()
+    for r in one_rows[:7]:
+        one.allocate(r, 5)
+    assert ids == [4, 5, 6, 7, 8, 3, 2] == [r.block_table[1] for r in one_rows[:7]]
+    assert [r.block_table for r in rows] == [r.block_table for r in one_rows]
+    assert bm.num_cached_blocks == one.num_cached_blocks == 1 and refcounts(bm, ids) == [1] * 7
+    with pytest.raises(RuntimeError, match="call can_allocate first"):
+        bm.append_blocks(rows[7:])  # two rows, one free block
+
+
 def test_fresh_blocks_come_in_id_order_and_a_free_releases_the_tail_first():
     bm = BlockManager(8, BS)
     a = session(range(10))

@@ -103,3 +103,6 @@ def test_allocate_decode_gives_a_block_only_to_rows_starting_one_and_is_all_or_n
     assert sched.allocate_decode([b, c], [5, 4]) is None  # c needs a block, none is free: nothing taken
     assert c.block_table == [5] and b.block_table == [2, 4]
     assert sched.allocate_decode([], []) == [] and sched.allocate_decode([b], [6]) == []
+    bm.free(a)
+    with pytest.raises(RuntimeError, match="decode position 8 .* is past the block after its table's last"):
+        sched.allocate_decode([c], [8])  # c's table covers tokens 0-3: position 8 would need two blocks

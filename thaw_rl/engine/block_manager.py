@@ -156,6 +156,15 @@ class BlockManager:
         need = self.num_blocks_to_reach(session, num_tokens)
         session.block_table.extend(self._take(need))
 
+    def append_blocks(self, sessions: Sequence[Session]) -> list[int]:
+        """One new block at the end of each session's table, in order (ask ``can_allocate(len(sessions))``
+        first); returns their ids. The same ids as ``allocate`` one session at a time, in one ``_take``: the
+        async decode loop's step where 1,024 rows each start a block."""
+        ids = self._take(len(sessions))
+        for session, block_id in zip(sessions, ids):
+            session.block_table.append(block_id)
+        return ids
+
     def fork(self, parent: Session, children: Sequence[Session], num_computed: int) -> list[tuple[int, int]]:
         """Give each child the parent's first ``num_computed`` tokens of KV; returns (src, dst) block copies.
 

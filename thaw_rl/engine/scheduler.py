@@ -74,11 +74,12 @@ class Scheduler:
         need = [i for i, (s, p) in enumerate(zip(sessions, positions)) if p >= len(s.block_table) * bs]
         if not bm.can_allocate(len(need)):
             return None
-        writes = []
         for i in need:
-            bm.allocate(sessions[i], positions[i] + 1)
-            writes.append((i, positions[i] // bs, sessions[i].block_table[-1]))
-        return writes
+            if positions[i] // bs != len(sessions[i].block_table):
+                raise RuntimeError(f"decode position {positions[i]} of {sessions[i]!r} is past the block after its "
+                                   f"table's last")
+        ids = bm.append_blocks([sessions[i] for i in need])
+        return [(i, positions[i] // bs, block_id) for i, block_id in zip(need, ids)]
 
     def make_room(self, sessions: Sequence[Session], pending: Sequence[Session], generating: bool) -> Session:
         """No chunk fit: preempt one session of this call and return it, or raise with a clear error.
