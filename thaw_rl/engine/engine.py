@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from thaw_rl.engine.block_manager import BlockManager, KVCacheExhaustedError, prefix_salt
 from thaw_rl.engine.cascade import CASCADE_MODES
 from thaw_rl.engine.decode_batch import DecodeBatch, LateTokens
+from thaw_rl.engine.fused_qkv import FusedQKV
 from thaw_rl.engine.kv_cache import KVCacheSpec, PagedKVCache, use_vmm
 from thaw_rl.engine.model_runner import SUPPORTED_MODEL_TYPES, ModelRunner
 from thaw_rl.engine.sampling import SamplingBatch, SamplingParams, check_token_ids, params_and_seeds, sample
@@ -211,6 +212,10 @@ class ThawEngine:
         self.block_size = block_size
         self.max_model_len = int(getattr(config, "max_position_embeddings", 1 << 30))
         self.vocab_size = config.vocab_size
+        # one GEMM for q/k/v per layer from a refreshed copy of the weights (engine/fused_qkv.py); None: on CUDA,
+        # where it saves kernel launches per decode step; off on CPU, where the model's own GEMMs run. Made before
+        # the KV pool takes its fraction of free memory, so the copy is not what runs out.
+        fused = FusedQKV(model) if (self.device.type == "cuda" if fuse_qkv is None else bool(fuse_qkv)) else None
         num_blocks, self._max_num_blocks = self._pool_size(kv_cache_memory)
         self.kv_cache = self._kv_cache(num_blocks, layout, kv_cache_vmm)
         self.fingerprint = self._fingerprint(config)
@@ -228,10 +233,7 @@ class ThawEngine:
         self.runner = ModelRunner(
             model, self.kv_cache, use_cuda_graphs=use_cuda_graphs, max_num_seqs=max_num_seqs,
             max_blocks_per_seq=-(-self.max_model_len // block_size), compile_layers=compile_layers,
-            cascade_attention=cascade_attention,
-            # one GEMM for q/k/v per layer from a refreshed copy of the weights (engine/fused_qkv.py); None: on
-            # CUDA, where it saves kernel launches per decode step; off on CPU, where the model's own GEMMs run
-            fuse_qkv=self.device.type == "cuda" if fuse_qkv is None else bool(fuse_qkv),
+            cascade_attention=cascade_attention, fused_qkv=fused,
         )
         self.eos_token_ids = self._eos_ids(model, tokenizer)
         self._weights_digest = weights_digest(model)

@@ -133,16 +133,15 @@ class ModelRunner:
 
     def __init__(self, model: torch.nn.Module, kv_cache: PagedKVCache, use_cuda_graphs: bool, max_num_seqs: int,
                  max_blocks_per_seq: int, compile_layers: bool = False, cascade_attention: str = "off",
-                 fuse_qkv: bool = False) -> None:
+                 fused_qkv: FusedQKV | None = None) -> None:
         self.model = model
         model_lock(model)  # from now on the model's own forwards wait for ours (attention.py)
         # inference_mode, except under FSDP2: its pre-forward unshard reads the parameters' version
         # counters, which inference tensors do not have (TRL's generate path uses no_grad there too).
         self.grad_off = torch.no_grad if fsdp2_modules(model) else torch.inference_mode
         self.compiled_layers = _compile_decoder_layers(model) if compile_layers else None
-        self.fused_qkv = FusedQKV(model) if fuse_qkv else None  # engine/fused_qkv.py
-        if self.fused_qkv is not None and not self.fused_qkv.num_layers:
-            self.fused_qkv = None  # no layer qualifies (LoRA-wrapped or quantized projections): the model's own
+        # engine/fused_qkv.py; None also when no layer qualifies (LoRA-wrapped or quantized projections)
+        self.fused_qkv = fused_qkv if fused_qkv is not None and fused_qkv.num_layers else None
         self.lm_head = plain_lm_head(model)
         self.direct_lm_head = self.lm_head is not None  # DecodeGraphs turns it off if the bits ever differ
         self.kv_cache = kv_cache
