@@ -216,6 +216,16 @@ def test_rollouts_are_reproducible_from_the_seed(tmp_path):
     assert all(len({tuple(c) for c in g}) > 1 for g in groups)  # siblings differ
 
 
+def test_fused_qkv_setting_reaches_the_engine_and_keeps_the_rollouts(tmp_path):
+    """engine_fuse_qkv=True gives the trainer's engine fused q/k/v projections (off by default on CPU), and the
+    same seed draws the same completions as without them."""
+    fused, plain = make_trainer(tmp_path, engine_fuse_qkv=True), make_trainer(tmp_path)
+    got, _ = fused._generate_single_turn(rows(fused), None, {}, 4)
+    assert fused._backend.engine.runner.fused_qkv is not None
+    assert plain._generate_single_turn(rows(plain), None, {}, 4)[0] == got
+    assert plain._backend.engine.runner.fused_qkv is None
+
+
 def test_entropy_tree_groups_are_completed(tmp_path):
     """No token is uncertain enough to fork at, so each prompt has 1 leaf; 3 more are sampled from the prompt."""
     trainer = make_trainer(tmp_path, tree_spec="entropy", entropy_threshold=1e9)

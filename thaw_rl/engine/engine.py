@@ -216,6 +216,9 @@ class ThawEngine:
         # where it saves kernel launches per decode step; off on CPU, where the model's own GEMMs run. Made before
         # the KV pool takes its fraction of free memory, so the copy is not what runs out.
         fused = FusedQKV(model) if (self.device.type == "cuda" if fuse_qkv is None else bool(fuse_qkv)) else None
+        if fused is not None and fused.num_layers:
+            logger.info("thaw-rl: fused q/k/v projections in %d of %d layers, a %.0f MB copy of their weights "
+                        "(fuse_qkv=False saves it)", fused.num_layers, config.num_hidden_layers, fused.nbytes / 2**20)
         num_blocks, self._max_num_blocks = self._pool_size(kv_cache_memory)
         self.kv_cache = self._kv_cache(num_blocks, layout, kv_cache_vmm)
         self.fingerprint = self._fingerprint(config)

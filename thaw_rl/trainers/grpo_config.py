@@ -144,6 +144,12 @@ class ThawGRPOConfig(GRPOConfig):
                           "trains uncompiled). Costs about a minute at the first generation; measured 2x faster "
                           "pure decode on an H100 (benchmarks/results). Kept across generations either way "
                           "(release_kv_cache releases only the KV pool). Applies to the pool workers' engines too."})
+    engine_fuse_qkv: bool | None = field(
+        default=None,
+        metadata={"help": "Run each layer's q/k/v projections as one GEMM in the engine's forwards, from a copy of "
+                          "those weights refreshed at every generation (engine/fused_qkv.py: ~10% of a 128-row decode "
+                          "step on an H200). None: on for CUDA engines; False saves the copy's memory (for Qwen2.5-1.5B "
+                          "176 MB, ~1.6 GB for an 8B model). Applies to the pool workers' engines too."})
     shared_prefix_training: bool = field(
         default=True,
         metadata={"help": "Compute each shared prefix once in training too: the training forward/backward and the "

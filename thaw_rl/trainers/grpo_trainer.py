@@ -277,7 +277,8 @@ class ThawGRPOTrainer(GRPOTrainer):
         self._backend = NativeBackend(model, self._tokenizer, block_size=self.args.kv_block_size,
                                       kv_cache_memory=self.args.engine_kv_cache_memory, use_cuda_graphs=graphs,
                                       kv_cache_vmm=self.args.kv_cache_vmm,
-                                      compile_layers=self.args.engine_compile_layers, seed=self.args.seed)
+                                      compile_layers=self.args.engine_compile_layers,
+                                      fuse_qkv=self.args.engine_fuse_qkv, seed=self.args.seed)
         return self._backend
 
     def _vllm_backend_for(self, model: torch.nn.Module):
