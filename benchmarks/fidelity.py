@@ -631,7 +631,7 @@ def main(argv=None) -> None:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa",
                                                  local_files_only=True).to(args.device).eval()
     truth = None  # the greedy verdicts' exact-arithmetic reference: the same weights in fp32
-    if dtype != torch.float32:
+    if dtype != torch.float32 and args.greedy_prompts > 0:
         truth = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa",
                                                      local_files_only=True).to(args.device).eval()
     engine_kwargs = {"kv_cache_memory": args.engine_kv_bytes if args.device == "cuda" else None}
