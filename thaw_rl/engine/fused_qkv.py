@@ -119,16 +119,13 @@ class FusedQKV:
         """Copy the live q/k/v parameters into the fused buffers. Returns True when the buffers had to be rebuilt
         (the parameters changed shape, dtype or device, or were replaced by modules that no longer qualify): the
         caller must then drop CUDA graphs that captured the old buffers' addresses."""
-        current = [tuple(getattr(attn, name) for name in NAMES) for attn, _, _ in self.layers]
-        if all(shared.projections == projections and shared.matches()
-               for (_, shared, _), projections in zip(self.layers, current)):
-            for _, shared, _ in self.layers:
-                shared.refresh()
-            return False
-        self._build()
+        rebuilt = not all(shared.projections == tuple(getattr(attn, name) for name in NAMES) and shared.matches()
+                          for attn, shared, _ in self.layers)
+        if rebuilt:
+            self._build()
         for _, shared, _ in self.layers:
             shared.refresh()
-        return True
+        return rebuilt
 
     @contextlib.contextmanager
     def swapped(self) -> Iterator[None]:
