@@ -37,9 +37,10 @@ def hf_greedy_batched(model, prompts: list[list[int]], num_tokens: int) -> list[
     """model.generate, greedy, eos ignored, all ``prompts`` in one batch (left-padded; one prompt: no padding)."""
     import torch
 
-    width = max(len(p) for p in prompts)
-    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=model.device)
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=model.device)
+    from thaw_rl.testing import trl_rows
+
+    ids, mask = trl_rows(prompts, [[] for _ in prompts], 0, device=model.device)  # left-padded with 0
+    width = ids.shape[1]
     saved = model.generation_config.eos_token_id
     model.generation_config.eos_token_id = None
     try:
@@ -93,6 +94,7 @@ def _hf_sdpa_paged(module, query, key, value, attention_mask, scaling=None, drop
 
     from thaw_rl.engine.attention import METADATA_KWARG, thaw_paged_attention
     from thaw_rl_kernels.kv_write import write_kv
+    from thaw_rl_kernels.paged_attention import _gather_context
 
     sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
     meta = kwargs.get(METADATA_KWARG)
@@ -109,10 +111,8 @@ def _hf_sdpa_paged(module, query, key, value, attention_mask, scaling=None, drop
         q_len = cu[s + 1] - cu[s]
         if q_len == 0:
             continue
-        blocks = meta.block_tables[s, :-(-n // bs)].long()
-
         def gather(cache):  # (1, KVH, n, D) contiguous, as HF's DynamicCache holds it
-            return cache[blocks].flatten(0, 1)[:n].transpose(0, 1).contiguous()[None]
+            return _gather_context(cache, meta.block_tables[s], -(-n // bs))[:n].transpose(0, 1).contiguous()[None]
 
         mask = None
         if 1 < q_len < n:
