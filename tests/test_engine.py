@@ -6,16 +6,9 @@ import pytest
 import torch
 
 from thaw_rl import KVCacheExhaustedError, SamplingParams, ThawEngine
-from thaw_rl.testing import tiny_model_and_tokenizer
+from thaw_rl.testing import hf_greedy, random_prompts, tiny_model_and_tokenizer
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
-
-
-def hf_greedy(model, prompt: list[int], n: int, eos: int | None = None) -> list[int]:
-    """Reference continuation from model.generate, one prompt at a time (no padding involved)."""
-    out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, eos_token_id=eos,
-                         pad_token_id=0, attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
-    return out[0, len(prompt):].tolist()
 
 
 def forward_logprobs(model, tokens: list[int], start: int, temperature: float = 1.0) -> torch.Tensor:
@@ -25,11 +18,6 @@ def forward_logprobs(model, tokens: list[int], start: int, temperature: float = 
         logits = model(torch.tensor([tokens], device=device)).logits[0].float().cpu()  # (L, V)
     lp = torch.log_softmax(logits / temperature, dim=-1)[start - 1:-1]
     return lp.gather(-1, torch.tensor(tokens[start:])[:, None])[:, 0]
-
-
-def random_prompts(lengths, vocab, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
 
 
 @pytest.fixture(params=["llama", "qwen2", "qwen3"])

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from thaw_rl import SamplingParams, ThawEngine
-from thaw_rl.testing import tiny_model_and_tokenizer
+from thaw_rl.testing import hf_greedy, tiny_model_and_tokenizer
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 
@@ -73,12 +73,6 @@ def tiny_mistral(sliding_window: int | None):
         torch.manual_seed(0)
         model = MistralForCausalLM._from_config(config, attn_implementation="sdpa").eval()
     return model, tiny_tokenizer()
-
-
-def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
-    out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, pad_token_id=0,
-                         eos_token_id=None, attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
-    return out[0, len(prompt):].tolist()
 
 
 def engine_greedy(model, tok, prompts, n: int, block_size: int = 4) -> list[list[int]]:

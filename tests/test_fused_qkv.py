@@ -8,21 +8,14 @@ import torch
 
 from thaw_rl import SamplingParams, ThawEngine
 from thaw_rl.engine.fused_qkv import FusedQKV
-from thaw_rl.testing import tiny_model_and_tokenizer
+from thaw_rl.testing import hf_greedy, random_prompts, tiny_model_and_tokenizer
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
 SAMPLED = SamplingParams(temperature=1.0, max_tokens=12, ignore_eos=True, seed=7)
 
 
 def prompts_for(model, lengths=(3, 17, 40), seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, model.config.vocab_size, (n,), generator=g).tolist() for n in lengths]
-
-
-def hf_greedy(model, prompt, n):
-    out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, pad_token_id=0,
-                         attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
-    return out[0, len(prompt):].tolist()
+    return random_prompts(lengths, model.config.vocab_size, seed)
 
 
 def run(engine, prompts, params):

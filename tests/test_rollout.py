@@ -10,14 +10,7 @@ import torch
 
 from thaw_rl import NativeBackend, SamplingParams, ThawEngine, TreeSampler, TreeSpec
 from thaw_rl.backends import COUNTER_KEYS, RolloutBackend
-from thaw_rl.testing import tiny_model_and_tokenizer
-
-
-def hf_greedy(model, prompt: list[int], n: int, eos: int | None = None) -> list[int]:
-    """Reference continuation from model.generate, one prompt at a time (no padding involved)."""
-    out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, eos_token_id=eos,
-                         pad_token_id=0, attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
-    return out[0, len(prompt):].tolist()
+from thaw_rl.testing import hf_greedy, random_prompts, tiny_model_and_tokenizer
 
 
 def forward_logprobs_and_entropies(model, prompt: list[int], completion: list[int], temperature: float = 1.0):
@@ -27,11 +20,6 @@ def forward_logprobs_and_entropies(model, prompt: list[int], completion: list[in
     lp = torch.log_softmax(logits / temperature, dim=-1)[len(prompt) - 1:-1]  # (C, V)
     entropy = -(lp.exp() * lp).sum(-1)  # (C,)
     return lp.gather(-1, torch.tensor(completion)[:, None])[:, 0], entropy
-
-
-def random_prompts(lengths, vocab, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
 
 
 def assert_shared_segments_identical(batch) -> None:

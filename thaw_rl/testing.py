@@ -136,6 +136,19 @@ def _randomize_biases_and_norms(model) -> None:
             param.normal_(1.0, 0.1)
 
 
+def hf_greedy(model, prompt: list[int], n: int, eos: int | None = None) -> list[int]:
+    """The reference continuation: ``model.generate``, greedy, one prompt at a time (no padding involved)."""
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, eos_token_id=eos,
+                         pad_token_id=0, attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
+    return out[0, len(prompt):].tolist()
+
+
+def random_prompts(lengths, vocab: int, seed: int = 0) -> list[list[int]]:
+    """One random prompt per length, token ids in [3, vocab) (clear of the tiny tokenizer's pad/bos/eos)."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
 def trl_rows(prompts: list[list[int]], completions: list[list[int]], completion_width: int, pad: int = 0,
              device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """TRL's layout: left-padded prompts, right-padded completions -> (input_ids, attention_mask) (B, L)."""
