@@ -306,15 +306,16 @@ def build_cascade_batch(case: CascadeCase, shape: dict, dtype: torch.dtype, devi
         start += own_blocks[s]
     if layout == "block_major":  # (NB, L, 2, BS, KVH, D); attention reads layer 0's strided view
         storage = torch.randn(num_blocks, shape["num_layers"], 2, bs, kvh, d, device=device, dtype=dtype)
-        key_cache, value_cache = storage[:, 0, 0], storage[:, 0, 1]  # (NB, BS, KVH, D)
+        layers = [(storage[:, i, 0], storage[:, i, 1]) for i in range(shape["num_layers"])]  # (NB, BS, KVH, D) each
     else:
         storage = torch.randn(2, num_blocks, bs, kvh, d, device=device, dtype=dtype)
-        key_cache, value_cache = storage[0], storage[1]
+        layers = [(storage[0], storage[1])]
     del prompt_blocks
     return dict(
         query=torch.randn(case.num_rows, h, d, device=device, dtype=dtype),  # (S, H, D)
-        key_cache=key_cache,
-        value_cache=value_cache,
+        key_cache=layers[0][0],
+        value_cache=layers[0][1],
+        layer_caches=layers,  # every layer's (K, V) views, for a timing that reads from DRAM as a decode step does
         block_tables=block_tables.to(device),
         seq_lens=seq_lens.to(torch.int32).to(device),
         scale=d**-0.5,
