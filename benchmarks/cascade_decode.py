@@ -1,21 +1,21 @@
-"""GRPO decode steps through the whole engine: CUDA graphs (plain attention) vs eager steps with cascade attention.
+"""GRPO decode steps through the whole engine: plain paged attention vs cascade attention, in CUDA graphs and eager.
 
-``paged_attention.py --cascade`` times the attention kernels alone; this asks whether cascade pays in a
-real decode step. Cascade runs only in eager steps so far (its plan is not in the graphs' static buffers),
-so the question is whether an eager step that reads each group's prompt once beats a graph-replayed step
-that reads it once per row. For each batch (``--batches`` rows = rows/G prompts of ``--prompt-len`` tokens,
-each prefilled once and forked into a group of ``--group``), one engine per variant decodes ``--steps``
-tokens per row (temperature 1, a fixed seed, ignore_eos):
+``paged_attention.py --cascade`` and ``grpo_decode_attention.py`` time the attention kernels alone; this asks
+whether cascade pays in a real decode step. For each batch (``--batches`` rows = rows/G prompts of
+``--prompt-len`` tokens, each prefilled once and forked into a group of ``--group``), one engine per variant
+decodes ``--steps`` tokens per row (temperature 1, a fixed seed, ignore_eos):
 
-- ``graphs``: the default engine (CUDA graphs, plain paged attention);
-- ``eager``: CUDA graphs off, plain attention (what cascade adds to);
-- ``eager+cascade``: CUDA graphs off, ``cascade_attention="on"``.
+- ``graphs``: CUDA graphs, plain paged attention (``cascade_attention="off"``);
+- ``graphs+cascade``: CUDA graphs, cascade in every step with a group (``"on"``: the plan in the graphs'
+  static buffers, one capture per rounded plan shape);
+- ``graphs+auto``: the default engine (``"auto"``: cascade where ``engine/cascade.py``'s rule says it pays);
+- ``eager``: CUDA graphs off, plain attention; ``eager+cascade``: CUDA graphs off, ``"on"``.
 
 Reported: ms per decode step (generate wall time / forward steps, after a warm-up call), and the share of
 sampled tokens equal to the ``graphs`` variant's (bf16: a different reduction order may flip a rare token).
 
-    python benchmarks/cascade_decode.py --model qwen2.5-1.5b --batches 128,1024 --prompt-len 512 --steps 64 \\
-        --compile-layers --out benchmarks/results/cascade_decode_h200.json
+    python benchmarks/cascade_decode.py --model qwen2.5-1.5b --batches 256,1024 --prompt-len 2048 --steps 64 \\
+        --compile-layers --variants graphs,graphs+auto --out benchmarks/results/cascade_decode_h200.json
     python benchmarks/cascade_decode.py --model tiny-qwen2 --batches 8 --group 4 --prompt-len 48 --steps 4   # CPU
 """
 
@@ -37,7 +37,8 @@ from receipt_utils import receipt, write_receipt  # noqa: E402
 
 from thaw_rl import SamplingParams, ThawEngine  # noqa: E402
 
-VARIANTS = {"graphs": dict(), "eager": dict(use_cuda_graphs=False, cascade_attention="off"),
+VARIANTS = {"graphs": dict(cascade_attention="off"), "graphs+cascade": dict(cascade_attention="on"),
+            "graphs+auto": dict(), "eager": dict(use_cuda_graphs=False, cascade_attention="off"),
             "eager+cascade": dict(use_cuda_graphs=False, cascade_attention="on")}
 
 
@@ -88,7 +89,7 @@ def main() -> None:
             flat = [t for row in tokens for t in row]
             ref = reference.setdefault(b, flat)
             agree = sum(x == y for x, y in zip(flat, ref)) / max(len(ref), 1)
-            cascade_steps = engine.runner.cascade.num_cascade_steps if hasattr(engine.runner, "cascade") else None
+            cascade_steps = engine.runner.cascade.num_cascade_steps  # warm-up call included
             rows.append(dict(variant=name, batch=b, step_ms=seconds / steps * 1e3, steps=steps,
                              token_agreement_vs_first=agree, cascade_steps=cascade_steps))
             print(rows[-1], flush=True)

@@ -173,6 +173,8 @@ def main():
     ap.add_argument("--skip-baseline", action="store_true")
     ap.add_argument("--no-cuda-graphs", action="store_true")
     ap.add_argument("--compile-layers", action="store_true", help="regional torch.compile of decoder layers")
+    ap.add_argument("--cascade", choices=("auto", "on", "off"), default="auto",
+                    help="the engine's cascade (shared-prefix) decode attention (auto: its default)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -186,7 +188,8 @@ def main():
         kv_mem = 0.5 if device.type == "cuda" else float(1 << 30)
     kv_mem = kv_mem if kv_mem < 1 else int(kv_mem)
     engine = ThawEngine(model, tok, kv_cache_memory=kv_mem, use_cuda_graphs=not args.no_cuda_graphs and None,
-                        max_num_seqs=max(256, args.prompts * args.group), compile_layers=args.compile_layers)
+                        max_num_seqs=max(256, args.prompts * args.group), compile_layers=args.compile_layers,
+                        cascade_attention=args.cascade)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(10, vocab, (args.prompt_len,), generator=g).tolist() for _ in range(args.prompts)]
 
@@ -224,7 +227,8 @@ def main():
         device=torch.cuda.get_device_name(0) if device.type == "cuda" else platform.processor() or "cpu",
         torch=torch.__version__, transformers=transformers.__version__, threads=torch.get_num_threads(),
         model=args.model, dtype=str(dtype), prompts=args.prompts, group=args.group, prompt_len=args.prompt_len,
-        completion_len=args.completion_len, compile_layers=args.compile_layers, correctness=correctness, thaw=thaw, generate=base, decode=decode,
+        completion_len=args.completion_len, compile_layers=args.compile_layers, cascade=args.cascade,
+        cascade_steps=engine.runner.cascade.num_cascade_steps, correctness=correctness, thaw=thaw, generate=base, decode=decode,
     )
     if base:
         receipt["speedup_tokens_per_s"] = (thaw["completion_tokens"] / thaw["seconds"]) / (

@@ -74,3 +74,15 @@ def test_gumbel_sampling_benchmark_checks_tokens_against_the_reference(tmp_path)
     assert all(all(r["correct"].values()) for r in rows)
     assert set(rows[0]["kernel_ms"]) == {"default", "1", "2", "4"}
     assert rows[0]["temperature"] == 1.0 and rows[0]["noise_mismatches"] is None  # bitwise noise check: CUDA only
+
+
+def test_cascade_decode_benchmark_runs_cascade_and_keeps_the_tokens(tmp_path):
+    """The CPU check of the H200 command: the cascade variant really cascades (torch reference on CPU) and samples
+    exactly the plain variant's tokens (fp32, same seed); "auto" stays plain on CPU."""
+    receipt = run_script(["benchmarks/cascade_decode.py", "--model", "tiny-qwen2", "--batches", "8", "--group", "4",
+                          "--prompt-len", "40", "--steps", "4", "--variants", "graphs,graphs+cascade,graphs+auto"],
+                         tmp_path)
+    rows = {r["variant"]: r for r in receipt["results"]}
+    assert rows["graphs"]["cascade_steps"] == 0 and rows["graphs+auto"]["cascade_steps"] == 0
+    assert rows["graphs+cascade"]["cascade_steps"] >= 6  # two calls (warm-up + timed) of >= 3 decode steps
+    assert all(r["token_agreement_vs_first"] == 1.0 for r in rows.values())

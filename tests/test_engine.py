@@ -371,7 +371,7 @@ class _CaptureFailsGraphs:
     def forward(self, chunks):
         return None
 
-    def forward_decode(self, *tensors):  # the async decode loop's entry (inputs already on the device)
+    def forward_decode(self, *tensors, cascade=None):  # the async decode loop's entry (inputs on the device)
         return None
 
 

@@ -7,13 +7,18 @@ never shared) and while rows only leave (``CascadePlan.select``).
 
 Modes (``ThawEngine(cascade_attention=...)``):
 - ``"off"``: never.
-- ``"on"``: every eagerly run pure-decode step whose batch has a group (on CPU through the torch reference,
-  which is exact but not faster: it is there to test the wiring).
-- ``"auto"``: as "on" on CUDA when ``AUTO_ON_CUDA`` is True, else off. It is False until an H200 receipt of
-  ``benchmarks/paged_attention.py --cascade`` (and an engine run) shows cascade faster at GRPO shapes: the
-  Triton kernels are tested on CPU under the interpreter only so far.
-Decode steps replayed from a CUDA graph never use it yet (the plan would have to live in the graphs' static
-buffers); nor do layers with a sliding window (the attention hook falls back to the plain kernel).
+- ``"on"``: every pure-decode step whose batch has a group, eager or replayed from a CUDA graph (on CPU
+  through the torch reference, which is exact but not faster: it is there to test the wiring).
+- ``"auto"`` (default): on CUDA, decode steps replayed from a CUDA graph whose rows share enough
+  (``worth_cascade``); eager steps stay plain (there the two passes' Triton launches cost more than the reads
+  they save: ``cascade_decode_h200_qwen2.5-1.5b.json``). Off on CPU.
+
+The rule is the H200's (``benchmarks/results/grpo_decode_attention_h200.json``, Qwen2.5-1.5B heads, groups of
+16, a 28-layer pass replayed in a CUDA graph): cascade reads a 2,048-token prompt once per group and is 1.33x
+(256 rows) to 1.91x (1,024 rows) faster than the plain kernel there, but loses 10-50% with 256-token prompts
+and at 32 rows, where the plain kernel already finds the group's prompt in L2 and the extra pass costs more
+than it saves. Graph steps carry the plan in static buffers (``cuda_graphs.py``); layers with a sliding
+window fall back to the plain kernel inside the hook.
 """
 
 from __future__ import annotations
@@ -24,7 +29,16 @@ from thaw_rl.engine.decode_batch import to_device
 from thaw_rl_kernels.cascade_plan import CascadePlan, plan_cascade
 
 CASCADE_MODES = ("auto", "on", "off")
-AUTO_ON_CUDA = False  # flip by measurement (see the module docstring)
+AUTO_MIN_ROWS = 64  # "auto": decode rows in the step, at least
+AUTO_MIN_SHARED_TOKENS = 1024  # "auto": tokens each row reads from a shared run, on average over all rows
+
+
+def worth_cascade(plan: CascadePlan) -> bool:
+    """Whether ``"auto"`` runs a step with this (host) plan: enough rows, and enough of each row's context in
+    blocks its group shares, for reading them once to pay for the second pass (module docstring)."""
+    if plan.num_groups == 0 or plan.num_rows < AUTO_MIN_ROWS:
+        return False
+    return int(plan.tail_start.sum()) >= AUTO_MIN_SHARED_TOKENS * plan.num_rows
 
 
 class CascadePlanner:
@@ -33,33 +47,47 @@ class CascadePlanner:
     def __init__(self, mode: str, device: torch.device, block_size: int) -> None:
         if mode not in CASCADE_MODES:
             raise ValueError(f"cascade_attention={mode!r} must be one of {CASCADE_MODES} (default 'auto').")
-        self.enabled = mode == "on" or (mode == "auto" and device.type == "cuda" and AUTO_ON_CUDA)
+        self.mode = mode
+        self.enabled = mode == "on" or (mode == "auto" and device.type == "cuda")
         self.device = device
         self.block_size = block_size
         self.num_cascade_steps = 0  # decode steps that ran with a plan holding at least one group
         self._host: CascadePlan | None = None
         self._device: CascadePlan | None = None
+        self._worth_of: tuple[CascadePlan, bool] | None = None  # worth_cascade of the carried host plan
+
+    def _worth(self) -> bool:
+        if self._worth_of is None or self._worth_of[0] is not self._host:
+            self._worth_of = (self._host, worth_cascade(self._host))
+        return self._worth_of[1]
 
     def reset(self) -> None:
         """Forget the carried plan (a new decode batch starts, or a step ran without it)."""
         self._host = self._device = None
 
-    def for_rows(self, tables: list[list[int]], seq_lens: list[int]) -> CascadePlan | None:
+    def wanted(self, graph_step: bool) -> bool:
+        """Whether a step of this kind may use cascade at all (before its plan is known)."""
+        return self.enabled and (self.mode == "on" or graph_step)
+
+    def for_rows(self, tables: list[list[int]], seq_lens: list[int], graph_step: bool = False
+                 ) -> CascadePlan | None:
         """A fresh plan for one step's rows (the synchronous step loop: nothing carried)."""
-        if not self.enabled:
+        if not self.wanted(graph_step):
             return None
         self.reset()
         self._host = plan_cascade(tables, seq_lens, self.block_size)
         return self._publish()
 
-    def advance(self, keep: list[int], num_prev: int, tables: list[list[int]], seq_lens: list[int]
-                ) -> CascadePlan | None:
+    def advance(self, keep: list[int], num_prev: int, tables: list[list[int]], seq_lens: list[int],
+                graph_step: bool = False) -> CascadePlan | None:
         """The plan of the next async decode step: rows ``keep`` of the previous step, then joining rows.
 
         ``tables`` and ``seq_lens`` describe all rows of the next step (kept rows first, as ``DecodeBatch``
-        orders them); they are read only when rows joined or no plan is carried.
+        orders them); they are read only when rows joined or no plan is carried. ``graph_step``: the step
+        is replayed from a CUDA graph (``"auto"`` uses cascade only there).
         """
-        if not self.enabled:
+        if not self.wanted(graph_step):
+            self.reset()
             return None
         joined = len(tables) > len(keep)
         if self._host is None or joined or self._host.num_rows != num_prev:
@@ -71,7 +99,7 @@ class CascadePlanner:
         return self._publish()
 
     def _publish(self) -> CascadePlan | None:
-        if self._host.num_groups == 0:
+        if self._host.num_groups == 0 or (self.mode == "auto" and not self._worth()):
             return None
         if self._device is None:
             self._device = _plan_to_device(self._host, self.device)

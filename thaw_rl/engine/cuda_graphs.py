@@ -9,6 +9,11 @@ reserved null block 0 and attend to it alone, so they never touch a live session
 The graphs read the KV cache and the weights in place: a weight update that keeps parameter storage
 (``param.data.copy_``, an optimizer step) needs no re-capture; one that swaps tensors does (call
 ``ThawEngine.invalidate_cuda_graphs``).
+
+Steps with cascade attention (``engine/cascade.py``) replay graphs of their own: the plan's tensors are copied
+into static buffers, padded to a capture's sizes (``cascade_graph_key``), and the kernels read them on the
+device. Only the plan's host-side bounds (group count, rows of the largest group, shared blocks), rounded up to
+powers of two, pick a capture, so a GRPO call whose groups shrink as rows finish replays a handful of them.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import logging
 import torch
 
 from thaw_rl.engine.attention import AttentionMetadata
+from thaw_rl_kernels.cascade_plan import CascadePlan
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +43,43 @@ def _batch_sizes(max_num_seqs: int) -> list[int]:
             step *= 2
         size += step
     return sorted({s for s in sizes if s <= max_num_seqs} | {max_num_seqs})
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def cascade_graph_key(plan: CascadePlan, bs: int, width: int) -> tuple[int, int, int, int]:
+    """The capture a (device) plan of a ``bs``-row padded step replays: (bs, groups, rows of a group, shared
+    blocks), the last three the plan's bounds rounded up to powers of two and capped by what the step can hold
+    (a group has >= 2 rows; ``width`` block-table columns). They size the grids and pick the tilings only."""
+    groups = min(_pow2(plan.num_groups), max(1, bs // 2))
+    return bs, groups, min(_pow2(plan.max_group_rows), bs), min(_pow2(plan.max_shared_blocks), width)
+
+
+def pad_plan_into(buffers: CascadePlan, plan: CascadePlan, key: tuple[int, int, int, int]) -> CascadePlan:
+    """Copy ``plan`` into the static ``buffers`` (sized for the largest step) padded to ``key``'s sizes, as
+    ``CascadePlan.padded`` lays it out: rows past the plan's are in no group (tail from 0), groups past its
+    are empty. Returns the views of ``buffers`` a capture under ``key`` reads (entries of ``group_rows`` past
+    the plan's grouped rows are never read)."""
+    bs, groups, group_rows, shared_blocks = key
+    n, r, g = plan.num_rows, plan.group_rows.shape[0], plan.num_groups
+    if n > bs or g > groups:
+        raise ValueError(f"a plan of {n} rows and {g} groups does not fit the capture {key}.")
+    buffers.group_rows[:r].copy_(plan.group_rows)
+    buffers.cu_group_rows[: g + 1].copy_(plan.cu_group_rows)
+    buffers.cu_group_rows[g + 1 : groups + 1].fill_(r)
+    buffers.group_num_blocks[:g].copy_(plan.group_num_blocks)
+    buffers.group_num_blocks[g:groups].zero_()
+    buffers.tail_start[:n].copy_(plan.tail_start)
+    buffers.tail_start[n:bs].zero_()
+    return cascade_view(buffers, key)
+
+
+def cascade_view(buffers: CascadePlan, key: tuple[int, int, int, int]) -> CascadePlan:
+    bs, groups, group_rows, shared_blocks = key
+    return CascadePlan(buffers.group_rows[:bs], buffers.cu_group_rows[: groups + 1], buffers.group_num_blocks[:groups],
+                       buffers.tail_start[:bs], max_group_rows=group_rows, max_shared_blocks=shared_blocks)
 
 
 class DecodeGraphs:
@@ -59,7 +102,10 @@ class DecodeGraphs:
         self._host_meta_np = self._host_meta.numpy()
         self._host_table = torch.zeros(self.max_bs * width, dtype=torch.int32).pin_memory()
         self._host_table_np = self._host_table.numpy()
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # plain steps by padded size; cascade steps by cascade_graph_key
+        self.graphs: dict[int | tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.cascade_buffers: CascadePlan | None = None  # static plan buffers, made at the first cascade step
+        self._cascade_filled: tuple | None = None  # (plan, key) last copied into them
         self.pool = None
         self.logits: torch.Tensor | None = None  # (max_bs, V): every graph's output (see _capture)
         self.capture_error: str | None = None  # why a capture failed (the runner then runs eagerly)
@@ -70,7 +116,7 @@ class DecodeGraphs:
     def _padded(self, n: int) -> int:
         return next(s for s in self.sizes if s >= n)
 
-    def _meta(self, bs: int) -> AttentionMetadata:
+    def _meta(self, bs: int, key: tuple | None = None) -> AttentionMetadata:
         return AttentionMetadata(
             kv_cache=self.runner.kv_cache,
             slot_blocks=self.slot_blocks[:bs],
@@ -79,9 +125,10 @@ class DecodeGraphs:
             seq_lens=self.seq_lens[:bs],
             cu_seqlens_q=self.cu_seqlens_q[: bs + 1],
             max_seqlen_q=1,
+            cascade=None if key is None else cascade_view(self.cascade_buffers, key),
         )
 
-    def _capture(self, bs: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    def _capture(self, bs: int, key: tuple | None = None) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         """Capture size ``bs``; its logits land in the one output buffer all sizes share.
 
         With up to ~80 sizes captured (a 2,048-row ladder) per-graph outputs would pin tens of GB (bs x
@@ -90,7 +137,7 @@ class DecodeGraphs:
         otherwise the graph copies the forward's logits there.
         """
         runner = self.runner
-        run = lambda: runner.run_model(self.input_ids[:bs], self.positions[:bs], self._meta(bs), 0)
+        run = lambda: runner.run_model(self.input_ids[:bs], self.positions[:bs], self._meta(bs, key), 0)
         stream = torch.cuda.Stream(runner.device)
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -100,7 +147,7 @@ class DecodeGraphs:
         if self.logits is None:  # outside the graph's pool: it outlives every capture
             self.logits = torch.empty(self.max_bs, warm.shape[-1], dtype=warm.dtype, device=warm.device)
         if runner.direct_lm_head:  # the head's GEMM writing into the buffer must give the forward's bits
-            runner.run_model_into(self.input_ids[:bs], self.positions[:bs], self._meta(bs), self.logits[:bs])
+            runner.run_model_into(self.input_ids[:bs], self.positions[:bs], self._meta(bs, key), self.logits[:bs])
             if not torch.equal(self.logits[:bs], warm):
                 runner.direct_lm_head = False
                 logger.info("thaw-rl: the LM head run on its own differs from the model's forward at batch %d; "
@@ -110,7 +157,7 @@ class DecodeGraphs:
         # thread_local: what other threads do meanwhile (NCCL's watchdog polling events, a data loader)
         # cannot invalidate this capture; a sync in this thread still does (see ModelRunner._give_up_graphs).
         with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-            runner.run_model_into(self.input_ids[:bs], self.positions[:bs], self._meta(bs), self.logits[:bs])
+            runner.run_model_into(self.input_ids[:bs], self.positions[:bs], self._meta(bs, key), self.logits[:bs])
         if self.pool is None:
             self.pool = graph.pool()
         return graph, self.logits
@@ -152,12 +199,13 @@ class DecodeGraphs:
         self.block_tables[:bs, :width].copy_(host_table.to(self.runner.device, non_blocking=True))
         return bs
 
-    def forward_decode(self, input_ids, positions, slot_blocks, slot_offsets, block_tables, seq_lens
-                       ) -> torch.Tensor | None:
+    def forward_decode(self, input_ids, positions, slot_blocks, slot_offsets, block_tables, seq_lens,
+                       cascade: CascadePlan | None = None) -> torch.Tensor | None:
         """``forward`` for inputs already on the device (the async decode loop): device-to-device copies
         into the static buffers, padding rows reset to the null block, no host work per row. Returns the
         logits in the model's dtype, a view the next replay overwrites: the sampler reads them first, on the
-        same stream (an fp32 copy of 1,024 x 152k logits cost 0.2 ms a step on an H200)."""
+        same stream (an fp32 copy of 1,024 x 152k logits cost 0.2 ms a step on an H200). ``cascade``: this
+        step's plan on the device; the step then replays a cascade capture (module docstring)."""
         n = input_ids.shape[0]
         bs = self._padded(n)
         width = block_tables.shape[1]
@@ -172,17 +220,35 @@ class DecodeGraphs:
                 buf[n:bs].zero_()
             self.seq_lens[n:bs].fill_(1)
             self.block_tables[n:bs, 0].zero_()
-        return self._replay(bs, n)
+        return self._replay(bs, n, self._fill_cascade(cascade, bs))
 
-    def _replay(self, bs: int, n: int) -> torch.Tensor | None:
+    def _fill_cascade(self, plan: CascadePlan | None, bs: int) -> tuple | None:
+        """The cascade capture key of this step (None: a plain step), its plan copied into the static buffers
+        unless the same plan was copied for the same key last (a plan is carried across steps unchanged)."""
+        if plan is None:
+            return None
+        key = cascade_graph_key(plan, bs, self.block_tables.shape[1])
+        if self._cascade_filled is not None and self._cascade_filled[0] is plan and self._cascade_filled[1] == key:
+            return key
+        if self.cascade_buffers is None:
+            zeros = lambda n: torch.zeros(n, dtype=torch.int32, device=self.runner.device)  # noqa: E731
+            half = self.max_bs // 2 + 1
+            self.cascade_buffers = CascadePlan(zeros(self.max_bs), zeros(half + 1), zeros(half), zeros(self.max_bs),
+                                               max_group_rows=0, max_shared_blocks=0)
+        pad_plan_into(self.cascade_buffers, plan, key)
+        self._cascade_filled = (plan, key)
+        return key
+
+    def _replay(self, bs: int, n: int, key: tuple | None = None) -> torch.Tensor | None:
         """The first n rows of the shared output buffer, in the model's dtype: valid until the next replay."""
-        if bs not in self.graphs:
+        slot = bs if key is None else key
+        if slot not in self.graphs:
             try:
-                self.graphs[bs] = self._capture(bs)
+                self.graphs[slot] = self._capture(bs, key)
             except RuntimeError as err:  # torch.AcceleratorError: the capture was invalidated, nothing replayable
                 self.capture_error = f"{type(err).__name__}: {str(err).splitlines()[0]}"
                 return None
-        graph, logits = self.graphs[bs]
+        graph, logits = self.graphs[slot]
         graph.replay()
         return logits[:n]
 

@@ -188,8 +188,8 @@ class ThawEngine:
         config = model.config
         if cascade_attention not in CASCADE_MODES:
             raise ValueError(f"cascade_attention={cascade_attention!r} must be one of {CASCADE_MODES}: 'auto' (the "
-                             "measured default, engine/cascade.py), 'on' (every eager decode step with shared blocks, "
-                             "CPU too), 'off'.")
+                             "measured default, engine/cascade.py: CUDA-graph decode steps whose rows share long "
+                             "prefixes), 'on' (every decode step with shared blocks, CPU too), 'off'.")
         if config.model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(
                 f"ThawEngine does not support model_type {config.model_type!r}: its attention hook is tested on "
@@ -914,12 +914,10 @@ class ThawEngine:
         return keep, rows, positions, joining
 
     def _cascade_plan(self, keep: list[int], num_prev: int, rows: list[_Request], positions: list[int]):
-        """The next async step's cascade plan (engine/cascade.py), or None (off, none shared, a graph step)."""
-        planner = self.runner.cascade
-        if not planner.enabled or not self.runner.decodes_eagerly(len(rows)):
-            planner.reset()
-            return None
-        return planner.advance(keep, num_prev, [r.session.block_table for r in rows], [p + 1 for p in positions])
+        """The next async step's cascade plan (engine/cascade.py), or None (off, nothing shared, not worth it)."""
+        graph_step = not self.runner.decodes_eagerly(len(rows))
+        return self.runner.cascade.advance(keep, num_prev, [r.session.block_table for r in rows],
+                                           [p + 1 for p in positions], graph_step=graph_step)
 
     def _launch(self, batch: DecodeBatch, rows: list[_Request], positions: list[int], cascade=None) -> _Step:
         """Queue the forward and the sampler on the device and start the tokens' late copy; nothing waits."""

@@ -242,7 +242,7 @@ class ModelRunner:
         The async decode loop (``decode_batch.py``) keeps these tensors on the device between steps; the
         slot of each new token and the context lengths are derived here by device ops, so nothing is built
         on the host. ``block_tables`` (n, W) need only cover each row's blocks up to its position. ``cascade``
-        (from ``self.cascade``) is used only when the step runs eagerly.
+        (from ``self.cascade``): this step's plan, eager or replayed (``cuda_graphs.py``).
         """
         with self.grad_off():
             slot_blocks = block_tables.gather(1, (positions // self.block_size)[:, None])[:, 0].long()
@@ -250,7 +250,7 @@ class ModelRunner:
             seq_lens = (positions + 1).to(torch.int32)
             if self.graphs is not None and self.graphs.fits(input_ids.shape[0]):
                 logits = self.graphs.forward_decode(input_ids, positions, slot_blocks, slot_offsets, block_tables,
-                                                    seq_lens)
+                                                    seq_lens, cascade=cascade)
                 if logits is not None:
                     return logits
                 self._give_up_graphs()
