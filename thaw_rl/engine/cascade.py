@@ -7,8 +7,9 @@ never shared) and while rows only leave (``CascadePlan.select``).
 
 Modes (``ThawEngine(cascade_attention=...)``):
 - ``"off"``: never.
-- ``"on"``: every pure-decode step whose batch has a group, eager or replayed from a CUDA graph (on CPU
-  through the torch reference, which is exact but not faster: it is there to test the wiring).
+- ``"on"``: every pure-decode step whose batch has a group: eager ones, and those the async decode loop replays
+  from a CUDA graph (the synchronous loop's graph steps stay plain); on CPU through the torch reference, which is
+  exact but not faster: it is there to test the wiring.
 - ``"auto"`` (default): on CUDA, decode steps replayed from a CUDA graph whose rows share enough
   (``worth_cascade``); eager steps stay plain (there the two passes' Triton launches cost more than the reads
   they save: ``cascade_decode_h200_qwen2.5-1.5b.json``). Off on CPU.
