@@ -145,6 +145,8 @@ def parse_args() -> argparse.Namespace:
                    help="per-device micro batch (default: one generation batch); the rest is accumulated")
     p.add_argument("--kv-cache-memory", type=float, default=None, help="thaw: engine KV pool bytes on CUDA")
     p.add_argument("--compile-layers", action="store_true", help="thaw: engine_compile_layers=True")
+    p.add_argument("--cascade", choices=("auto", "on", "off"), default="auto",
+                   help="thaw: engine_cascade_attention (auto: the engine's default)")
     p.add_argument("--profile", type=Path, default=None,
                    help="directory: profile each trainer's last step with torch.profiler (profile_<trainer>.txt)")
     p.add_argument("--vllm-gpu-memory-utilization", type=float, default=0.3,
@@ -447,6 +449,7 @@ def run(kind: str, args, out_dir: str) -> dict:
             fields.update(release_kv_cache=False, kv_cache_memory=args.kv_cache_memory or 8e9)
         if kind == "thaw-defaults-pytorch":
             fields.update(kv_cache_vmm=False)
+        fields.update(engine_cascade_attention=args.cascade)
         if on_gpu:
             fields.update(engine_compile_layers=args.compile_layers)
         if kind in POOL_TRAINERS:  # the engine fields above go to the worker's engine

@@ -226,6 +226,21 @@ def test_fused_qkv_setting_reaches_the_engine_and_keeps_the_rollouts(tmp_path):
     assert plain._backend.engine.runner.fused_qkv is None
 
 
+def test_cascade_setting_reaches_the_engine_and_keeps_the_rollouts(tmp_path):
+    """engine_cascade_attention="on" reaches the trainer's engine (its decode steps cascade over each group's
+    prompt, the torch reference on CPU) and the same seed draws the same completions as "off"; a bad mode is
+    refused when the config is built."""
+    small = dict(kv_block_size=4)  # the test prompts fill a few whole blocks of 4, which a group's rows share
+    on = make_trainer(tmp_path, engine_cascade_attention="on", **small)
+    off = make_trainer(tmp_path, engine_cascade_attention="off", **small)
+    got, _ = on._generate_single_turn(rows(on), None, {}, 4)
+    assert on._backend.engine.runner.cascade.num_cascade_steps > 0
+    assert off._generate_single_turn(rows(off), None, {}, 4)[0] == got
+    assert off._backend.engine.runner.cascade.num_cascade_steps == 0
+    with pytest.raises(ValueError, match="engine_cascade_attention='always'"):
+        make_trainer(tmp_path, engine_cascade_attention="always")
+
+
 def test_entropy_tree_groups_are_completed(tmp_path):
     """No token is uncertain enough to fork at, so each prompt has 1 leaf; 3 more are sampled from the prompt."""
     trainer = make_trainer(tmp_path, tree_spec="entropy", entropy_threshold=1e9)

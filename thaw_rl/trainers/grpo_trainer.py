@@ -278,7 +278,8 @@ class ThawGRPOTrainer(GRPOTrainer):
                                       kv_cache_memory=self.args.engine_kv_cache_memory, use_cuda_graphs=graphs,
                                       kv_cache_vmm=self.args.kv_cache_vmm,
                                       compile_layers=self.args.engine_compile_layers,
-                                      fuse_qkv=self.args.engine_fuse_qkv, seed=self.args.seed)
+                                      fuse_qkv=self.args.engine_fuse_qkv,
+                                      cascade_attention=self.args.engine_cascade_attention, seed=self.args.seed)
         return self._backend
 
     def _vllm_backend_for(self, model: torch.nn.Module):
