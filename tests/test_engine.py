@@ -333,6 +333,29 @@ def test_cuda_graphs_and_triton_attention_match_generate(family):
     assert len(engine.runner.graphs.graphs) >= 1  # decode steps really replayed a graph
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graphs_survive_a_mixed_precision_wrapper_on_forward():
+    """TRL trainers with bf16=True run ``model.forward`` through accelerate's autocast + convert_outputs_to_fp32,
+    so the forward's logits are fp32 while the LM head computes bf16. The decode graphs must copy those logits
+    (not write the head's GEMM into an fp32 buffer, which failed every capture and left GRPO training decoding
+    eagerly, ~5x slower), and give the greedy tokens of the same wrapped model decoded eagerly."""
+    from accelerate.utils import convert_outputs_to_fp32
+
+    model, tok = tiny_model_and_tokenizer("qwen2", dtype=torch.bfloat16)
+    model = model.cuda()
+    prompts = random_prompts([5, 17, 30], model.config.vocab_size, seed=4)
+    assert ThawEngine(model, tok, kv_cache_memory=64 << 20).runner.direct_lm_head  # unwrapped: the direct head
+    model.forward = convert_outputs_to_fp32(torch.autocast("cuda", dtype=torch.bfloat16)(model.forward))
+    eager = ThawEngine(model, tok, kv_cache_memory=64 << 20, use_cuda_graphs=False)
+    want = [o.token_ids for o in eager.generate(eager.prefill_many(prompts), GREEDY)]
+    engine = ThawEngine(model, tok, kv_cache_memory=64 << 20)
+    got = [o.token_ids for o in engine.generate(engine.prefill_many(prompts), GREEDY)]
+    assert engine.runner.graphs is not None and engine.runner.graphs_failed is None
+    assert len(engine.runner.graphs.graphs) >= 1 and not engine.runner.direct_lm_head
+    assert got == want
+
+
 def test_lm_head_written_into_a_buffer_gives_the_forwards_exact_logits(tiny):
     """``run_model_into`` (decoder, then the head's GEMM into the graphs' shared buffer) equals ``run_model``
     bit for bit on a decode step; a head with a hook is not run on its own (its hook would be skipped)."""
