@@ -383,6 +383,38 @@ def test_lm_head_written_into_a_buffer_gives_the_forwards_exact_logits(tiny):
         handle.remove()
 
 
+def test_the_direct_lm_head_is_kept_only_with_the_forwards_dtype_and_bits(tiny):
+    """Before the first capture the graphs ask ``settle_direct_lm_head``: a plain model keeps the direct head;
+    one whose forward is wrapped in autocast + convert_outputs_to_fp32 (TRL's bf16=True through accelerate) returns
+    fp32 logits where its head computes bf16, so the head is not run into the fp32 buffer (that failed every
+    capture on the GPU and left training decoding eagerly) and the buffer is left to the forward's copy."""
+    from accelerate.utils import convert_outputs_to_fp32
+
+    from thaw_rl.engine.model_runner import pack
+    from thaw_rl.engine.scheduler import Chunk
+
+    def settle(model, tok):
+        engine = ThawEngine(model, tok, kv_cache_memory=8 << 20)
+        sessions = engine.prefill_many(random_prompts([5, 17], model.config.vocab_size, seed=4))
+        engine.generate(sessions, GREEDY)
+        assert engine.scheduler.allocate_decode(sessions, [s.num_computed for s in sessions]) is not None
+        batch = pack([Chunk(s, 1) for s in sessions], engine.block_size)
+        runner = engine.runner
+        with runner.grad_off():
+            meta = runner.metadata(batch)
+            forward = runner.run_model(batch.input_ids, batch.positions, meta, 0)
+            out = torch.full_like(forward, float("nan"))  # the graphs' buffer takes the forward's dtype
+            runner.settle_direct_lm_head(batch.input_ids, batch.positions, meta, forward, out, len(sessions))
+        return runner.direct_lm_head, forward.dtype, out
+
+    kept, dtype, out = settle(*tiny)
+    assert kept and dtype == torch.float32 and not out.isnan().any()  # ran the head into the buffer: same bits
+    model, tok = tiny_model_and_tokenizer("qwen2", dtype=torch.bfloat16)
+    model.forward = convert_outputs_to_fp32(torch.autocast("cpu", dtype=torch.bfloat16)(model.forward))
+    kept, dtype, out = settle(model, tok)
+    assert not kept and dtype == torch.float32 and out.isnan().all()  # declined without writing the buffer
+
+
 class _CaptureFailsGraphs:
     """Stands in for DecodeGraphs whose capture fails (as under DeepSpeed ZeRO-2 on an H100; CPU has no graphs)."""
 

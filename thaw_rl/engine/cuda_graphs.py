@@ -18,14 +18,11 @@ powers of two, pick a capture, so a GRPO call whose groups shrink as rows finish
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
 from thaw_rl.engine.attention import AttentionMetadata
 from thaw_rl_kernels.cascade_plan import CascadePlan
 
-logger = logging.getLogger(__name__)
 
 
 def _batch_sizes(max_num_seqs: int) -> list[int]:
@@ -146,20 +143,8 @@ class DecodeGraphs:
         torch.cuda.current_stream().wait_stream(stream)
         if self.logits is None:  # outside the graph's pool: it outlives every capture
             self.logits = torch.empty(self.max_bs, warm.shape[-1], dtype=warm.dtype, device=warm.device)
-        if runner.direct_lm_head and warm.dtype != runner.lm_head.weight.dtype:
-            # The forward's logits are not the head's own dtype: a mixed-precision wrapper (accelerate's
-            # autocast + convert_outputs_to_fp32, as TRL trainers with bf16=True install on model.forward)
-            # upcasts them. The head's GEMM cannot write into this buffer; copy the forward's logits instead.
-            runner.direct_lm_head = False
-            logger.info("thaw-rl: the model's forward returns %s logits but its LM head computes %s (a mixed-"
-                        "precision wrapper on forward); decode graphs copy the forward's logits.", warm.dtype,
-                        runner.lm_head.weight.dtype)
-        if runner.direct_lm_head:  # the head's GEMM writing into the buffer must give the forward's bits
-            runner.run_model_into(self.input_ids[:bs], self.positions[:bs], self._meta(bs, key), self.logits[:bs])
-            if not torch.equal(self.logits[:bs], warm):
-                runner.direct_lm_head = False
-                logger.info("thaw-rl: the LM head run on its own differs from the model's forward at batch %d; "
-                            "decode graphs copy the forward's logits instead.", bs)
+        runner.settle_direct_lm_head(self.input_ids[:bs], self.positions[:bs], self._meta(bs, key), warm,
+                                     self.logits[:bs], bs)
         del warm
         graph = torch.cuda.CUDAGraph()
         # thread_local: what other threads do meanwhile (NCCL's watchdog polling events, a data loader)

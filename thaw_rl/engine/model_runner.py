@@ -215,6 +215,29 @@ class ModelRunner:
         else:
             torch.addmm(head.bias, hidden, head.weight.t(), out=out)
 
+    def settle_direct_lm_head(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                              forward_logits: torch.Tensor, out: torch.Tensor, batch: int) -> None:
+        """Keep ``direct_lm_head`` only if ``run_model_into`` writes exactly ``forward_logits`` (the model's own
+        forward of the same step) into ``out``: the same dtype and the same bits. ``DecodeGraphs`` asks before
+        its first capture. A mixed-precision wrapper on ``model.forward`` (accelerate's autocast +
+        convert_outputs_to_fp32, which TRL trainers with bf16=True install) returns fp32 logits where the head
+        computes bf16: writing the head's GEMM into that buffer failed every capture (dtype mismatch), so the
+        engine decoded without graphs. Then, and whenever the bits differ, the graphs copy the forward's logits."""
+        if not self.direct_lm_head:
+            return
+        head_dtype = self.lm_head.weight.dtype
+        if forward_logits.dtype != head_dtype or out.dtype != head_dtype:
+            self.direct_lm_head = False
+            logger.info("thaw-rl: the model's forward returns %s logits but its LM head computes %s (a mixed-"
+                        "precision wrapper on forward?); decode graphs copy the forward's logits.",
+                        forward_logits.dtype, head_dtype)
+            return
+        self.run_model_into(input_ids, positions, meta, out)
+        if not torch.equal(out, forward_logits):
+            self.direct_lm_head = False
+            logger.info("thaw-rl: the LM head run on its own differs from the model's forward at batch %d; "
+                        "decode graphs copy the forward's logits instead.", batch)
+
     def _give_up_graphs(self) -> None:
         """A capture failed: run every later step eagerly (same outputs, slower), and say so once."""
         self.graphs_failed = self.graphs.capture_error
