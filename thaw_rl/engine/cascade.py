@@ -55,12 +55,6 @@ class CascadePlanner:
         self.num_cascade_steps = 0  # decode steps that ran with a plan holding at least one group
         self._host: CascadePlan | None = None
         self._device: CascadePlan | None = None
-        self._worth_of: tuple[CascadePlan, bool] | None = None  # worth_cascade of the carried host plan
-
-    def _worth(self) -> bool:
-        if self._worth_of is None or self._worth_of[0] is not self._host:
-            self._worth_of = (self._host, worth_cascade(self._host))
-        return self._worth_of[1]
 
     def reset(self) -> None:
         """Forget the carried plan (a new decode batch starts, or a step ran without it)."""
@@ -70,10 +64,9 @@ class CascadePlanner:
         """Whether a step of this kind may use cascade at all (before its plan is known)."""
         return self.enabled and (self.mode == "on" or graph_step)
 
-    def for_rows(self, tables: list[list[int]], seq_lens: list[int], graph_step: bool = False
-                 ) -> CascadePlan | None:
-        """A fresh plan for one step's rows (the synchronous step loop: nothing carried)."""
-        if not self.wanted(graph_step):
+    def for_rows(self, tables: list[list[int]], seq_lens: list[int]) -> CascadePlan | None:
+        """A fresh plan for one eager step's rows (the synchronous step loop: nothing carried)."""
+        if not self.wanted(graph_step=False):
             return None
         self.reset()
         self._host = plan_cascade(tables, seq_lens, self.block_size)
@@ -100,7 +93,7 @@ class CascadePlanner:
         return self._publish()
 
     def _publish(self) -> CascadePlan | None:
-        if self._host.num_groups == 0 or (self.mode == "auto" and not self._worth()):
+        if self._host.num_groups == 0 or (self.mode == "auto" and not worth_cascade(self._host)):
             return None
         if self._device is None:
             self._device = _plan_to_device(self._host, self.device)

@@ -19,10 +19,10 @@ powers of two, pick a capture, so a GRPO call whose groups shrink as rows finish
 from __future__ import annotations
 
 import torch
+import triton
 
 from thaw_rl.engine.attention import AttentionMetadata
 from thaw_rl_kernels.cascade_plan import CascadePlan
-
 
 
 def _batch_sizes(max_num_seqs: int) -> list[int]:
@@ -42,16 +42,13 @@ def _batch_sizes(max_num_seqs: int) -> list[int]:
     return sorted({s for s in sizes if s <= max_num_seqs} | {max_num_seqs})
 
 
-def _pow2(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
-
-
 def cascade_graph_key(plan: CascadePlan, bs: int, width: int) -> tuple[int, int, int, int]:
     """The capture a (device) plan of a ``bs``-row padded step replays: (bs, groups, rows of a group, shared
     blocks), the last three the plan's bounds rounded up to powers of two and capped by what the step can hold
     (a group has >= 2 rows; ``width`` block-table columns). They size the grids and pick the tilings only."""
-    groups = min(_pow2(plan.num_groups), max(1, bs // 2))
-    return bs, groups, min(_pow2(plan.max_group_rows), bs), min(_pow2(plan.max_shared_blocks), width)
+    pow2 = triton.next_power_of_2  # a published plan has >= 1 group of >= 2 rows sharing >= 1 block
+    groups = min(pow2(plan.num_groups), max(1, bs // 2))
+    return bs, groups, min(pow2(plan.max_group_rows), bs), min(pow2(plan.max_shared_blocks), width)
 
 
 def pad_plan_into(buffers: CascadePlan, plan: CascadePlan, key: tuple[int, int, int, int]) -> CascadePlan:
