@@ -134,20 +134,22 @@ TILINGS = {  # named decode tilings of the plain kernel, A/B'd against its defau
 
 
 def tiling_contenders(batch: dict, cu: torch.Tensor, out: torch.Tensor, shape: dict) -> dict:
-    """The plain kernel under each of ``TILINGS`` (``fn((k_cache, v_cache))``), its KV split count chosen by the
-    default rule for that tile."""
+    """The plain kernel under each of ``TILINGS`` (``fn((k_cache, v_cache))``): the default decode tiling
+    (``choose_config``) with that tile, warps and stages, its KV split count chosen by the default rule for
+    that tile."""
     import triton
 
-    from thaw_rl_kernels.triton_paged_attention import _decode_splits, launch_paged_attention
+    from thaw_rl_kernels.triton_paged_attention import _decode_splits, choose_config, launch_paged_attention
 
-    group = shape["num_heads"] // shape["num_kv_heads"]
     q, tables, lens = batch["query"], batch["block_tables"], batch["seq_lens"]
-    rows, width = q.shape[0], tables.shape[1]
+    rows, max_context = q.shape[0], tables.shape[1] * shape["block_size"]
+    default = choose_config(num_tokens=rows, num_seqs=rows, num_kv_heads=shape["num_kv_heads"],
+                            group=shape["num_heads"] // shape["num_kv_heads"], max_seqlen_q=1, max_context=max_context,
+                            dtype=q.dtype, device=q.device)
     fns = {}
     for name, cfg in TILINGS.items():
-        splits = _decode_splits(rows * shape["num_kv_heads"], triton.cdiv(width * shape["block_size"], cfg["tile_n"]),
-                                q.device)
-        full = dict(block_q=1, block_m=max(16, triton.next_power_of_2(group)), num_splits=splits, **cfg)
+        splits = _decode_splits(rows * shape["num_kv_heads"], triton.cdiv(max_context, cfg["tile_n"]), q.device)
+        full = {**default, **cfg, "num_splits": splits}
         fns[f"thaw {name}"] = lambda kv, c=full: launch_paged_attention(q, *kv, tables, lens, cu, batch["scale"], out,
                                                                         **c)
     return fns

@@ -133,7 +133,8 @@ class DecodeBatch:
         if joining:
             host_tables = _padded_tables([t for _, _, t, _, _ in joining], tables.shape[1])
             width = host_tables.shape[1]
-            host_ids = torch.tensor([x for t, p, _, _, _ in joining for x in (t, p)], dtype=torch.int64).view(-1, 2)  # (J, 2)
+            host_ids = torch.tensor([x for t, p, _, _, _ in joining for x in (t, p)],
+                                    dtype=torch.int64).view(-1, 2)  # (J, 2)
             joined = to_device(host_ids, dev)
             join_params = [p for _, _, _, p, _ in joining]
             join_sampling = SamplingBatch.build(

@@ -148,9 +148,9 @@ class ThawGRPOConfig(GRPOConfig):
     engine_fuse_qkv: bool | None = field(
         default=None,
         metadata={"help": "Run each layer's q/k/v projections as one GEMM in the engine's forwards, from a copy of "
-                          "those weights refreshed at every generation (engine/fused_qkv.py: ~10% of a 128-row decode "
-                          "step on an H200). None: on for CUDA engines; False saves the copy's memory (for Qwen2.5-1.5B "
-                          "176 MB, ~1.6 GB for an 8B model). Applies to the pool workers' engines too."})
+                          "those weights refreshed at every generation (engine/fused_qkv.py: ~10% of a 128-row "
+                          "decode step on an H200). None: on for CUDA engines; False saves the copy's memory (for "
+                          "Qwen2.5-1.5B 176 MB, ~1.6 GB for an 8B model). Applies to the pool workers' engines too."})
     engine_cascade_attention: str = field(
         default="auto",
         metadata={"help": "Cascade (shared-prefix) decode attention in the engine: a group's prompt (and a tree's "
