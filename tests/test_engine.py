@@ -356,21 +356,27 @@ def test_cuda_graphs_survive_a_mixed_precision_wrapper_on_forward():
     assert got == want
 
 
+def _decode_step(model, tok, lengths: list[int]):
+    """(runner, packed batch) of one decode step of sessions of these prompt lengths, its blocks allocated: after
+    a generate call every session has a last token whose KV is not computed yet."""
+    from thaw_rl.engine.model_runner import pack
+    from thaw_rl.engine.scheduler import Chunk
+
+    engine = ThawEngine(model, tok, kv_cache_memory=8 << 20)
+    sessions = engine.prefill_many(random_prompts(lengths, model.config.vocab_size, seed=4))
+    engine.generate(sessions, GREEDY)
+    assert engine.scheduler.allocate_decode(sessions, [s.num_computed for s in sessions]) is not None
+    return engine.runner, pack([Chunk(s, 1) for s in sessions], engine.block_size)
+
+
 def test_lm_head_written_into_a_buffer_gives_the_forwards_exact_logits(tiny):
     """``run_model_into`` (decoder, then the head's GEMM into the graphs' shared buffer) equals ``run_model``
     bit for bit on a decode step; a head with a hook is not run on its own (its hook would be skipped)."""
-    from thaw_rl.engine.model_runner import pack, plain_lm_head
-    from thaw_rl.engine.scheduler import Chunk
+    from thaw_rl.engine.model_runner import plain_lm_head
 
     model, tok = tiny
-    engine = ThawEngine(model, tok, kv_cache_memory=8 << 20)
-    sessions = engine.prefill_many(random_prompts([5, 17, 40], model.config.vocab_size, seed=4))
-    engine.generate(sessions, GREEDY)  # every session has a last token whose KV is not computed yet
-    runner = engine.runner
+    runner, batch = _decode_step(model, tok, [5, 17, 40])
     assert runner.direct_lm_head and runner.lm_head is model.lm_head
-    assert engine.scheduler.allocate_decode(sessions, [s.num_computed for s in sessions]) is not None
-    chunks = [Chunk(s, 1) for s in sessions]
-    batch = pack(chunks, engine.block_size)
     with runner.grad_off():
         expected = runner.run_model(batch.input_ids, batch.positions, runner.metadata(batch), 0)
         out = torch.full_like(expected, float("nan"))
@@ -390,21 +396,13 @@ def test_the_direct_lm_head_is_kept_only_with_the_forwards_dtype_and_bits(tiny):
     capture on the GPU and left training decoding eagerly) and the buffer is left to the forward's copy."""
     from accelerate.utils import convert_outputs_to_fp32
 
-    from thaw_rl.engine.model_runner import pack
-    from thaw_rl.engine.scheduler import Chunk
-
     def settle(model, tok):
-        engine = ThawEngine(model, tok, kv_cache_memory=8 << 20)
-        sessions = engine.prefill_many(random_prompts([5, 17], model.config.vocab_size, seed=4))
-        engine.generate(sessions, GREEDY)
-        assert engine.scheduler.allocate_decode(sessions, [s.num_computed for s in sessions]) is not None
-        batch = pack([Chunk(s, 1) for s in sessions], engine.block_size)
-        runner = engine.runner
+        runner, batch = _decode_step(model, tok, [5, 17])
         with runner.grad_off():
             meta = runner.metadata(batch)
             forward = runner.run_model(batch.input_ids, batch.positions, meta, 0)
             out = torch.full_like(forward, float("nan"))  # the graphs' buffer takes the forward's dtype
-            runner.settle_direct_lm_head(batch.input_ids, batch.positions, meta, forward, out, len(sessions))
+            runner.settle_direct_lm_head(batch.input_ids, batch.positions, meta, forward, out, len(forward))
         return runner.direct_lm_head, forward.dtype, out
 
     kept, dtype, out = settle(*tiny)
