@@ -234,6 +234,23 @@ def test_triton_cascade_equals_plain_kernel_and_reference(dtype, num_heads, num_
         assert_matches(run_triton(batch, plan, merge=merge, **one_row), expected, dtype)
 
 
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_fused_tail_pass_merges_the_shared_pass_split_states(num_splits):
+    """merge="fused": the shared pass writes each split's unnormalised state (one split included) and the tail
+    pass merges them itself. 4 splits of 16-key tiles over 1-2 shared blocks leave splits empty (max -inf, sum
+    0), which must weigh nothing; the tail pass is split too, and only its first split takes the shared state."""
+    batch = make_forked_batch(GROUPS, num_heads=6, num_kv_heads=2, head_dim=16, block_size=16, dtype=torch.float32,
+                              seed=num_splits)  # fmt: skip
+    plan = plan_cascade(batch.block_tables, batch.seq_lens, block_size=16).to(DEVICE)
+    shared = dict(block_r=2, block_m=16, tile_n=16, num_splits=num_splits)
+    for tail_splits in (1, 2):
+        tail = dict(block_q=1, block_m=16, tile_n=16, num_splits=tail_splits)
+        out = run_triton(batch, plan, merge="fused", shared_config=shared, tail_config=tail)
+        assert_matches(out, batch.plain_reference(), torch.float32)
+        torch.testing.assert_close(out, run_triton(batch, plan, merge="torch", shared_config=shared, tail_config=tail),
+                                   atol=1e-5, rtol=1e-5)  # fmt: skip
+
+
 def test_triton_cascade_without_groups_is_the_plain_kernel():
     """A batch where no rows share blocks: the plan is empty and the tail pass is the whole attention."""
     batch = make_forked_batch([(5, [21]), (3, [40])], num_heads=4, num_kv_heads=2, head_dim=16, block_size=16,

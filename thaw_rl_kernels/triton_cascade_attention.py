@@ -9,16 +9,18 @@ Semantics and the torch reference: ``cascade_attention.py``. How the work is cut
   matmul over the prompt instead of 16 matrix-vector passes reading it 16 times. The grid is an upper bound
   from shapes (``R // BLOCK_R + num_groups`` row tiles); a program finds its group by binary search over
   ``cu_group_rows``. Few groups (128 rows = 8 groups) would leave SMs idle, so the shared KV axis is split
-  (flash-decoding) and merged by the paged kernel's merge kernel, which also writes the LSE.
+  (flash-decoding) while the grid stays within one program per SM (``_shared_splits``).
 - Tail pass: the paged decode kernel with ``kv_start = plan.tail_start`` (keys before it skipped). By
-  default it starts each grouped row's online softmax from the shared pass's (lse, 1, o) state, which
-  *is* the softmax merge (``merge="fused"``, one launch fewer, no tail output round trip); with
-  ``merge="torch"`` it writes its own output and LSE and ``merge_attention_states`` combines them.
+  default (``merge="fused"``) the shared pass writes each split's unnormalised (max, sum, acc) state and
+  the tail pass merges them into each grouped row's starting softmax state, which *is* the cascade's merge:
+  no merge kernel, no normalised output round trip (on an H200 at 1,024 rows the separate split merge cost
+  ~11 us a layer, as much as the shared pass saved). With ``merge="torch"`` the shared pass writes its
+  output and LSE (merging its splits with the paged kernel's merge kernel), the tail pass its own, and
+  ``merge_attention_states`` combines them.
 
 Both passes read no tensor contents on the host and size their grids from tensor shapes only, so with a
-plan padded to fixed sizes (``CascadePlan.padded``) and fixed tilings they can be captured in a CUDA graph;
-the engine uses cascade in eager decode steps only for now (graphs would need the plan in their static
-buffers and a capture per tiling).
+plan padded to fixed sizes (``CascadePlan.padded``) and fixed tilings they are captured in the engine's CUDA
+graphs (``engine/cuda_graphs.py``).
 """
 
 from __future__ import annotations
@@ -32,12 +34,12 @@ from thaw_rl_kernels.cascade_plan import CascadePlan
 from thaw_rl_kernels.triton_paged_attention import (
     LOG2E,
     _check_inputs,
-    _decode_splits,
     _dot,
     _merge_splits_kernel,
     _sequence_of_tile,
     choose_config,
     launch_paged_attention,
+    num_sms,
 )
 
 
@@ -74,6 +76,7 @@ def _shared_prefix_kernel(
     NUM_SPLITS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     DOT_UPCAST: tl.constexpr,
+    WRITE_PARTS: tl.constexpr = False,  # partial states even with one split (the fused tail pass merges them)
 ):
     tile_idx = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -141,7 +144,7 @@ def _shared_prefix_kernel(
         m_i = m_new
 
     state = row_token * NUM_HEADS + row_head  # (BLOCK_M,)
-    if NUM_SPLITS == 1:
+    if NUM_SPLITS == 1 and not WRITE_PARTS:
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         tl.store(out_ptr + state[:, None] * HEAD_DIM + offs_d[None, :], out, mask=row_valid[:, None] & d_valid[None, :])
         tl.store(lse_ptr + state, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=row_valid)
@@ -156,15 +159,31 @@ def choose_shared_config(num_rows: int, num_groups: int, max_group_rows: int, ma
                          num_kv_heads: int, group: int, block_size: int, dtype: torch.dtype,
                          device: torch.device) -> dict:
     """Tiling of the shared pass from host-known sizes: one row tile per group where it fits in 128 query
-    vectors (a group of 16 rows at GQA 6 is 96), and KV splits until the grid holds ~1.5 programs per SM."""
+    vectors (a group of 16 rows at GQA 6 is 96), and KV splits only while the grid stays within one program
+    per SM (``_shared_splits``)."""
     block_m = max(16, min(128, triton.next_power_of_2(max(1, max_group_rows) * group)))
     block_m = max(block_m, triton.next_power_of_2(group))
     tile_n = 32 if dtype == torch.float32 else 64
     active_tiles = num_groups * triton.cdiv(max(1, max_group_rows), block_m // group)  # the grid's bound is looser
-    num_splits = _decode_splits(active_tiles * num_kv_heads, triton.cdiv(max_shared_blocks * block_size, tile_n), device)
+    num_splits = _shared_splits(active_tiles * num_kv_heads, triton.cdiv(max_shared_blocks * block_size, tile_n), device)
     num_warps = 8 if block_m >= 128 or dtype == torch.float32 else 4
     return dict(block_r=block_m // group, block_m=block_m, tile_n=tile_n, num_splits=num_splits,
                 num_warps=num_warps, num_stages=2)  # fmt: skip
+
+
+def _shared_splits(num_programs: int, max_tiles: int, device: torch.device) -> int:
+    """Power of two (<= 16) of KV splits for the shared pass: doubled while the grid stays within one program per
+    SM and each split keeps >= 2 KV tiles. Unlike the plain decode kernel (``_decode_splits``, ~1.5 programs
+    per SM) a split here writes 96-row partial states that the tail pass must read back: on an H200 (GRPO
+    groups of 16, Qwen2.5-1.5B heads, ``s10`` sweep in ``grpo_decode_attention_h200_s10.json``) 64 groups ran
+    best unsplit, 16 groups with 4 splits, 8 groups with 8."""
+    if device.type != "cuda" or num_programs == 0:
+        return 1
+    sms = num_sms(device)
+    splits = 1
+    while splits < 16 and num_programs * splits * 2 <= sms and 2 * splits * 2 <= max_tiles:
+        splits *= 2
+    return splits
 
 
 def launch_shared_prefix(
@@ -174,8 +193,8 @@ def launch_shared_prefix(
     block_tables: torch.Tensor,
     plan: CascadePlan,
     scale: float,
-    out: torch.Tensor,  # (T, H, D) fp32 contiguous
-    lse: torch.Tensor,  # (T, H) fp32
+    out: torch.Tensor | None,  # (T, H, D) fp32 contiguous
+    lse: torch.Tensor | None,  # (T, H) fp32
     *,
     block_r: int,
     block_m: int,
@@ -183,8 +202,13 @@ def launch_shared_prefix(
     num_splits: int = 1,
     num_warps: int = 4,
     num_stages: int = 2,
+    parts: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> None:
-    """Pass (a) with an explicit tiling: writes out and lse of every grouped row (other rows untouched)."""
+    """Pass (a) with an explicit tiling: writes out and lse of every grouped row (other rows untouched).
+
+    With ``parts`` = (acc (T, H, num_splits, D_PAD), max (T, H, num_splits), sum (T, H, num_splits)) fp32
+    (``shared_parts``) it writes each split's unnormalised state there instead, even unsplit, and runs no merge:
+    the tail pass merges them (``launch_paged_attention(prefix_parts=...)``); out and lse are not touched."""
     num_tokens, num_heads, head_dim = query.shape
     num_kv_heads = key_cache.shape[2]
     group = num_heads // num_kv_heads
@@ -197,7 +221,13 @@ def launch_shared_prefix(
         return
     head_dim_pad = max(16, triton.next_power_of_2(head_dim))
     num_tiles = num_rows if block_r == 1 else num_rows // block_r + num_groups
-    if num_splits > 1:
+    if parts is not None:
+        part_acc, part_max, part_sum = parts
+        if part_max.shape != (num_tokens, num_heads, num_splits) or part_acc.shape[-1] != head_dim_pad:
+            raise ValueError(f"parts {tuple(part_acc.shape)}/{tuple(part_max.shape)} do not fit {num_splits} splits; "
+                             "allocate them with shared_parts.")
+        out = lse = part_max  # unused
+    elif num_splits > 1:
         part_acc = torch.empty(  # (T, H, NUM_SPLITS, D_PAD)
             num_tokens, num_heads, num_splits, head_dim_pad, dtype=torch.float32, device=query.device)
         part_max = torch.empty(num_tokens, num_heads, num_splits, dtype=torch.float32, device=query.device)
@@ -213,15 +243,25 @@ def launch_shared_prefix(
         BLOCK_R=block_r, BLOCK_M=block_m, TILE_N=tile_n, NUM_SPLITS=num_splits,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         DOT_UPCAST=query.device.type != "cuda",  # the interpreter's bf16 tl.dot is broken (see the paged kernel)
-        num_warps=num_warps, num_stages=num_stages,
+        WRITE_PARTS=parts is not None, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
-    if num_splits > 1:  # every row of the batch is merged; only grouped rows are read afterwards
+    if num_splits > 1 and parts is None:  # every row of the batch is merged; only grouped rows are read afterwards
         cu_all = torch.arange(num_tokens + 1, dtype=torch.int32, device=query.device)
         _merge_splits_kernel[(num_tokens, num_heads)](
             out, part_acc, part_max, part_sum, cu_all, num_tokens, out.stride(0), out.stride(1),
             NUM_HEADS=num_heads, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, NUM_SPLITS=num_splits,
             lse_ptr=lse, STORE_LSE=True, num_warps=4,
         )  # fmt: skip
+
+
+def shared_parts(query: torch.Tensor, num_splits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Buffers for the shared pass's per-split states: acc (T, H, num_splits, D_PAD), max and sum (T, H, num_splits),
+    fp32. Rows outside groups are never written (the tail pass does not read them)."""
+    num_tokens, num_heads, head_dim = query.shape
+    head_dim_pad = max(16, triton.next_power_of_2(head_dim))
+    acc = torch.empty(num_tokens, num_heads, num_splits, head_dim_pad, dtype=torch.float32, device=query.device)
+    part_max = torch.empty(num_tokens, num_heads, num_splits, dtype=torch.float32, device=query.device)
+    return acc, part_max, torch.empty_like(part_max)
 
 
 def cascade_attention_triton(
@@ -245,8 +285,8 @@ def cascade_attention_triton(
         plan: ``plan_cascade`` of these block tables and lengths, on query's device.
         scale: softmax scale.
         out: optional (S, H, D) buffer in query's dtype.
-        merge: "fused" (the tail pass starts from the shared state) or "torch" (tail output + LSE, then
-            ``merge_attention_states``); both exact, kept for measuring.
+        merge: "fused" (the tail pass merges the shared pass's split states and starts from them) or "torch"
+            (shared and tail outputs + LSEs, then ``merge_attention_states``); both exact, kept for measuring.
         shared_config / tail_config: explicit tilings (tests and sweeps), else chosen from shapes.
     """
     num_seqs = seq_lens.shape[0]
@@ -263,22 +303,25 @@ def cascade_attention_triton(
         out = torch.empty_like(query)
     num_heads, num_kv_heads = query.shape[1], key_cache.shape[2]
     group, block_size = num_heads // num_kv_heads, key_cache.shape[1]
-    shared_out = torch.empty(num_seqs, num_heads, query.shape[2], dtype=torch.float32, device=query.device)
-    shared_lse = torch.empty(num_seqs, num_heads, dtype=torch.float32, device=query.device)
     shared_config = shared_config or choose_shared_config(
         plan.group_rows.shape[0], plan.num_groups, plan.max_group_rows, plan.max_shared_blocks, num_kv_heads, group,
         block_size, query.dtype, query.device)  # fmt: skip
-    launch_shared_prefix(query, key_cache, value_cache, block_tables, plan, scale, shared_out, shared_lse,
-                         **shared_config)  # fmt: skip
     tail_config = tail_config or choose_config(
         num_tokens=num_seqs, num_seqs=num_seqs, num_kv_heads=num_kv_heads, group=group, max_seqlen_q=1,
         max_context=block_tables.shape[1] * block_size - plan.max_shared_blocks * block_size * (plan.num_groups > 0),
         dtype=query.dtype, device=query.device,
     )  # fmt: skip
     tail = dict(kv_start=plan.tail_start)
-    if merge == "fused":
+    if merge == "fused":  # the shared pass's split states go straight to the tail pass, which merges them
+        parts = shared_parts(query, shared_config.get("num_splits", 1))
+        launch_shared_prefix(query, key_cache, value_cache, block_tables, plan, scale, None, None, parts=parts,
+                             **shared_config)  # fmt: skip
         return launch_paged_attention(query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, scale, out,
-                                      prefix_out=shared_out, prefix_lse=shared_lse, **tail, **tail_config)
+                                      prefix_parts=parts, **tail, **tail_config)
+    shared_out = torch.empty(num_seqs, num_heads, query.shape[2], dtype=torch.float32, device=query.device)
+    shared_lse = torch.empty(num_seqs, num_heads, dtype=torch.float32, device=query.device)
+    launch_shared_prefix(query, key_cache, value_cache, block_tables, plan, scale, shared_out, shared_lse,
+                         **shared_config)  # fmt: skip
     tail_out = torch.empty_like(shared_out)
     tail_lse = torch.empty_like(shared_lse)
     launch_paged_attention(query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, scale, tail_out,

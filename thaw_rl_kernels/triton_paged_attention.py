@@ -95,11 +95,12 @@ def _paged_attention_kernel(
     SLIDING_WINDOW: tl.constexpr = 0,  # 0: full causal; w: a row at p sees keys in (p - w, p]
     kv_start_ptr=None,  # (S,) int32 first key position of each sequence (cascade tail pass), if HAS_KV_START
     lse_ptr=None,  # (T, H) fp32 natural-log LSE of each row, written if STORE_LSE (and NUM_SPLITS == 1)
-    prefix_out_ptr=None,  # (T, H, HEAD_DIM) fp32 contiguous, the shared pass's output, if PREFIX_STATE
-    prefix_lse_ptr=None,  # (T, H) fp32 the shared pass's LSE, if PREFIX_STATE
+    prefix_acc_ptr=None,  # (T, H, PREFIX_SPLITS, HEAD_DIM_PAD) fp32 the shared pass's unnormalised partial outputs
+    prefix_max_ptr=None,  # (T, H, PREFIX_SPLITS) fp32 their running max (log2 units)
+    prefix_sum_ptr=None,  # (T, H, PREFIX_SPLITS) fp32 their running sum of exp2
     HAS_KV_START: tl.constexpr = False,
     STORE_LSE: tl.constexpr = False,
-    PREFIX_STATE: tl.constexpr = False,  # start the online softmax from the shared pass's state (fused merge)
+    PREFIX_SPLITS: tl.constexpr = 0,  # > 0: start the online softmax from the shared pass's split states (fused merge)
 ):
     tile_idx = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -151,14 +152,22 @@ def _paged_attention_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
-    if PREFIX_STATE:  # (m, l, acc) = (lse, 1, o) is the state whose result is o with log-sum-exp lse
-        first_split_start = tl.where(split == 0, kv_start, 0)  # only split 0 holds the shared state
+    if PREFIX_SPLITS > 0:  # the shared pass's per-split (m, l, acc) states, merged into this row's starting state
+        first_split_start = tl.where(split == 0, kv_start, 0)  # only split 0 takes the shared state
         use = row_valid & (offs_m * 0 + first_split_start > 0)  # block-shaped: the interpreter rejects bool scalars
-        state = row_token * NUM_HEADS + row_head  # (BLOCK_M,)
-        m_i = tl.load(prefix_lse_ptr + state, mask=use, other=float("-inf")) * 1.4426950408889634
-        l_i = tl.where(use, 1.0, 0.0)
-        acc = tl.load(prefix_out_ptr + state[:, None] * HEAD_DIM + offs_d[None, :],
-                      mask=use[:, None] & d_valid[None, :], other=0.0)
+        state = (row_token * NUM_HEADS + row_head) * PREFIX_SPLITS  # (BLOCK_M,)
+        for shared_split in tl.static_range(PREFIX_SPLITS):
+            m_s = tl.load(prefix_max_ptr + state + shared_split, mask=use, other=float("-inf"))
+            l_s = tl.load(prefix_sum_ptr + state + shared_split, mask=use, other=0.0)
+            acc_s = tl.load(prefix_acc_ptr + (state + shared_split)[:, None] * HEAD_DIM_PAD + offs_d[None, :],
+                            mask=use[:, None], other=0.0)
+            m_new = tl.maximum(m_i, m_s)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # an empty split (m = -inf) weighs 0
+            alpha = tl.exp2(m_i - m_safe)
+            beta = tl.exp2(m_s - m_safe)
+            l_i = l_i * alpha + l_s * beta
+            acc = acc * alpha[:, None] + acc_s * beta[:, None]
+            m_i = m_new
     offs_n = tl.arange(0, TILE_N)
     block_table_row = block_tables_ptr + seq.to(tl.int64) * stride_block_table
     for tile in range(tile_lo, tile_hi):
@@ -365,15 +374,16 @@ def launch_paged_attention(
     sliding_window: int = 0,
     kv_start: torch.Tensor | None = None,
     lse: torch.Tensor | None = None,
-    prefix_out: torch.Tensor | None = None,
-    prefix_lse: torch.Tensor | None = None,
+    prefix_parts: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Launch with an explicit tiling (inputs already checked); tests and benchmarks sweep it here.
 
     The cascade tail pass (``triton_cascade_attention.py``) adds: ``kv_start`` (S,) int32, keys before it are
-    skipped; ``lse`` (T, H) fp32, written with each row's natural-log LSE; ``prefix_out`` (T, H, D) fp32
-    contiguous and ``prefix_lse`` (T, H) fp32, the shared pass's result, which rows with ``kv_start > 0``
-    start their softmax from (the merge, fused). Without them the kernel compiles exactly as before.
+    skipped; ``lse`` (T, H) fp32, written with each row's natural-log LSE; ``prefix_parts`` = (acc (T, H, P,
+    D_PAD), max (T, H, P), sum (T, H, P)) fp32 contiguous, the shared pass's unnormalised state for each of its
+    P KV splits, which rows with ``kv_start > 0`` merge and start their softmax from (the cascade's merge and
+    the shared pass's split merge, fused: no merge kernel, no normalised round trip). Without them the kernel
+    compiles exactly as before.
     """
     num_tokens, num_heads, head_dim = query.shape
     num_kv_heads = key_cache.shape[2]
@@ -383,8 +393,9 @@ def launch_paged_attention(
         raise ValueError(f"Bad tiling block_q={block_q} block_m={block_m} tile_n={tile_n} for group={group}.")
     if num_splits < 1 or num_splits & (num_splits - 1):
         raise ValueError(f"num_splits={num_splits} must be a power of two >= 1.")
-    if (prefix_out is None) != (prefix_lse is None) or (prefix_out is not None and kv_start is None):
-        raise ValueError("prefix_out and prefix_lse go together, and need kv_start (rows with kv_start > 0 use them).")
+    if prefix_parts is not None and kv_start is None:
+        raise ValueError("prefix_parts needs kv_start (rows with kv_start > 0 start from them).")
+    prefix_acc, prefix_max, prefix_sum = prefix_parts if prefix_parts is not None else (None, None, None)
     if num_tokens == 0 or num_seqs == 0:
         return out
     head_dim_pad = max(16, triton.next_power_of_2(head_dim))
@@ -432,11 +443,12 @@ def launch_paged_attention(
         SLIDING_WINDOW=int(sliding_window),
         kv_start_ptr=kv_start,
         lse_ptr=lse,
-        prefix_out_ptr=prefix_out,
-        prefix_lse_ptr=prefix_lse,
+        prefix_acc_ptr=prefix_acc,
+        prefix_max_ptr=prefix_max,
+        prefix_sum_ptr=prefix_sum,
         HAS_KV_START=kv_start is not None,
         STORE_LSE=lse is not None,
-        PREFIX_STATE=prefix_out is not None,
+        PREFIX_SPLITS=0 if prefix_max is None else prefix_max.shape[-1],
         num_warps=num_warps,
         num_stages=num_stages,
     )
