@@ -105,9 +105,9 @@ def test_a_plan_copied_into_static_graph_buffers_is_the_padded_plan():
 
 
 def test_auto_rule_wants_many_rows_sharing_long_prefixes():
-    """``"auto"`` cascades a graph step only with >= AUTO_MIN_ROWS rows reading >= AUTO_MIN_SHARED_TOKENS shared
-    tokens each on average (the H200 receipt's break-even), and never an eager step."""
-    from thaw_rl.engine.cascade import AUTO_MIN_ROWS, AUTO_MIN_SHARED_TOKENS, CascadePlanner, worth_cascade
+    """``"auto"`` cascades a graph step only with >= AUTO_MIN_ROWS rows whose shared tokens, summed over the rows,
+    reach AUTO_MIN_SHARED_READS (the H200 receipt's break-even), and never an eager step."""
+    from thaw_rl.engine.cascade import AUTO_MIN_ROWS, AUTO_MIN_SHARED_READS, CascadePlanner, worth_cascade
     from thaw_rl_kernels.cascade_plan import plan_cascade
 
     def grpo_plan(rows, prompt_blocks, group=16):
@@ -115,10 +115,13 @@ def test_auto_rule_wants_many_rows_sharing_long_prefixes():
                   for g in [r // group]]
         return plan_cascade(tables, [prompt_blocks * 16 + 1] * rows, block_size=16)
 
-    long_prompt = AUTO_MIN_SHARED_TOKENS // 16
-    assert worth_cascade(grpo_plan(AUTO_MIN_ROWS, long_prompt))
-    assert not worth_cascade(grpo_plan(AUTO_MIN_ROWS - 16, long_prompt))  # too few rows
-    assert not worth_cascade(grpo_plan(256, long_prompt // 2))  # prompts too short
+    assert AUTO_MIN_SHARED_READS == 1024 * 128 and AUTO_MIN_ROWS == 64
+    assert worth_cascade(grpo_plan(1024, 256 // 16))  # 1,024 rows x 256-token prompts: the receipt's 1.07x
+    assert worth_cascade(grpo_plan(128, 1024 // 16))  # 128 x 1,024: 1.30x
+    assert worth_cascade(grpo_plan(64, 2048 // 16))  # 64 x 2,048: 1.42x
+    assert not worth_cascade(grpo_plan(256, 256 // 16))  # 256 x 256: 0.88x
+    assert not worth_cascade(grpo_plan(128, 1024 // 16 - 1))  # just under the reads
+    assert not worth_cascade(grpo_plan(AUTO_MIN_ROWS - 16, 4096 // 16))  # too few rows, however long the prompt
     planner = CascadePlanner("auto", torch.device("cuda"), block_size=16)  # CUDA's rule; nothing copied here
     assert not planner.wanted(graph_step=False) and planner.wanted(graph_step=True)
     short = grpo_plan(256, 4)  # 16 groups of 16 rows sharing 64 tokens: planned, not worth it
@@ -144,7 +147,8 @@ def _graph_generate(model, tok, cascade: str, prompt_lens, group: int, max_token
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize(("mode", "prompt_lens", "group", "block_size"), [
     ("on", [13, 9, 30], 4, 4),  # every graph step with a group; rows leave at different steps (plans narrow)
-    ("auto", [1040, 1100, 1030, 1050], 16, 16),  # 64 rows over ~1,050-token prompts: the rule's smallest case
+    # 128 rows over ~1,580-token prompts: ~200k shared reads, above the rule's 2^17 until a third of the rows left
+    ("auto", [1560, 1600, 1540, 1580, 1550, 1620, 1570, 1590], 16, 16),
 ])
 def test_cuda_graph_steps_with_cascade_equal_plain_graph_steps(mode, prompt_lens, group, block_size):
     """fp32 on CUDA: decode steps replayed from cascade captures (plan in static buffers) give the plain graphs'

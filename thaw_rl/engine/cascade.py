@@ -14,12 +14,14 @@ Modes (``ThawEngine(cascade_attention=...)``):
   (``worth_cascade``); eager steps stay plain (there the two passes' Triton launches cost more than the reads
   they save: ``cascade_decode_h200_qwen2.5-1.5b.json``). Off on CPU.
 
-The rule is the H200's (``benchmarks/results/grpo_decode_attention_h200.json``, Qwen2.5-1.5B heads, groups of
-16, a 28-layer pass replayed in a CUDA graph): cascade reads a 2,048-token prompt once per group and is 1.33x
-(256 rows) to 1.91x (1,024 rows) faster than the plain kernel there, but loses 10-50% with 256-token prompts
-and at 32 rows, where the plain kernel already finds the group's prompt in L2 and the extra pass costs more
-than it saves. Graph steps carry the plan in static buffers (``cuda_graphs.py``); layers with a sliding
-window fall back to the plain kernel inside the hook.
+The rule is the H200's (``benchmarks/results/grpo_decode_attention_h200_s10.json``, Qwen2.5-1.5B heads, groups
+of 16, prompts of 256-2,048 tokens, 64-1,024 rows, a 28-layer pass replayed in a CUDA graph): what cascade saves
+grows with the shared tokens the step's rows read (rows x prompt), and it pays from ~2^17 of them: 1.07x at
+1,024 rows x 256 tokens, 1.20x at 512 x 512, 1.31x at 256 x 1,024, 1.30x at 128 x 1,024, 1.42x at 64 x 2,048, up
+to 2.16x at 1,024 x 2,048; at 2^16 it is even (0.98-1.04x) and below it loses (0.69-0.88x), because the plain
+kernel then finds a group's prompt in L2 and the extra pass costs more than it saves. Graph steps carry the
+plan in static buffers (``cuda_graphs.py``); layers with a sliding window fall back to the plain kernel inside
+the hook.
 """
 
 from __future__ import annotations
@@ -30,16 +32,16 @@ from thaw_rl.engine.decode_batch import to_device
 from thaw_rl_kernels.cascade_plan import CascadePlan, plan_cascade
 
 CASCADE_MODES = ("auto", "on", "off")
-AUTO_MIN_ROWS = 64  # "auto": decode rows in the step, at least
-AUTO_MIN_SHARED_TOKENS = 1024  # "auto": tokens each row reads from a shared run, on average over all rows
+AUTO_MIN_ROWS = 64  # "auto": decode rows in the step, at least (none fewer were measured)
+AUTO_MIN_SHARED_READS = 1 << 17  # "auto": shared tokens the step's rows read, summed over its rows, at least
 
 
 def worth_cascade(plan: CascadePlan) -> bool:
-    """Whether ``"auto"`` runs a step with this (host) plan: enough rows, and enough of each row's context in
-    blocks its group shares, for reading them once to pay for the second pass (module docstring)."""
+    """Whether ``"auto"`` runs a step with this (host) plan: enough rows, and enough of their contexts in
+    blocks their groups share, for reading them once to pay for the second pass (module docstring)."""
     if plan.num_groups == 0 or plan.num_rows < AUTO_MIN_ROWS:
         return False
-    return int(plan.tail_start.sum()) >= AUTO_MIN_SHARED_TOKENS * plan.num_rows
+    return int(plan.tail_start.sum()) >= AUTO_MIN_SHARED_READS
 
 
 class CascadePlanner:
