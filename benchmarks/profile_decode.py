@@ -224,6 +224,9 @@ def main():
     ap.add_argument("--kernels", action="store_true", help="also print a torch.profiler table of top CUDA kernels")
     ap.add_argument("--fuse-qkv", choices=("auto", "on", "off"), default="auto",
                     help="the engine's fused q/k/v projections (auto: its default, on for CUDA)")
+    ap.add_argument("--cascade", choices=("auto", "on", "off"), default="auto",
+                    help="the engine's cascade (shared-prefix) attention (auto: its default; it runs in the async "
+                         "loop's graph steps only, so bf16 rounding can make the two loops' draws differ)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -232,7 +235,8 @@ def main():
     batches = [int(x) for x in args.batches.split(",")]
     kv = 0.4 if device.type == "cuda" else 1 << 30
     engine = ThawEngine(model, tok, kv_cache_memory=kv, compile_layers=args.compile_layers,
-                        max_num_seqs=max(256, *batches), fuse_qkv={"auto": None, "on": True, "off": False}[args.fuse_qkv])
+                        max_num_seqs=max(256, *batches), fuse_qkv={"auto": None, "on": True, "off": False}[args.fuse_qkv],
+                        cascade_attention=args.cascade)
     fused_layers = engine.runner.fused_qkv.num_layers if engine.runner.fused_qkv is not None else 0
     print(f"fused q/k/v projections in {fused_layers} of {model.config.num_hidden_layers} layers")
     vocab = model.config.vocab_size
@@ -243,14 +247,20 @@ def main():
             raise SystemExit(f"batch {b} is not a multiple of --group {args.group}")
         prompts = [torch.randint(10, vocab, (args.prompt_len,), generator=g).tolist() for _ in range(b // args.group)]
         params = _params(args.steps)
-        tokens = {}
+        tokens, cascade_steps = {}, {}
         for mode in (False, True):  # warm-up: graph capture for every size, compile, autotune
             engine.async_decode = mode
+            before = engine.runner.cascade.num_cascade_steps
             tokens[mode] = run_call(engine, prompts, params, device, group=args.group)[3]
-        # no row stops early (ignore_eos), so both modes run the same batches: the same tokens, exactly
+            cascade_steps[mode] = engine.runner.cascade.num_cascade_steps - before
+        # no row stops early (ignore_eos), so both modes run the same batches: the same tokens, exactly, unless
+        # only one of them ran cascade attention (a different bf16 reduction order can flip a draw)
         same_tokens = tokens[False] == tokens[True]
-        print(f"batch {b}: async tokens == sync tokens: {same_tokens}; LM head written into the graphs' buffer: "
-              f"{engine.runner.direct_lm_head}")
+        pairs = [(a, b) for ra, rb in zip(tokens[False], tokens[True]) for a, b in zip(ra, rb)]
+        agreement = sum(a == b for a, b in pairs) / max(1, len(pairs))
+        print(f"batch {b}: async tokens == sync tokens: {same_tokens} (agreement {agreement:.3f}; cascade steps "
+              f"sync {cascade_steps[False]}, async {cascade_steps[True]}); LM head written into the graphs' "
+              f"buffer: {engine.runner.direct_lm_head}")
 
         # -- sync: plain, then phases under synchronising timers --
         engine.async_decode = False
@@ -269,7 +279,8 @@ def main():
         engine._sample, engine.scheduler.schedule, engine_mod.sample = saved[:3]
         if graphs is not None:
             graphs._fill, graphs.forward = saved[3:]
-        sync_row = dict(batch=b, mode="sync", same_tokens=same_tokens, direct_lm_head=engine.runner.direct_lm_head,
+        sync_row = dict(batch=b, mode="sync", same_tokens=same_tokens, token_agreement=agreement,
+                        cascade_steps_per_call={"sync": cascade_steps[False], "async": cascade_steps[True]}, direct_lm_head=engine.runner.direct_lm_head,
                         fused_qkv_layers=fused_layers, step_ms=plain / steps * 1e3, steps=steps, syncs_per_step=syncs / steps,
                         phases_ms={k: v / isteps * 1e3 for k, v in phases.items()},
                         instrumented_step_ms=instrumented / isteps * 1e3)

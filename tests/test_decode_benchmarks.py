@@ -35,6 +35,7 @@ def test_profile_decode_on_forked_groups_compares_like_runs(tmp_path):
     rows = receipt["results"]
     assert [(r["batch"], r["mode"]) for r in rows] == [(8, "sync"), (8, "async")]
     assert all(r["same_tokens"] for r in rows)
+    assert rows[0]["token_agreement"] == 1.0 and rows[0]["cascade_steps_per_call"] == {"sync": 0, "async": 0}
     assert rows[0]["direct_lm_head"] is True
     assert rows[1]["rows_per_step"] == 8.0 and rows[1]["async_steps"] >= 5
     assert rows[1]["used_blocks_after"] == 0  # the forked prompts' parents are freed too
