@@ -61,7 +61,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: bf16 on cuda, fp32 on cpu")
     p.add_argument("--prompts", type=int, default=8, help="number of prompts")
-    p.add_argument("--prompt-len", type=int, default=512, help="tokens per prompt (random ids)")
+    p.add_argument("--prompt-len", type=int, default=None, help="tokens per prompt (random ids); default: 512 on cuda, "
+                   "64 on cpu (the flat sampler's 8 x 16 rows of 512 tokens outgrow the CPU engine's default pool)")
     p.add_argument("--branching", default="4,2,2", help="children per fork, level by level")
     p.add_argument("--segment-tokens", type=int, default=None, help="default: 128 on cuda, 16 on cpu")
     p.add_argument("--max-tokens", type=int, default=None, help="completion length; default: 512 on cuda, 48 on cpu")
@@ -80,6 +81,7 @@ def parse_args() -> argparse.Namespace:
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     on_cuda = args.device.startswith("cuda")
     args.dtype = args.dtype or ("bf16" if on_cuda else "fp32")
+    args.prompt_len = args.prompt_len or (512 if on_cuda else 64)
     args.segment_tokens = args.segment_tokens or (128 if on_cuda else 16)
     args.max_tokens = args.max_tokens or (512 if on_cuda else 48)
     args.branching = [int(b) for b in args.branching.split(",")]
@@ -223,9 +225,14 @@ def main() -> None:
           f"{spec}, max_tokens={args.max_tokens}, {n} leaves per prompt", flush=True)
     if not args.no_warmup:  # first calls compile kernels and capture a CUDA graph per batch size: keep them out
         # of the timing. Both samplers, all prompts, 2-token segments: the same decode batch sizes as the timed runs.
-        short = TreeSpec.segments(args.branching, segment_tokens=2)
-        warm = SamplingParams(temperature=args.temperature, max_tokens=2 * len(args.branching) + 2, ignore_eos=True,
-                              seed=1)
+        # Segments congruent to the timed ones modulo the block size: each fork then copies a partial last block
+        # holding as many tokens as in the timed run, and the block-copy kernel, which is compiled per copy size,
+        # is compiled here (with 2-token segments the first timed rollout paid ~60 ms for it on an H200).
+        block_size = backend.engine.block_size
+        warm_tokens = args.segment_tokens % block_size or block_size
+        short = TreeSpec.segments(args.branching, segment_tokens=warm_tokens)
+        warm = SamplingParams(temperature=args.temperature, max_tokens=warm_tokens * (len(args.branching) + 1),
+                              ignore_eos=True, seed=1)
         TreeSampler(backend, short).rollout(prompts, warm)
         run_flat(backend, prompts, n, warm, args.device)
     trees, flats = [], []
