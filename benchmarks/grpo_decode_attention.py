@@ -9,6 +9,7 @@ the engine's block_major cache (28 layers). Contenders:
 - thaw plain:      ``paged_attention_triton``, every row's whole context (what the engine's CUDA graphs run).
 - thaw cascade:    ``cascade_attention_triton`` (prompt once per group, then each row's tail, fused merge).
 - thaw <tiling>:   the plain kernel under one of ``TILINGS`` (``--tilings``), to A/B its default tiling.
+- thaw cascade <tiling>: cascade with its shared pass under one of ``SHARED_TILINGS`` (``--shared-tilings``).
 - fi decode:       FlashInfer ``BatchDecodeWithPagedKVCacheWrapper`` (CUDA-core decode kernel), whole context.
 - fi decode tc:    the same with ``use_tensor_cores=True`` (its prefill kernel; GQA groups of 6 heads as rows).
 - fi cascade:      two levels by hand: a ``BatchPrefillWithPagedKVCacheWrapper`` (fa2) whose queries are a
@@ -133,6 +134,33 @@ TILINGS = {  # named decode tilings of the plain kernel, A/B'd against its defau
 }
 
 
+SHARED_TILINGS = {  # named tilings of the cascade's shared pass, A/B'd against its default (choose_shared_config)
+    "s2 w4": dict(num_warps=4, num_stages=2),
+    "s3 w8": dict(num_warps=8, num_stages=3),
+    "s4 w8": dict(num_warps=8, num_stages=4),
+    "t32 s3 w8": dict(tile_n=32, num_warps=8, num_stages=3),
+    "t128 s2 w8": dict(tile_n=128, num_warps=8, num_stages=2),
+    "t128 s3 w8": dict(tile_n=128, num_warps=8, num_stages=3),
+}
+
+
+def shared_tiling_contenders(batch: dict, plan, out: torch.Tensor, shape: dict) -> dict:
+    """Cascade with its shared pass under each of ``SHARED_TILINGS`` (``fn((k_cache, v_cache))``): the default
+    shared tiling (``choose_shared_config``, its split count included) with that tile, warps and stages."""
+    from thaw_rl_kernels.triton_cascade_attention import cascade_attention_triton, choose_shared_config
+
+    q, tables, lens = batch["query"], batch["block_tables"], batch["seq_lens"]
+    default = choose_shared_config(plan.group_rows.shape[0], plan.num_groups, plan.max_group_rows,
+                                   plan.max_shared_blocks, shape["num_kv_heads"], shape["num_heads"] // shape["num_kv_heads"],
+                                   shape["block_size"], q.dtype, q.device)  # fmt: skip
+    fns = {}
+    for name, cfg in SHARED_TILINGS.items():
+        full = {**default, **cfg}
+        fns[f"thaw cascade {name}"] = lambda kv, c=full: cascade_attention_triton(
+            q, *kv, tables, lens, plan, batch["scale"], out=out, shared_config=c)
+    return fns
+
+
 def tiling_contenders(batch: dict, cu: torch.Tensor, out: torch.Tensor, shape: dict) -> dict:
     """The plain kernel under each of ``TILINGS`` (``fn((k_cache, v_cache))``): the default decode tiling
     (``choose_config``) with that tile, warps and stages, its KV split count chosen by the default rule for
@@ -183,6 +211,8 @@ def main() -> int:
                         help="FlashInfer contenders ('fi decode', 'fi decode tc', 'fi cascade', 'fi multilevel' "
                              "(FA3 JIT build)); skipped when flashinfer is not installed; '' for none")
     parser.add_argument("--tilings", action="store_true", help="also the plain kernel under each of TILINGS")
+    parser.add_argument("--shared-tilings", action="store_true",
+                        help="also cascade with its shared pass under each of SHARED_TILINGS")
     parser.add_argument("--sweep", action="store_true", help="also a grid of the plain kernel's decode tilings")
     parser.add_argument("--repeats", type=int, default=3,
                         help="timing rounds, contenders interleaved in each (GPU clocks and neighbours drift)")
@@ -221,6 +251,8 @@ def main() -> int:
                "thaw cascade": lambda kv: cascade_attention_triton(q, *kv, tables, lens, plan, scale, out=out)}
         if args.tilings:
             fns.update(tiling_contenders(batch, cu, out, shape))
+        if args.shared_tilings:
+            fns.update(shared_tiling_contenders(batch, plan, out, shape))
         if fi_variants:
             fi_fns, fi_plan_ms = flashinfer_contenders(batch, shape, case.group_size, case.prompt_len, workspace,
                                                       fi_variants)
