@@ -163,17 +163,22 @@ def choose_shared_config(num_rows: int, num_groups: int, max_group_rows: int, ma
     per SM (``_shared_splits``)."""
     block_m = max(16, min(128, triton.next_power_of_2(max(1, max_group_rows) * group)))
     block_m = max(block_m, triton.next_power_of_2(group))
-    tile_n = 32 if dtype == torch.float32 else 64
     active_tiles = num_groups * triton.cdiv(max(1, max_group_rows), block_m // group)  # the grid's bound is looser
-    num_splits = _shared_splits(active_tiles * num_kv_heads, triton.cdiv(max_shared_blocks * block_size, tile_n), device)
+    # splits are counted in 64-key pieces whatever the tile, as the H200 sweeps measured them
+    num_splits = _shared_splits(active_tiles * num_kv_heads, triton.cdiv(max_shared_blocks * block_size, 64), device)
     num_warps = 8 if block_m >= 128 or dtype == torch.float32 else 4
-    return dict(block_r=block_m // group, block_m=block_m, tile_n=tile_n, num_splits=num_splits,
-                num_warps=num_warps, num_stages=2)  # fmt: skip
+    if dtype == torch.float32:  # fp32 dots run on FMAs: small tiles keep them out of register spills
+        return dict(block_r=block_m // group, block_m=block_m, tile_n=32, num_splits=num_splits, num_warps=num_warps,
+                    num_stages=2)  # fmt: skip
+    # 128-key tiles, 3 stages: the best or within 1% of it in every case of
+    # grpo_decode_attention_h200_s10_shared_tilings.json (1.10x over 64-key tiles, 2 stages at 1,024 rows x 2,048)
+    return dict(block_r=block_m // group, block_m=block_m, tile_n=128, num_splits=num_splits, num_warps=num_warps,
+                num_stages=3)  # fmt: skip
 
 
 def _shared_splits(num_programs: int, max_tiles: int, device: torch.device) -> int:
     """Power of two (<= 16) of KV splits for the shared pass: doubled while the grid stays within one program per
-    SM and each split keeps >= 2 KV tiles. Unlike the plain decode kernel (``_decode_splits``, ~1.5 programs
+    SM and each split keeps >= 2 of the ``max_tiles`` pieces of the shared keys. Unlike the plain decode kernel (``_decode_splits``, ~1.5 programs
     per SM) a split here writes 96-row partial states that the tail pass must read back: on an H200 (GRPO
     groups of 16, Qwen2.5-1.5B heads, ``s10`` sweep in ``grpo_decode_attention_h200_s10.json``) 64 groups ran
     best unsplit, 16 groups with 4 splits, 8 groups with 8."""
