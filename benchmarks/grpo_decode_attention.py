@@ -141,6 +141,10 @@ SHARED_TILINGS = {  # named tilings of the cascade's shared pass, A/B'd against 
     "t32 s3 w8": dict(tile_n=32, num_warps=8, num_stages=3),
     "t128 s2 w8": dict(tile_n=128, num_warps=8, num_stages=2),
     "t128 s3 w8": dict(tile_n=128, num_warps=8, num_stages=3),
+    "sp1": dict(num_splits=1),  # KV splits of the shared pass, against the split rule's choice (_shared_splits)
+    "sp2": dict(num_splits=2),
+    "sp4": dict(num_splits=4),
+    "sp8": dict(num_splits=8),
 }
 
 

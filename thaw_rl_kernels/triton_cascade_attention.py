@@ -178,10 +178,10 @@ def choose_shared_config(num_rows: int, num_groups: int, max_group_rows: int, ma
 
 def _shared_splits(num_programs: int, max_tiles: int, device: torch.device) -> int:
     """Power of two (<= 16) of KV splits for the shared pass: doubled while the grid stays within one program per
-    SM and each split keeps >= 2 of the ``max_tiles`` pieces of the shared keys. Unlike the plain decode kernel (``_decode_splits``, ~1.5 programs
-    per SM) a split here writes 96-row partial states that the tail pass must read back: on an H200 (GRPO
-    groups of 16, Qwen2.5-1.5B heads, ``s10`` sweep in ``grpo_decode_attention_h200_s10.json``) 64 groups ran
-    best unsplit, 16 groups with 4 splits, 8 groups with 8."""
+    SM and each split keeps >= 2 of the ``max_tiles`` pieces of the shared keys. Unlike the plain decode kernel
+    (``_decode_splits``, ~1.5 programs per SM), a split here writes 96-row partial states that the tail pass reads
+    back: on an H200 (GRPO groups of 16, Qwen2.5-1.5B heads; ``grpo_decode_attention_h200_s10_splits.json``) 64
+    groups ran best unsplit, 32 with 2 splits, 16 with 4 and 8 with 8."""
     if device.type != "cuda" or num_programs == 0:
         return 1
     sms = num_sms(device)
