@@ -403,3 +403,17 @@ def test_a_factory_that_raises_is_reported_and_close_reaps_every_worker():
     pool.close()  # idempotent
     with pytest.raises(RuntimeError, match="closed"):
         pool.generate([h], PARAMS)
+
+
+def test_cascade_attention_runs_in_the_workers_and_is_counted():
+    """engine_kwargs reach the workers' engines: with cascade_attention="on" (the torch reference on CPU) a GRPO
+    rollout's decode steps read each group's shared prompt blocks once, the pool's counters say how many steps
+    did, and the leaves are the in-process engine's with the same setting."""
+    kwargs = dict(ENGINE_KWARGS, cascade_attention="on")
+    spec = TreeSpec.grpo(3)
+    ref = TreeSampler(NativeBackend(*FACTORY(), **kwargs), spec).rollout(PROMPTS, PARAMS)
+    assert ref.stats.cascade_steps > 0
+    with ForkPool(FACTORY, num_workers=1, engine_kwargs=kwargs, timeout_s=60) as pool:
+        batch = TreeSampler(pool, spec).rollout(PROMPTS, PARAMS)
+        assert pool.counters()["cascade_steps"] == batch.stats.cascade_steps > 0
+    assert_same_leaves(batch, ref)

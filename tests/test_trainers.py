@@ -234,9 +234,9 @@ def test_cascade_setting_reaches_the_engine_and_keeps_the_rollouts(tmp_path):
     on = make_trainer(tmp_path, engine_cascade_attention="on", **small)
     off = make_trainer(tmp_path, engine_cascade_attention="off", **small)
     got, _ = on._generate_single_turn(rows(on), None, {}, 4)
-    assert on._backend.engine.runner.cascade.num_cascade_steps > 0
+    assert on.last_rollout.stats.cascade_steps > 0  # what thaw/cascade_steps reports
     assert off._generate_single_turn(rows(off), None, {}, 4)[0] == got
-    assert off._backend.engine.runner.cascade.num_cascade_steps == 0
+    assert off.last_rollout.stats.cascade_steps == 0
     with pytest.raises(ValueError, match="engine_cascade_attention='always'"):
         make_trainer(tmp_path, engine_cascade_attention="always")
 

@@ -29,6 +29,7 @@ COUNTER_KEYS = (
     "fork_seconds",
     "snapshot_seconds",
     "restore_seconds",
+    "cascade_steps",  # decode steps that read shared prefixes once for all their rows (0 where there is no such thing)
 )
 
 

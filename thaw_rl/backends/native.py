@@ -60,6 +60,7 @@ class NativeBackend:
             # snapshot/restore timings appear once the engine counts them; 0 until then
             "snapshot_seconds": getattr(st, "snapshot_seconds", 0.0),
             "restore_seconds": getattr(st, "restore_seconds", 0.0),
+            "cascade_steps": st.num_cascade_steps,
         }
         assert set(out) == set(COUNTER_KEYS)
         return out

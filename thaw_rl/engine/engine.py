@@ -87,6 +87,7 @@ class EngineStats:
     num_forks: int = 0
     fork_seconds: float = 0.0
     num_preemptions: int = 0
+    num_cascade_steps: int = 0  # decode steps whose attention read each group's shared blocks once (cascade)
 
 
 @dataclass
@@ -243,6 +244,7 @@ class ThawEngine:
         self._rng = random.Random(seed)
         self._engine_id = id(self)
         self._stats = EngineStats()
+        self._cascade_steps_before = 0  # the runner's cascade step count at the last reset_stats
         self._transfer: KVTransfer | None = None
         # Pure-decode steps run in the async loop (``_decode_steps``): inputs made on the device, tokens read
         # one step late. False runs every step synchronously (the same outputs; kept to compare and profile).
@@ -329,6 +331,7 @@ class ThawEngine:
         st.num_free_blocks = bm.num_free_blocks + unmapped
         st.num_used_blocks = bm.num_used_blocks
         st.num_cached_blocks = bm.num_cached_blocks
+        st.num_cascade_steps = self.runner.cascade.num_cascade_steps - self._cascade_steps_before
         return EngineStats(**vars(st))
 
     @property
@@ -338,6 +341,7 @@ class ThawEngine:
 
     def reset_stats(self) -> None:
         self._stats = EngineStats()
+        self._cascade_steps_before = self.runner.cascade.num_cascade_steps
 
     def reset_prefix_cache(self) -> None:
         """Drop every prefix-cache entry; if the weights changed since the version was set, bump the version.

@@ -22,7 +22,7 @@ FORK_BREAKDOWN_KEYS = ("export_alloc_seconds", "export_gather_seconds", "export_
                        "num_export_handles", "import_open_seconds", "import_copy_seconds", "num_import_opens",
                        "num_import_reuses")
 SUMMED_STATUS_KEYS = ("prompt_tokens_computed", "prompt_tokens_reused", "tokens_computed", "tokens_generated",
-                      "num_forks", "num_snapshots", "snapshot_seconds", "num_restores", "restore_seconds",
+                      "num_forks", "num_cascade_steps", "num_snapshots", "snapshot_seconds", "num_restores", "restore_seconds",
                       "snapshot_bytes", "restore_bytes", "num_weight_loads", "weight_load_seconds", *TRUNK_STATUS_KEYS,
                       *FORK_BREAKDOWN_KEYS)
 # what ``stats()`` shows per worker, straight from its status
@@ -52,6 +52,7 @@ def backend_counters(total: Counter, num_forks: int, fork_seconds: float) -> dic
         "fork_seconds": fork_seconds,  # the caller's wall time in fork, snapshot and restore included
         "snapshot_seconds": total["snapshot_seconds"],
         "restore_seconds": total["restore_seconds"],
+        "cascade_steps": total["num_cascade_steps"],
     }
     assert set(out) == set(COUNTER_KEYS)
     return out

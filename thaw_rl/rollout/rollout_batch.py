@@ -77,6 +77,7 @@ class RolloutStats:
     fork_seconds: float = 0.0
     snapshot_seconds: float = 0.0
     restore_seconds: float = 0.0
+    cascade_steps: int = 0  # decode steps whose attention read each group's shared prefix once (counter delta)
     wall_seconds: float = 0.0
 
     @property

@@ -27,7 +27,7 @@ from thaw_rl.engine.sampling import SamplingParams, derive_seed
 from thaw_rl.rollout.rollout_batch import Leaf, Node, RolloutBatch, RolloutStats
 from thaw_rl.rollout.tree_spec import TreeSpec
 
-_TOKEN_COUNTERS = ("prefill_tokens", "decode_tokens", "reused_tokens", "sampled_tokens", "num_forks")
+_TOKEN_COUNTERS = ("prefill_tokens", "decode_tokens", "reused_tokens", "sampled_tokens", "num_forks", "cascade_steps")
 _TIME_COUNTERS = ("fork_seconds", "snapshot_seconds", "restore_seconds")
 
 

@@ -17,6 +17,8 @@ Keys (all prefixed ``thaw/``):
 - ``savings``: ``1 - computed / flat`` tokens; ``compute_ratio``: ``flat / computed``.
 - ``kv_bytes_shared``: KV bytes leaves hold in common (what a flat sampler would have held twice or more).
 - ``num_forks``, ``fork_ms``: fork calls and their total time (summed over ranks).
+- ``cascade_steps``: decode steps whose attention read each group's shared prompt (or a tree's shared trunk)
+  once for all its rows (cascade attention, ``engine_cascade_attention``), summed over ranks.
 - ``rollout_seconds``: the slowest rank's rollout wall time; ``rollout_tokens_per_s``: completion tokens
   of all ranks per ``rollout_seconds``.
 - ``leaves_filled``: leaves sampled to complete groups a tree left short (see ``group_fill``).
@@ -37,13 +39,13 @@ from thaw_rl.rollout import RolloutStats
 FIELDS = (
     "prefill_tokens", "reused_tokens", "decode_tokens", "flat_prefill_tokens", "flat_decode_tokens",
     "completion_tokens", "shared_kv_tokens", "kv_bytes_shared", "num_forks", "fork_seconds", "wall_seconds",
-    "leaves_filled", "logp_diff_sum", "logp_diff_count", "logp_diff_max",
+    "leaves_filled", "logp_diff_sum", "logp_diff_count", "logp_diff_max", "cascade_steps",
 )
 PREFIX = "thaw/"
 # the metrics that add up over generations (a run's totals: ThawGRPOTrainer.rollout_totals)
 TOTALLED_METRICS = tuple(PREFIX + k for k in (
     "prompt_tokens_prefilled", "prompt_tokens_reused", "prefill_tokens_saved", "decode_tokens",
-    "decode_tokens_saved", "num_forks", "rollout_seconds"))
+    "decode_tokens_saved", "num_forks", "rollout_seconds", "cascade_steps"))
 
 
 def local_vector(stats: RolloutStats | None, leaves_filled: int, logp_diff: torch.Tensor | None,
@@ -56,7 +58,7 @@ def local_vector(stats: RolloutStats | None, leaves_filled: int, logp_diff: torc
         diff = (0.0, 0.0, -math.inf)
     values = (s.prefill_tokens, s.reused_tokens, s.decode_tokens, s.flat_prefill_tokens, s.flat_decode_tokens,
               s.completion_tokens, s.shared_kv_tokens, s.kv_bytes_shared, s.num_forks, s.fork_seconds,
-              s.wall_seconds, leaves_filled, *diff)
+              s.wall_seconds, leaves_filled, *diff, s.cascade_steps)
     return torch.tensor(values, dtype=torch.float64, device=device)  # (K,)
 
 
@@ -81,6 +83,7 @@ def reduce_rollout_metrics(gathered: torch.Tensor) -> dict[str, float]:
         "rollout_seconds": wall,
         "rollout_tokens_per_s": total["completion_tokens"] / wall if wall > 0 else 0.0,
         "leaves_filled": total["leaves_filled"],
+        "cascade_steps": total["cascade_steps"],
     }
     if total["logp_diff_count"] > 0:
         out["sampling_logp_diff/mean"] = total["logp_diff_sum"] / total["logp_diff_count"]
