@@ -114,6 +114,10 @@ class PoolWeights:
         if root is None and self._uses_ipc(next(iter(tensors.values())).device):
             return self._transfer_ipc(targets, layout, version, tensors)
         members = ([] if root is None else [root]) + list(targets)
+        stopped = {w: cause for w in members if (cause := self._workers[w].stopped_cause()) is not None}
+        if stopped:  # it would never join the group, and everyone else would wait timeout_s for it there
+            self._group = None
+            return {}, {w: WorkerFailure(self._workers[w], "transfer_weights", cause) for w, cause in stopped.items()}
         offset = 1 if root is None else 0  # the parent is rank 0 of a group it sends from
         devices = [self._devices[w] for w in members]
         if root is None:

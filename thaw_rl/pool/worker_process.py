@@ -77,6 +77,12 @@ class WorkerProcess:
     def pid(self) -> int | None:
         return self.process.pid
 
+    def stopped_cause(self) -> str | None:
+        """Why this worker cannot take a request (killed by the pool, or its process exited), None if it can."""
+        if self.closed:
+            return f"is not running (stopped earlier: {self.stop_cause})"
+        return None if self.process.is_alive() else self.exit_cause()
+
     # -- requests ----------------------------------------------------------------------------------
     def send(self, op: str, args: tuple, version: int, timeout_s: float) -> Pending:
         req_id = next(self._req_ids)
