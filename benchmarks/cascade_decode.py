@@ -89,7 +89,7 @@ def main() -> None:
             flat = [t for row in tokens for t in row]
             ref = reference.setdefault(b, flat)
             agree = sum(x == y for x, y in zip(flat, ref)) / max(len(ref), 1)
-            cascade_steps = engine.runner.cascade.num_cascade_steps  # warm-up call included
+            cascade_steps = engine.stats.num_cascade_steps  # warm-up call included
             rows.append(dict(variant=name, batch=b, step_ms=seconds / steps * 1e3, steps=steps,
                              token_agreement_vs_first=agree, cascade_steps=cascade_steps))
             print(rows[-1], flush=True)

@@ -228,7 +228,8 @@ def main():
         torch=torch.__version__, transformers=transformers.__version__, threads=torch.get_num_threads(),
         model=args.model, dtype=str(dtype), prompts=args.prompts, group=args.group, prompt_len=args.prompt_len,
         completion_len=args.completion_len, compile_layers=args.compile_layers, cascade=args.cascade,
-        cascade_steps=engine.runner.cascade.num_cascade_steps, correctness=correctness, thaw=thaw, generate=base, decode=decode,
+        cascade_steps=engine.stats.num_cascade_steps, correctness=correctness, thaw=thaw, generate=base,
+        decode=decode,
     )
     if base:
         receipt["speedup_tokens_per_s"] = (thaw["completion_tokens"] / thaw["seconds"]) / (

@@ -235,8 +235,8 @@ def main():
     batches = [int(x) for x in args.batches.split(",")]
     kv = 0.4 if device.type == "cuda" else 1 << 30
     engine = ThawEngine(model, tok, kv_cache_memory=kv, compile_layers=args.compile_layers,
-                        max_num_seqs=max(256, *batches), fuse_qkv={"auto": None, "on": True, "off": False}[args.fuse_qkv],
-                        cascade_attention=args.cascade)
+                        max_num_seqs=max(256, *batches),
+                        fuse_qkv={"auto": None, "on": True, "off": False}[args.fuse_qkv], cascade_attention=args.cascade)
     fused_layers = engine.runner.fused_qkv.num_layers if engine.runner.fused_qkv is not None else 0
     print(f"fused q/k/v projections in {fused_layers} of {model.config.num_hidden_layers} layers")
     vocab = model.config.vocab_size
@@ -250,9 +250,9 @@ def main():
         tokens, cascade_steps = {}, {}
         for mode in (False, True):  # warm-up: graph capture for every size, compile, autotune
             engine.async_decode = mode
-            before = engine.runner.cascade.num_cascade_steps
+            before = engine.stats.num_cascade_steps
             tokens[mode] = run_call(engine, prompts, params, device, group=args.group)[3]
-            cascade_steps[mode] = engine.runner.cascade.num_cascade_steps - before
+            cascade_steps[mode] = engine.stats.num_cascade_steps - before
         # no row stops early (ignore_eos), so both modes run the same batches: the same tokens, exactly, unless
         # only one of them ran cascade attention (a different bf16 reduction order can flip a draw)
         same_tokens = tokens[False] == tokens[True]
@@ -280,7 +280,8 @@ def main():
         if graphs is not None:
             graphs._fill, graphs.forward = saved[3:]
         sync_row = dict(batch=b, mode="sync", same_tokens=same_tokens, token_agreement=agreement,
-                        cascade_steps_per_call={"sync": cascade_steps[False], "async": cascade_steps[True]}, direct_lm_head=engine.runner.direct_lm_head,
+                        cascade_steps_per_call={"sync": cascade_steps[False], "async": cascade_steps[True]},
+                        direct_lm_head=engine.runner.direct_lm_head,
                         fused_qkv_layers=fused_layers, step_ms=plain / steps * 1e3, steps=steps, syncs_per_step=syncs / steps,
                         phases_ms={k: v / isteps * 1e3 for k, v in phases.items()},
                         instrumented_step_ms=instrumented / isteps * 1e3)

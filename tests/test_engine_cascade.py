@@ -30,7 +30,7 @@ def _generate(model, tok, cascade: str, async_decode: bool = True, **engine_kwar
     # rows finish at different steps: the carried plan is narrowed as they leave
     params = [SamplingParams(temperature=0.0, max_tokens=7 + i % 4, ignore_eos=True) for i in range(len(rows))]
     out = engine.generate(rows, params)
-    return [(c.token_ids, c.logprobs) for c in out], engine.runner.cascade.num_cascade_steps
+    return [(c.token_ids, c.logprobs) for c in out], engine.stats.num_cascade_steps
 
 
 @pytest.mark.parametrize(("family", "async_decode", "max_num_seqs"), [
@@ -72,7 +72,7 @@ def test_sliding_window_layers_keep_the_plain_kernel(one_torch_thread):
     engine = ThawEngine(model, tok, block_size=4, kv_cache_memory=4 << 20, cascade_attention="on")
     rows = engine.fork(engine.prefill(prompt), 3)
     out = engine.generate(rows, SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True))
-    assert engine.runner.cascade.num_cascade_steps > 0  # planned: the rows share 3 blocks
+    assert engine.stats.num_cascade_steps > 0  # planned: the rows share 3 blocks
     assert all(o.token_ids == hf_greedy(model, prompt, 24) for o in out)
 
 
@@ -140,7 +140,7 @@ def _graph_generate(model, tok, cascade: str, prompt_lens, group: int, max_token
     params = [SamplingParams(temperature=0.0, max_tokens=max_tokens - i % 3, ignore_eos=True) for i in range(len(rows))]
     out = engine.generate(rows, params)
     cascade_graphs = [k for k in engine.runner.graphs.graphs if isinstance(k, tuple)]
-    return [(c.token_ids, c.logprobs) for c in out], engine.runner.cascade.num_cascade_steps, cascade_graphs
+    return [(c.token_ids, c.logprobs) for c in out], engine.stats.num_cascade_steps, cascade_graphs
 
 
 @pytest.mark.gpu

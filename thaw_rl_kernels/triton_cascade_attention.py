@@ -167,13 +167,12 @@ def choose_shared_config(num_rows: int, num_groups: int, max_group_rows: int, ma
     # splits are counted in 64-key pieces whatever the tile, as the H200 sweeps measured them
     num_splits = _shared_splits(active_tiles * num_kv_heads, triton.cdiv(max_shared_blocks * block_size, 64), device)
     num_warps = 8 if block_m >= 128 or dtype == torch.float32 else 4
-    if dtype == torch.float32:  # fp32 dots run on FMAs: small tiles keep them out of register spills
-        return dict(block_r=block_m // group, block_m=block_m, tile_n=32, num_splits=num_splits, num_warps=num_warps,
-                    num_stages=2)  # fmt: skip
-    # 128-key tiles, 3 stages: the best or within 1% of it in every case of
-    # grpo_decode_attention_h200_s10_shared_tilings.json (1.10x over 64-key tiles, 2 stages at 1,024 rows x 2,048)
-    return dict(block_r=block_m // group, block_m=block_m, tile_n=128, num_splits=num_splits, num_warps=num_warps,
-                num_stages=3)  # fmt: skip
+    # fp32 dots run on FMAs: small tiles keep them out of register spills. bf16/fp16: 128-key tiles, 3 stages, the
+    # best or within 1% of it in every case of grpo_decode_attention_h200_s10_shared_tilings.json (1.10x over
+    # 64-key tiles, 2 stages at 1,024 rows x 2,048)
+    tile_n, num_stages = (32, 2) if dtype == torch.float32 else (128, 3)
+    return dict(block_r=block_m // group, block_m=block_m, tile_n=tile_n, num_splits=num_splits, num_warps=num_warps,
+                num_stages=num_stages)  # fmt: skip
 
 
 def _shared_splits(num_programs: int, max_tiles: int, device: torch.device) -> int:

@@ -89,7 +89,7 @@ class WorkerProcess:
         pending = Pending(self, req_id, op, time.perf_counter(), timeout_s)
         self.num_calls += 1
         if self.closed:  # killed earlier (e.g. its start failed): the pool replaces it on this failure
-            pending.cause = f"is not running (stopped earlier: {self.stop_cause})"
+            pending.cause = self.stopped_cause()
             return pending
         try:
             self.conn.send(Request(req_id, op, version, args))
