@@ -224,7 +224,7 @@ def main() -> None:
     print(f"{model_name} on {args.device} ({args.dtype}): {args.prompts} prompts x {args.prompt_len} tokens, "
           f"{spec}, max_tokens={args.max_tokens}, {n} leaves per prompt", flush=True)
     if not args.no_warmup:  # first calls compile kernels and capture a CUDA graph per batch size: keep them out
-        # of the timing. Both samplers, all prompts, 2-token segments: the same decode batch sizes as the timed runs.
+        # of the timing. Both samplers, all prompts, short segments: the same decode batch sizes as the timed runs.
         # Segments congruent to the timed ones modulo the block size: each fork then copies a partial last block
         # holding as many tokens as in the timed run, and the block-copy kernel, which is compiled per copy size,
         # is compiled here (with 2-token segments the first timed rollout paid ~60 ms for it on an H200).

@@ -22,8 +22,8 @@ FORK_BREAKDOWN_KEYS = ("export_alloc_seconds", "export_gather_seconds", "export_
                        "num_export_handles", "import_open_seconds", "import_copy_seconds", "num_import_opens",
                        "num_import_reuses")
 SUMMED_STATUS_KEYS = ("prompt_tokens_computed", "prompt_tokens_reused", "tokens_computed", "tokens_generated",
-                      "num_forks", "num_cascade_steps", "num_snapshots", "snapshot_seconds", "num_restores", "restore_seconds",
-                      "snapshot_bytes", "restore_bytes", "num_weight_loads", "weight_load_seconds", *TRUNK_STATUS_KEYS,
+                      "num_forks", "num_cascade_steps", "num_snapshots", "snapshot_seconds", "num_restores",
+                      "restore_seconds", "snapshot_bytes", "restore_bytes", "num_weight_loads", "weight_load_seconds", *TRUNK_STATUS_KEYS,
                       *FORK_BREAKDOWN_KEYS)
 # what ``stats()`` shows per worker, straight from its status
 WORKER_STATUS_KEYS = ("version", "num_blocks", "num_used_blocks", "num_free_blocks", "num_cached_blocks",
