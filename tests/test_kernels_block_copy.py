@@ -28,7 +28,7 @@ from thaw_rl_kernels import (  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 NUM_BLOCKS = 12
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn]  # fp8: kv_cache_dtype="fp8"
 LAYOUTS = ["block_major", "layer_major"]
 # (num_layers, block_size, kv_heads, head_dim, ids dtype): odd sizes, 1 and 7 layers, 1 and 3 heads.
 SHAPES = [

@@ -14,7 +14,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from dataclasses import dataclass  # noqa: E402
+from dataclasses import dataclass, replace  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -25,6 +25,7 @@ from thaw_rl_kernels.cascade_attention import (  # noqa: E402
     tail_attention_reference,
 )
 from thaw_rl_kernels.cascade_plan import plan_cascade  # noqa: E402
+from thaw_rl_kernels.kv_write import to_cache_dtype  # noqa: E402
 from thaw_rl_kernels.paged_attention import paged_attention_reference  # noqa: E402
 from thaw_rl_kernels.triton_cascade_attention import cascade_attention_triton  # noqa: E402
 from thaw_rl_kernels.triton_paged_attention import paged_attention_triton  # noqa: E402
@@ -232,6 +233,26 @@ def test_triton_cascade_equals_plain_kernel_and_reference(dtype, num_heads, num_
     if group <= 8:
         one_row = dict(shared_config=dict(block_r=1, block_m=16, tile_n=32, num_splits=1))
         assert_matches(run_triton(batch, plan, merge=merge, **one_row), expected, dtype)
+
+
+def test_triton_cascade_reads_an_fp8_cache_as_its_widened_values():
+    """kv_cache_dtype="fp8": both passes widen the FP8 tiles to the query's bf16, so cascade (split and unsplit)
+    equals the plain reference over the widened cache, as does the torch cascade reference."""
+    batch = make_forked_batch(GROUPS, num_heads=6, num_kv_heads=2, head_dim=32, block_size=16, dtype=torch.bfloat16,
+                              seed=8)  # fmt: skip
+    fp8 = replace(batch, key_cache=to_cache_dtype(batch.key_cache, torch.float8_e4m3fn),
+                  value_cache=to_cache_dtype(batch.value_cache, torch.float8_e4m3fn))  # fmt: skip
+    plan = plan_cascade(fp8.block_tables, fp8.seq_lens, block_size=16).to(DEVICE)
+    expected = fp8.plain_reference()  # .float() widens the FP8 cache
+    assert_matches(run_triton(fp8, plan), expected, torch.bfloat16)
+    split = dict(shared_config=dict(block_r=2, block_m=16, tile_n=16, num_splits=2),
+                 tail_config=dict(block_q=1, block_m=16, tile_n=16, num_splits=2))  # fmt: skip
+    assert_matches(run_triton(fp8, plan, **split), expected, torch.bfloat16)
+    clean = replace(fp8, key_cache=to_cache_dtype(torch.nan_to_num(fp8.key_cache.float()), torch.float8_e4m3fn),
+                    value_cache=to_cache_dtype(torch.nan_to_num(fp8.value_cache.float()), torch.float8_e4m3fn))
+    ref = cascade_attention_reference(clean.query, clean.key_cache, clean.value_cache, clean.block_tables,
+                                      clean.seq_lens, plan, clean.scale)  # fmt: skip
+    assert_matches(ref, expected, torch.bfloat16)
 
 
 @pytest.mark.parametrize("num_splits", [1, 4])

@@ -72,6 +72,50 @@ def test_triton_equals_reference(layout, cache_dtype, input_dtype):
     assert torch.equal(tri_cache.kv[1, :, 2], untouched.kv[1, :, 2])  # block 2: no slot in it
 
 
+FP8 = torch.float8_e4m3fn
+FP8_VALUES = torch.arange(256, dtype=torch.uint8).view(FP8).float()  # every e4m3fn code's value (2 NaNs)
+
+
+def write_one_block(fn, key, value, cache_dtype):
+    """(16, 8, D) key and value written by ``fn`` into block 1 of a fresh cache: that block's K and V bytes, flat.
+    16 tokens of 8 heads x D: a few programs of MAX_TILE elements, so the interpreter needs seconds, not minutes."""
+    spec = KVCacheSpec(num_layers=1, num_kv_heads=8, head_dim=key.shape[2], block_size=16, dtype=cache_dtype)
+    cache = PagedKVCache(spec, 3, DEVICE)
+    blocks, offsets = slots([(1, t) for t in range(16)])
+    fn(key, value, cache.key_cache(0), cache.value_cache(0), blocks, offsets)
+    return cache.key_cache(0)[1].reshape(-1).view(torch.uint8), cache.value_cache(0)[1].reshape(-1).view(torch.uint8)
+
+
+@pytest.mark.parametrize("input_dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_fp8_cache_write_equals_torch_for_every_16_bit_input(input_dtype):
+    """kv_cache_dtype="fp8": all 65,536 bf16 (and fp16) bit patterns - subnormals, +-inf, NaNs, values past 448 -
+    written by the kernel are the reference's bytes: saturated to +-448, then torch's round-to-nearest-even cast."""
+    bits = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int16)
+    key = bits.view(input_dtype).reshape(16, 8, 512).to(DEVICE)
+    value = key.flip(0)
+    tri_k, tri_v = write_one_block(write_kv_triton, key, value, FP8)
+    ref_k, ref_v = write_one_block(write_kv_reference, key, value, FP8)
+    assert torch.equal(tri_k, ref_k) and torch.equal(tri_v, ref_v)
+    # the reference itself: NaN stays NaN, everything else saturates and lands on an e4m3fn value
+    x = key.reshape(-1).float().cpu()
+    stored = ref_k.reshape(-1).cpu().view(FP8).float()
+    assert stored[x.isnan()].isnan().all() and (stored[x.abs() >= 464].abs() == 448).all()
+
+
+def test_fp8_cache_write_rounds_to_the_nearest_e4m3_value():
+    """fp32 inputs over 2^-12 .. 2^10: each stored value is the nearest e4m3fn value to the saturated input (ties,
+    measure-zero here, aside), so the kernel's hand-written rounding is checked against the format itself."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4096, generator=g) * torch.logspace(-12, 10, 4096, base=2.0)
+    key = x.reshape(16, 8, 32).to(DEVICE)
+    tri_k, _ = write_one_block(write_kv_triton, key, key, FP8)
+    stored = tri_k.reshape(-1).cpu().view(FP8).float()
+    finite = FP8_VALUES[FP8_VALUES.isfinite()]
+    nearest = finite[(x.clamp(-448, 448)[:, None] - finite[None, :]).abs().argmin(1)]
+    exact_ties = ((x.clamp(-448, 448)[:, None] - finite[None, :]).abs().sort(1).values[:, :2].diff(1) == 0)[:, 0]
+    assert torch.equal(stored[~exact_ties], nearest[~exact_ties])
+
+
 def test_head_groups_int32_slots_and_strided_slot_tensors():
     """A head tile over MAX_TILE splits heads over programs; int32 slots read from a strided tensor."""
     cache_ref, cache_tri = (make_cache("block_major", torch.float32, 3, 2048) for _ in range(2))

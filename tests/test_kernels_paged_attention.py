@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace  # noqa: E402
 import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from thaw_rl_kernels.kv_write import to_cache_dtype  # noqa: E402
 from thaw_rl_kernels.triton_paged_attention import (  # noqa: E402
     choose_config,
     launch_paged_attention,
@@ -253,6 +254,24 @@ def test_default_tiling_depends_only_on_shapes():
             assert cfg["num_splits"] == 1
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_fp8_cache_is_read_as_its_widened_values(dtype):
+    """An FP8 cache (kv_cache_dtype="fp8") serves a query in the model's dtype: the kernel equals the reference over
+    the same cache widened to that dtype (every e4m3 value is exact in it), in the default and split tilings of a
+    mixed prefill + decode batch; the torch reference reads the FP8 cache as that widened cache too."""
+    batch = make_batch(MIXED_Q_LENS, MIXED_CTX_LENS, num_heads=6, num_kv_heads=2, head_dim=32, block_size=16,
+                       dtype=dtype, seed=11)  # fmt: skip
+    fp8 = replace(batch, key_cache=to_cache_dtype(batch.key_cache, torch.float8_e4m3fn),
+                  value_cache=to_cache_dtype(batch.value_cache, torch.float8_e4m3fn))  # fmt: skip
+    widened = replace(fp8, key_cache=fp8.key_cache.to(dtype), value_cache=fp8.value_cache.to(dtype))
+    assert not torch.equal(torch.nan_to_num(widened.key_cache), torch.nan_to_num(batch.key_cache))  # really rounded
+    expected = widened.expected()
+    assert_matches(run_kernel(fp8), expected, dtype)
+    assert_matches(run_kernel(fp8, block_q=1, block_m=16, tile_n=16, num_splits=2), expected, dtype)
+    torch.testing.assert_close(paged_attention_reference(*fp8.args), paged_attention_reference(*widened.args),
+                               atol=0, rtol=0, equal_nan=True)  # fmt: skip
+
+
 def _misuse_cases():
     def base():
         return make_batch([1, 2], [5, 9], num_heads=4, num_kv_heads=2, head_dim=64, block_size=16, dtype=torch.float32)
@@ -269,7 +288,8 @@ def _misuse_cases():
         "short cu_seqlens_q": (with_(cu_seqlens_q=lambda b: b.cu_seqlens_q[:2]), "cu_seqlens_q has shape"),
         "heads not a multiple": (with_(query=lambda b: b.query[:, :3]), "not a multiple"),
         "cache dtype": (with_(key_cache=lambda b: b.key_cache.half(), value_cache=lambda b: b.value_cache.half()),
-                        "cast the query"),  # fmt: skip
+                        "must hold the query's dtype or torch.float8_e4m3fn"),  # fmt: skip
+        "k fp8, v not": (with_(key_cache=lambda b: b.key_cache.to(torch.float8_e4m3fn)), "the same for K and V"),
         "strided head dim": (with_(query=lambda b: b.query.transpose(1, 2).contiguous().transpose(1, 2)),
                              "contiguous last dimension"),  # fmt: skip
         "k/v strides differ": (with_(value_cache=lambda b: b.value_cache.transpose(0, 1).contiguous().transpose(0, 1)),

@@ -34,7 +34,8 @@ try:
 except ImportError:  # Triton ships for Linux only; elsewhere the torch references still work.
     triton = None
 
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# The kernels move elements without arithmetic: an FP8 cache (kv_cache_dtype="fp8") copies bit for bit.
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn)
 HOST_PATHS = ("stage", "direct")
 # Which way host transfers go when the caller does not say; benchmarks/kv_transfer.py measures both.
 DEFAULT_HOST_PATH = "stage"
@@ -356,8 +357,8 @@ def gather_blocks_reference(
     """Torch reference of gather_blocks_triton (host_path is accepted and ignored)."""
     block_ids = _validate_gather(kv, block_ids, out, check_ids)
     _check_host_path(host_path)
-    picked = kv.index_select(2, block_ids.long())  # (L, 2, n, BS, KVH, D)
-    out.copy_(picked.permute(2, 0, 1, 3, 4, 5))
+    picked = _bits(kv).index_select(2, block_ids.long())  # (L, 2, n, BS, KVH, D)
+    _bits(out).copy_(picked.permute(2, 0, 1, 3, 4, 5))
     return out
 
 
@@ -413,7 +414,7 @@ def scatter_blocks_reference(
     """Torch reference of scatter_blocks_triton (host_path is accepted and ignored)."""
     block_ids = _validate_scatter(src, kv, block_ids, check_ids)
     _check_host_path(host_path)
-    kv.index_copy_(2, block_ids.long(), src.to(kv.device).permute(1, 2, 0, 3, 4, 5))
+    _bits(kv).index_copy_(2, block_ids.long(), _bits(src).to(kv.device).permute(1, 2, 0, 3, 4, 5))
     return kv
 
 
@@ -463,9 +464,15 @@ def copy_blocks_reference(
 ) -> torch.Tensor:
     """Torch reference of copy_blocks_triton."""
     src_ids, dst_ids, num_tokens = _validate_copy(src_kv, dst_kv, src_ids, dst_ids, num_tokens, check_ids)
-    rows = src_kv[:, :, :, :num_tokens].index_select(2, src_ids.long())  # (L, 2, n, num_tokens, KVH, D)
-    dst_kv[:, :, :, :num_tokens].index_copy_(2, dst_ids.long(), rows)
+    rows = _bits(src_kv)[:, :, :, :num_tokens].index_select(2, src_ids.long())  # (L, 2, n, num_tokens, KVH, D)
+    _bits(dst_kv)[:, :, :, :num_tokens].index_copy_(2, dst_ids.long(), rows)
     return dst_kv
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s memory as a dtype torch's index ops implement: an FP8 cache as uint8 (no float8 index_copy_
+    kernel on CPU); the references move bits, so this changes nothing they write."""
+    return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
 
 
 def copy_blocks(src_kv, dst_kv, src_ids, dst_ids, num_tokens=None, *, check_ids=True) -> torch.Tensor:

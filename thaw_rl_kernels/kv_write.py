@@ -11,7 +11,10 @@ Shapes: ``key``/``value`` are (T, KVH, D), any strides (the hook passes ``key[0]
 HF's (1, KVH, T, D), a non-contiguous view, and no copy is made); the caches are the per-layer views
 (NB, BS, KVH, D) of ``PagedKVCache``, whose strides differ between the layer_major and block_major
 layouts (see ``thaw_rl.engine.kv_cache``); the kernel reads all strides, so neither needs a copy. Values
-are cast to the cache's dtype (round-to-nearest-even, as ``Tensor.to``).
+are cast to the cache's dtype (round-to-nearest-even, as ``Tensor.to``). An FP8 cache
+(``torch.float8_e4m3fn``, the engine's ``kv_cache_dtype="fp8"``) stores each value saturated to the
+format's finite range (+-448) and rounded to nearest even, unscaled: vLLM's ``kv_cache_dtype="fp8"``
+with its default scale of 1.0.
 
 - ``write_kv_reference``: torch, any device (the CPU engine's path), the semantics both follow.
 - ``write_kv_triton``: one launch, grid (T, head groups); no host sync and nothing read from device
@@ -32,7 +35,10 @@ try:
 except ImportError:  # Triton ships for Linux only; elsewhere the torch reference still works.
     triton = None
 
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # of the new keys and values
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0  # the largest finite float8_e4m3fn
+CACHE_DTYPES = SUPPORTED_DTYPES + (FP8_DTYPE,)  # of the cache
 MAX_TILE = 4096  # elements of K (and as many of V) one program moves: one token's heads of a group
 
 
@@ -52,9 +58,35 @@ if triton is not None:
         return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
     @triton.jit
+    def _to_fp8e4m3_rtne(x):
+        """float32 -> float8_e4m3fn saturated to +-448 and rounded to nearest even, as ``write_kv_reference``
+        (clamp, then torch's cast). By hand with integer ops: the Triton interpreter's fp8 casts flush
+        subnormals and garble bfloat16 inputs, and one routine gives the GPU and the CPU tests the same bits."""
+        bits = x.to(tl.uint32, bitcast=True)
+        sign = (bits >> 24) & 0x80
+        mag = bits & 0x7FFFFFFF
+        is_nan = mag > 0x7F800000
+        mag = tl.minimum(mag, 0x43E00000)  # 448.0; for non-negative floats the bit order is the value order
+        exp = mag >> 23
+        # normal (>= 2^-6, biased exponent >= 121): keep 3 mantissa bits, the 20 dropped ones rounded to even
+        normal = ((mag + 0x7FFFF + ((mag >> 20) & 1)) >> 20) - (120 << 3)
+        # subnormal (and 2^-6 reached by rounding): 1.m * 2^(exp-127) in units of 2^-9 = m24 >> (141 - exp)
+        shift = tl.minimum(141 - exp, 25)
+        m24 = (mag & 0x7FFFFF) | 0x800000
+        q = m24 >> shift
+        rem = m24 & ((1 << shift) - 1)
+        half = 1 << (shift - 1)
+        q += ((rem > half) | ((rem == half) & ((q & 1) == 1))).to(tl.uint32)
+        code = tl.where(exp >= 121, normal, tl.where(exp == 0, 0, q))
+        code = tl.where(is_nan, 0x7F, code) | sign
+        return code.to(tl.uint8).to(tl.float8e4nv, bitcast=True)
+
+    @triton.jit
     def _cast(x, dtype: tl.constexpr):
         if dtype == tl.bfloat16 and x.dtype != tl.bfloat16:
             return _to_bf16_rtne(x.to(tl.float32))  # float16 -> float32 is exact, as torch goes
+        if dtype == tl.float8e4nv:
+            return _to_fp8e4m3_rtne(x.to(tl.float32))
         return x.to(dtype)
 
     @triton.jit
@@ -91,6 +123,7 @@ if triton is not None:
 
 
 _FLOAT_DTYPES = frozenset(SUPPORTED_DTYPES)
+_CACHE_DTYPES = frozenset(CACHE_DTYPES)
 _SLOT_DTYPES = frozenset((torch.int32, torch.int64))
 
 
@@ -104,7 +137,7 @@ def _check(key, value, k_cache, v_cache, slot_blocks, slot_offsets) -> None:
         ks, cs = key.shape, k_cache.shape
         ok = (len(ks) == 3 and len(cs) == 4 and value.shape == ks and v_cache.shape == cs and cs[2:] == ks[1:]
               and slot_blocks.shape == ks[:1] and slot_offsets.shape == ks[:1]
-              and {key.dtype, value.dtype, k_cache.dtype, v_cache.dtype} <= _FLOAT_DTYPES
+              and {key.dtype, value.dtype} <= _FLOAT_DTYPES and {k_cache.dtype, v_cache.dtype} <= _CACHE_DTYPES
               and {slot_blocks.dtype, slot_offsets.dtype} <= _SLOT_DTYPES
               and len({key.device, value.device, k_cache.device, v_cache.device, slot_blocks.device,
                        slot_offsets.device}) == 1)
@@ -133,9 +166,12 @@ def _diagnose(key, value, k_cache, v_cache, slot_blocks, slot_offsets) -> None:
         if t.shape != (T,) or t.dtype not in _SLOT_DTYPES:
             raise ValueError(f"{name} must be ({T},) int32 or int64, one slot per new token, got "
                              f"{tuple(t.shape)} {t.dtype}.")
-    for name, t in named[:4]:
+    for name, t in named[:2]:
         if t.dtype not in SUPPORTED_DTYPES:
             raise ValueError(f"{name} has dtype {t.dtype}; supported dtypes are {SUPPORTED_DTYPES}.")
+    for name, t in named[2:4]:
+        if t.dtype not in CACHE_DTYPES:
+            raise ValueError(f"{name} has dtype {t.dtype}; supported cache dtypes are {CACHE_DTYPES}.")
     for name, t in named[1:]:
         if t.device != key.device:
             raise ValueError(f"{name} is on {t.device} but key is on {key.device}; move them to one device.")
@@ -155,10 +191,19 @@ def write_kv_reference(
     slot_blocks: torch.Tensor,  # (T,) int: block of each new token
     slot_offsets: torch.Tensor,  # (T,) int: offset inside that block
 ) -> None:
-    """k_cache[slot_blocks[t], slot_offsets[t]] = key[t] (cast), and the same for value."""
+    """k_cache[slot_blocks[t], slot_offsets[t]] = key[t] (cast; saturated to +-448 into FP8), and the same for
+    value."""
     _check(key, value, k_cache, v_cache, slot_blocks, slot_offsets)
-    k_cache[slot_blocks, slot_offsets] = key.to(k_cache.dtype)
-    v_cache[slot_blocks, slot_offsets] = value.to(v_cache.dtype)
+    k_cache[slot_blocks, slot_offsets] = to_cache_dtype(key, k_cache.dtype)
+    v_cache[slot_blocks, slot_offsets] = to_cache_dtype(value, v_cache.dtype)
+
+
+def to_cache_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` as the cache stores it: ``x.to(dtype)``, except that FP8 saturates to +-448 first (out of range,
+    a plain cast may give NaN); NaN stays NaN."""
+    if dtype == FP8_DTYPE:
+        return x.float().clamp(-FP8_MAX, FP8_MAX).to(dtype)
+    return x.to(dtype)
 
 
 def write_kv_triton(key, value, k_cache, v_cache, slot_blocks, slot_offsets) -> None:

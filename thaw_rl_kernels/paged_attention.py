@@ -20,10 +20,11 @@ import torch
 import torch.nn.functional as F
 
 
-def _gather_context(cache: torch.Tensor, block_row: torch.Tensor, num_blocks: int) -> torch.Tensor:
-    """One sequence's first num_blocks blocks as a dense (num_blocks*BS, KVH, D) tensor."""
+def _gather_context(cache: torch.Tensor, block_row: torch.Tensor, num_blocks: int, dtype: torch.dtype) -> torch.Tensor:
+    """One sequence's first num_blocks blocks as a dense (num_blocks*BS, KVH, D) tensor in ``dtype`` (an FP8
+    cache widened to the query's dtype, exactly)."""
     _, bs, kvh, d = cache.shape
-    return cache[block_row[:num_blocks].long()].reshape(num_blocks * bs, kvh, d)
+    return cache[block_row[:num_blocks].long()].reshape(num_blocks * bs, kvh, d).to(dtype)
 
 
 def paged_attention_reference(
@@ -53,8 +54,8 @@ def paged_attention_reference(
         lens = seq_lens[idx].long()  # (Sd,)
         nblk = -(-max(ctx[s] for s in decode) // bs)
         blocks = block_tables[idx, :nblk].long()  # (Sd, nblk)
-        k = key_cache[blocks].flatten(1, 2)  # (Sd, L, KVH, D)
-        v = value_cache[blocks].flatten(1, 2)
+        k = key_cache[blocks].flatten(1, 2).to(query.dtype)  # (Sd, L, KVH, D); an FP8 cache widened
+        v = value_cache[blocks].flatten(1, 2).to(query.dtype)
         keys = torch.arange(nblk * bs, device=query.device)[None, :]  # (1, L)
         valid = keys < lens[:, None]  # (Sd, L)
         if sliding_window:
@@ -72,8 +73,8 @@ def paged_attention_reference(
             continue
         n = ctx[s]
         nblk = -(-n // bs)
-        k = _gather_context(key_cache, block_tables[s], nblk)[:n]  # (n, KVH, D)
-        v = _gather_context(value_cache, block_tables[s], nblk)[:n]
+        k = _gather_context(key_cache, block_tables[s], nblk, query.dtype)[:n]  # (n, KVH, D)
+        v = _gather_context(value_cache, block_tables[s], nblk, query.dtype)[:n]
         q = query[cu[s] : cu[s + 1]]  # (q_len, H, D)
         pos = torch.arange(n - q_len, n, device=query.device)
         keys = torch.arange(n, device=query.device)[None, :]  # (1, n)

@@ -37,6 +37,7 @@ from thaw_rl_kernels.triton_paged_attention import (
     _dot,
     _merge_splits_kernel,
     _sequence_of_tile,
+    _widen,
     choose_config,
     launch_paged_attention,
     num_sms,
@@ -131,8 +132,8 @@ def _shared_prefix_kernel(
             + offs_d[None, :]
         )
         kv_mask = key_valid[:, None] & d_valid[None, :]
-        k = tl.load(k_cache_ptr + kv_offs, mask=kv_mask, other=0.0)  # (TILE_N, D_PAD)
-        v = tl.load(v_cache_ptr + kv_offs, mask=kv_mask, other=0.0)  # (TILE_N, D_PAD)
+        k = _widen(tl.load(k_cache_ptr + kv_offs, mask=kv_mask, other=0.0), q.dtype)  # (TILE_N, D_PAD)
+        v = _widen(tl.load(v_cache_ptr + kv_offs, mask=kv_mask, other=0.0), q.dtype)  # (TILE_N, D_PAD)
         s = (_dot(q, tl.trans(k), DOT_PRECISION, DOT_UPCAST) * qk_scale).to(tl.float32)  # (BLOCK_M, TILE_N)
         s = tl.where(key_valid[None, :], s, float("-inf"))  # every shared key precedes every row: no causal mask
         m_new = tl.maximum(m_i, tl.max(s, axis=1))

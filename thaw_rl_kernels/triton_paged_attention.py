@@ -17,6 +17,8 @@ How the work is cut (flash-attention with a paged K/V gather, as in vLLM's unifi
   block table) only up to the causal limit of its last row, with an online softmax in fp32.
 - Decode batches too small to fill the GPU are split along the KV axis (flash-decoding): each of
   ``NUM_SPLITS`` programs writes a partial (max, sum, acc) and a second small kernel merges them.
+- An FP8 cache (``float8_e4m3fn``, unscaled) is read as is and widened to the query's dtype tile by tile
+  (exact: every e4m3 value is a bf16/fp16/fp32 value), so a step reads half the bytes of a bf16 cache.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import triton
 import triton.language as tl
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+FP8_CACHE_DTYPE = torch.float8_e4m3fn  # a cache in this dtype serves a query of any supported dtype
 LOG2E = 1.4426950408889634
 
 
@@ -57,6 +60,14 @@ def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     else:
         c = tl.dot(a, b, input_precision=PRECISION)
     return c
+
+
+@triton.jit
+def _widen(kv, dtype: tl.constexpr):
+    """A K or V tile in the query's dtype: an FP8 cache's tile converted (exactly), any other passed through."""
+    if kv.dtype != dtype:
+        return kv.to(dtype)
+    return kv
 
 
 @triton.jit(do_not_specialize=["num_seqs"])  # S == 1 must stay a tensor: the binary search reassigns it
@@ -183,8 +194,8 @@ def _paged_attention_kernel(
             + offs_d[None, :]
         )
         kv_mask = key_valid[:, None] & d_valid[None, :]
-        k = tl.load(k_cache_ptr + kv_offs, mask=kv_mask, other=0.0)  # (TILE_N, D_PAD)
-        v = tl.load(v_cache_ptr + kv_offs, mask=kv_mask, other=0.0)  # (TILE_N, D_PAD)
+        k = _widen(tl.load(k_cache_ptr + kv_offs, mask=kv_mask, other=0.0), q.dtype)  # (TILE_N, D_PAD)
+        v = _widen(tl.load(v_cache_ptr + kv_offs, mask=kv_mask, other=0.0), q.dtype)  # (TILE_N, D_PAD)
 
         # .to: under torch.compile the scalar arrives as fp64, which would make the softmax state fp64
         s = (_dot(q, tl.trans(k), DOT_PRECISION, DOT_UPCAST) * qk_scale).to(tl.float32)  # (BLOCK_M, TILE_N)
@@ -497,10 +508,10 @@ def _check_attention_shapes(query, key_cache, value_cache) -> None:
         raise ValueError(f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads} (GQA: H = KVH * G).")
     if query.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"query dtype {query.dtype} is not supported; use one of {SUPPORTED_DTYPES}.")
-    if key_cache.dtype != query.dtype or value_cache.dtype != query.dtype:
+    if key_cache.dtype != value_cache.dtype or key_cache.dtype not in (query.dtype, FP8_CACHE_DTYPE):
         raise ValueError(
-            f"cache dtype {key_cache.dtype}/{value_cache.dtype} != query dtype {query.dtype}; cast the query "
-            "to the cache dtype (quantised caches are not supported)."
+            f"cache dtype {key_cache.dtype}/{value_cache.dtype} does not serve query dtype {query.dtype}: the cache "
+            f"must hold the query's dtype or {FP8_CACHE_DTYPE} (kv_cache_dtype='fp8'), the same for K and V."
         )
 
 

@@ -503,4 +503,5 @@ def build_vllm_backend_for(model, args) -> VLLMBackend:
         path, block_size=args.kv_block_size, dtype=str(model.dtype).removeprefix("torch."),
         kv_cache_memory_bytes=memory if isinstance(memory, int) else None,
         gpu_memory_utilization=memory if isinstance(memory, float) else args.vllm_gpu_memory_utilization,
-        max_model_len=args.vllm_max_model_length, seed=args.seed, **(args.vllm_engine_kwargs or {}))
+        max_model_len=args.vllm_max_model_length, seed=args.seed,
+        **{"kv_cache_dtype": args.kv_cache_dtype, **(args.vllm_engine_kwargs or {})})

@@ -37,7 +37,7 @@ from thaw_rl.engine.block_manager import BlockManager, KVCacheExhaustedError, pr
 from thaw_rl.engine.cascade import CASCADE_MODES
 from thaw_rl.engine.decode_batch import DecodeBatch, LateTokens
 from thaw_rl.engine.fused_qkv import FusedQKV
-from thaw_rl.engine.kv_cache import KVCacheSpec, PagedKVCache, use_vmm
+from thaw_rl.engine.kv_cache import KVCacheSpec, PagedKVCache, resolve_kv_cache_dtype, use_vmm
 from thaw_rl.engine.model_runner import SUPPORTED_MODEL_TYPES, ModelRunner
 from thaw_rl.engine.sampling import SamplingBatch, SamplingParams, check_token_ids, params_and_seeds, sample
 from thaw_rl.engine.scheduler import Scheduler
@@ -167,7 +167,12 @@ def _positive_int(name: str, value, example: int) -> int:
 
 
 class ThawEngine:
-    """Paged-KV generation with copy-on-write fork over an unmodified HF causal LM."""
+    """Paged-KV generation with copy-on-write fork over an unmodified HF causal LM.
+
+    ``kv_cache_dtype="fp8"`` stores the cache as float8_e4m3fn (``engine/kv_cache.py``): twice the tokens in
+    ``kv_cache_memory`` and half the bytes for decode attention, with keys and values rounded; the default
+    "auto" keeps the model's dtype, so greedy output equals ``model.generate``.
+    """
 
     def __init__(
         self,
@@ -185,6 +190,7 @@ class ThawEngine:
         cascade_attention: str = "auto",
         kv_cache_vmm: bool | None = None,
         fuse_qkv: bool | None = None,
+        kv_cache_dtype: str = "auto",
     ) -> None:
         config = model.config
         if cascade_attention not in CASCADE_MODES:
@@ -209,7 +215,8 @@ class ThawEngine:
         self.device = next(model.parameters()).device
         self.dtype = compute_dtype(model)  # FSDP2 mixed precision computes in bf16 over fp32 shards
         num_layers, num_kv_heads, head_dim = _model_dims(config)
-        self.spec = KVCacheSpec(num_layers, num_kv_heads, head_dim, block_size, self.dtype)
+        self.spec = KVCacheSpec(num_layers, num_kv_heads, head_dim, block_size,
+                                resolve_kv_cache_dtype(kv_cache_dtype, self.dtype))
         self.block_size = block_size
         self.max_model_len = int(getattr(config, "max_position_embeddings", 1 << 30))
         self.vocab_size = config.vocab_size

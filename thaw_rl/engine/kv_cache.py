@@ -35,6 +35,11 @@ from thaw_rl.engine.vmm_pool import VmmRange, vmm_unavailable_reason
 logger = logging.getLogger(__name__)
 
 LAYOUTS = ("block_major", "layer_major")
+# What the cache stores (``ThawEngine(kv_cache_dtype=...)``, vLLM's names): "auto" is the model's compute dtype;
+# "fp8" (alias "fp8_e4m3") is float8_e4m3fn, unscaled and saturated to +-448 (vLLM's fp8 KV with its default
+# scale of 1.0): half the bytes of a bf16 cache for attention to read and twice the tokens in the same memory,
+# at the price of rounding every cached key and value to 3 mantissa bits (logprobs move; greedy text may).
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 _vmm_fallback_logged = False
 
 
@@ -56,6 +61,16 @@ class KVCacheSpec:
     @property
     def bytes_per_token(self) -> int:
         return self.bytes_per_block // self.block_size
+
+
+def resolve_kv_cache_dtype(name: str, compute_dtype: torch.dtype) -> torch.dtype:
+    """The torch dtype a cache named ``name`` stores for a model computing in ``compute_dtype``."""
+    if name == "auto":
+        return compute_dtype
+    if name in ("fp8", "fp8_e4m3"):
+        return torch.float8_e4m3fn
+    raise ValueError(f"kv_cache_dtype={name!r} must be one of {KV_CACHE_DTYPES}: 'auto' (the model's dtype) or "
+                     f"'fp8' (float8_e4m3fn, half the memory and attention reads; rounds the cached K/V).")
 
 
 def use_vmm(requested: bool | None, device: torch.device | str) -> bool:

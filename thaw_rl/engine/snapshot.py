@@ -45,13 +45,17 @@ _FIXED = struct.Struct("<8sIQQ")  # magic, version, json length, payload length
 _HEADER_DIGEST_SIZE = 16
 _HEADER_SIZE = _FIXED.size + _HEADER_DIGEST_SIZE  # 44
 _DIGEST_SIZE = 32
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+           "float8_e4m3fn": torch.float8_e4m3fn}
 
 # What a restore's advice says for each fingerprint field that differs.
 _FIXES = {
     "dtype": "restore into an engine built on the same model in {snapshot} (model.to(torch.{snapshot}))",
+    # the fingerprint's dtype is the KV cache's: an FP8 cache (ThawEngine(kv_cache_dtype="fp8")) on either side
+    "kv_fp8": "restore into an engine whose KV cache holds {snapshot}: ThawEngine(..., kv_cache_dtype={wanted})",
     "block_size": "build the target engine with ThawEngine(..., block_size={snapshot})",
 }
+FP8_NAME = "float8_e4m3fn"
 _OTHER_MODEL_FIX = "the snapshot comes from another model; restore into an engine built on the same model"
 
 
@@ -245,7 +249,9 @@ def check_fingerprint(snapshot_fp: dict, engine_fp: dict) -> None:
     for name in list(engine_fp) + [k for k in snapshot_fp if k not in engine_fp]:
         theirs, ours = snapshot_fp.get(name), engine_fp.get(name)
         if theirs != ours:
-            fix = _FIXES.get(name, _OTHER_MODEL_FIX).format(snapshot=theirs, engine=ours)
+            fp8 = name == "dtype" and FP8_NAME in (theirs, ours)
+            fix = _FIXES["kv_fp8" if fp8 else name] if name in _FIXES else _OTHER_MODEL_FIX
+            fix = fix.format(snapshot=theirs, engine=ours, wanted="'fp8'" if theirs == FP8_NAME else "'auto'")
             raise SnapshotMismatchError(
                 f"snapshot {name} {theirs} != engine {name} {ours}: {fix}.", name, theirs, ours
             )

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from trl import GRPOConfig
 
 from thaw_rl.engine.cascade import CASCADE_MODES
+from thaw_rl.engine.kv_cache import KV_CACHE_DTYPES
 from thaw_rl.engine.sampling import SamplingParams
 from thaw_rl.rollout.tree_spec import KINDS, TreeSpec
 from thaw_rl.trainers.tree_attention import MASK_KINDS
@@ -127,6 +128,14 @@ class ThawGRPOConfig(GRPOConfig):
                           "mapped again at the next generation. False keeps the pool allocated (no reallocation; "
                           "give a small kv_cache_memory). Either way the prefix cache is reset every generation "
                           "because the weights changed."})
+    kv_cache_dtype: str = field(
+        default="auto",
+        metadata={"help": "What the rollout KV cache stores: 'auto' (the model's dtype; greedy output equals "
+                          "model.generate) or 'fp8' (float8_e4m3fn, unscaled, saturated to +-448, as vLLM's "
+                          "kv_cache_dtype='fp8'): twice the tokens in kv_cache_memory and half the bytes for decode "
+                          "attention to read, with every cached key and value rounded, so sampling logprobs move "
+                          "(the importance-sampling correction sees it). The native engine, the pool workers' engines "
+                          "and vLLM (rollout_backend='vllm') all take it."})
     kv_cache_vmm: bool | None = field(
         default=None,
         metadata={"help": "Map the engine's KV pool on demand through the CUDA driver's virtual memory API: its "
@@ -193,6 +202,9 @@ class ThawGRPOConfig(GRPOConfig):
             raise ValueError(
                 f"kv_cache_memory={self.kv_cache_memory}: give bytes (>= 1), a fraction in (0, 1) of free GPU "
                 f"memory, or None for the engine default.")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype={self.kv_cache_dtype!r}: use one of {KV_CACHE_DTYPES} ('auto': the "
+                             f"model's dtype; 'fp8': float8_e4m3fn).")
         if self.engine_cascade_attention not in CASCADE_MODES:
             raise ValueError(f"engine_cascade_attention={self.engine_cascade_attention!r}: use one of {CASCADE_MODES}.")
         if self.shared_prefix_attention not in MASK_KINDS:

@@ -276,7 +276,7 @@ class ThawGRPOTrainer(GRPOTrainer):
             graphs = False  # an earlier engine's capture failed in this process (logged there)
         self._backend = NativeBackend(model, self._tokenizer, block_size=self.args.kv_block_size,
                                       kv_cache_memory=self.args.engine_kv_cache_memory, use_cuda_graphs=graphs,
-                                      kv_cache_vmm=self.args.kv_cache_vmm,
+                                      kv_cache_vmm=self.args.kv_cache_vmm, kv_cache_dtype=self.args.kv_cache_dtype,
                                       compile_layers=self.args.engine_compile_layers,
                                       fuse_qkv=self.args.engine_fuse_qkv,
                                       cascade_attention=self.args.engine_cascade_attention, seed=self.args.seed)

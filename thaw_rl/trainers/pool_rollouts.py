@@ -98,7 +98,7 @@ class PoolRollouts:
             engine_kwargs = dict(block_size=args.kv_block_size, kv_cache_memory=args.engine_kv_cache_memory,
                                  use_cuda_graphs=args.engine_cuda_graphs, compile_layers=args.engine_compile_layers,
                                  fuse_qkv=args.engine_fuse_qkv, cascade_attention=args.engine_cascade_attention,
-                                 seed=args.seed, kv_cache_vmm=args.kv_cache_vmm)
+                                 seed=args.seed, kv_cache_vmm=args.kv_cache_vmm, kv_cache_dtype=args.kv_cache_dtype)
             self.pool = ForkPool(factory, num_workers=args.pool_num_workers, devices=pool_devices(args),
                                  engine_kwargs=engine_kwargs, timeout_s=args.pool_timeout_s, seed=args.seed,
                                  weight_sync="distributed", weight_bucket_bytes=args.pool_weight_bucket_bytes,
