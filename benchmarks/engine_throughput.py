@@ -175,6 +175,8 @@ def main():
     ap.add_argument("--compile-layers", action="store_true", help="regional torch.compile of decoder layers")
     ap.add_argument("--cascade", choices=("auto", "on", "off"), default="auto",
                     help="the engine's cascade (shared-prefix) decode attention (auto: its default)")
+    ap.add_argument("--kv-cache-dtype", choices=("auto", "fp8"), default="auto",
+                    help="auto: the model's dtype; fp8: float8_e4m3fn KV cache (half the bytes; rounds K/V)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -189,7 +191,7 @@ def main():
     kv_mem = kv_mem if kv_mem < 1 else int(kv_mem)
     engine = ThawEngine(model, tok, kv_cache_memory=kv_mem, use_cuda_graphs=not args.no_cuda_graphs and None,
                         max_num_seqs=max(256, args.prompts * args.group), compile_layers=args.compile_layers,
-                        cascade_attention=args.cascade)
+                        cascade_attention=args.cascade, kv_cache_dtype=args.kv_cache_dtype)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(10, vocab, (args.prompt_len,), generator=g).tolist() for _ in range(args.prompts)]
 
@@ -228,6 +230,7 @@ def main():
         torch=torch.__version__, transformers=transformers.__version__, threads=torch.get_num_threads(),
         model=args.model, dtype=str(dtype), prompts=args.prompts, group=args.group, prompt_len=args.prompt_len,
         completion_len=args.completion_len, compile_layers=args.compile_layers, cascade=args.cascade,
+        kv_cache_dtype=args.kv_cache_dtype,
         cascade_steps=engine.stats.num_cascade_steps, correctness=correctness, thaw=thaw, generate=base,
         decode=decode,
     )

@@ -83,6 +83,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="only the greedy study: no sampling, training-forward or fork/snapshot lines")
     p.add_argument("--packed-masks", default="auto", help="packed tree-mask kinds (auto: dense,flex on CUDA, dense)")
     p.add_argument("--engine-kv-bytes", type=int, default=2 << 30)
+    p.add_argument("--kv-cache-dtype", choices=("auto", "fp8"), default="auto",
+                   help="the engine's KV cache: auto (the model's dtype) or fp8 (float8_e4m3fn: what its rounding "
+                        "costs in engine - train logprobs and IS ratios)")
     p.add_argument("--no-vllm", action="store_true")
     p.add_argument("--vllm-gpu-memory", type=float, default=0.3, help="vLLM gpu_memory_utilization (CUDA)")
     p.add_argument("--vllm-kv-bytes", type=int, default=1 << 30, help="vLLM kv_cache_memory_bytes (CPU)")
@@ -634,7 +637,8 @@ def main(argv=None) -> None:
     if dtype != torch.float32 and args.greedy_prompts > 0:
         truth = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa",
                                                      local_files_only=True).to(args.device).eval()
-    engine_kwargs = {"kv_cache_memory": args.engine_kv_bytes if args.device == "cuda" else None}
+    engine_kwargs = {"kv_cache_memory": args.engine_kv_bytes if args.device == "cuda" else None,
+                     "kv_cache_dtype": args.kv_cache_dtype}
     masks = (["dense", "flex"] if args.device == "cuda" else ["dense"]) if args.packed_masks == "auto" \
         else args.packed_masks.split(",")
     results = measure(model, tokenizer, prompts, group=args.group, max_tokens=args.max_tokens,

@@ -10,6 +10,9 @@ the engine's block_major cache (28 layers). Contenders:
 - thaw cascade:    ``cascade_attention_triton`` (prompt once per group, then each row's tail, fused merge).
 - thaw <tiling>:   the plain kernel under one of ``TILINGS`` (``--tilings``), to A/B its default tiling.
 - thaw cascade <tiling>: cascade with its shared pass under one of ``SHARED_TILINGS`` (``--shared-tilings``).
+- thaw plain fp8 / thaw cascade fp8 (``--fp8``): the same kernels over an FP8 copy of the cache
+                   (``kv_cache_dtype="fp8"``: float8_e4m3fn, half the bytes), checked against the reference over
+                   that FP8 cache (the rounding is the format's, not the kernel's).
 - fi decode:       FlashInfer ``BatchDecodeWithPagedKVCacheWrapper`` (CUDA-core decode kernel), whole context.
 - fi decode tc:    the same with ``use_tensor_cores=True`` (its prefill kernel; GQA groups of 6 heads as rows).
 - fi cascade:      two levels by hand: a ``BatchPrefillWithPagedKVCacheWrapper`` (fa2) whose queries are a
@@ -218,6 +221,7 @@ def main() -> int:
     parser.add_argument("--shared-tilings", action="store_true",
                         help="also cascade with its shared pass under each of SHARED_TILINGS")
     parser.add_argument("--sweep", action="store_true", help="also a grid of the plain kernel's decode tilings")
+    parser.add_argument("--fp8", action="store_true", help="also thaw plain and cascade over an FP8 copy of the cache")
     parser.add_argument("--repeats", type=int, default=3,
                         help="timing rounds, contenders interleaved in each (GPU clocks and neighbours drift)")
     args = parser.parse_args()
@@ -228,6 +232,7 @@ def main() -> int:
 
     from paged_attention import CascadeCase
     from thaw_rl_kernels.cascade_plan import plan_cascade
+    from thaw_rl_kernels.kv_write import to_cache_dtype
     from thaw_rl_kernels.paged_attention import paged_attention_reference
     from thaw_rl_kernels.triton_cascade_attention import cascade_attention_triton
     from thaw_rl_kernels.triton_paged_attention import paged_attention_triton
@@ -253,6 +258,14 @@ def main() -> int:
         q, tables, lens = batch["query"], batch["block_tables"], batch["seq_lens"]
         fns = {"thaw plain": lambda kv: paged_attention_triton(q, *kv, tables, lens, cu, 1, scale, out=out),
                "thaw cascade": lambda kv: cascade_attention_triton(q, *kv, tables, lens, plan, scale, out=out)}
+        fp8_of = {}  # id of a layer's bf16 K cache -> that layer's (K, V) in FP8
+        if args.fp8:
+            for k, v in batch["layer_caches"]:
+                fp8_of[id(k)] = (to_cache_dtype(k, torch.float8_e4m3fn), to_cache_dtype(v, torch.float8_e4m3fn))
+            fns["thaw plain fp8"] = lambda kv: paged_attention_triton(q, *fp8_of[id(kv[0])], tables, lens, cu, 1,
+                                                                      scale, out=out)  # fmt: skip
+            fns["thaw cascade fp8"] = lambda kv: cascade_attention_triton(q, *fp8_of[id(kv[0])], tables, lens, plan,
+                                                                          scale, out=out)  # fmt: skip
         if args.tilings:
             fns.update(tiling_contenders(batch, cu, out, shape))
         if args.shared_tilings:
@@ -263,6 +276,9 @@ def main() -> int:
             fns.update(fi_fns)
             plan_ms.update(fi_plan_ms)
         expected = paged_attention_reference(*kv, cu, 1, scale).float()
+        if fp8_of:
+            first = fp8_of[id(batch["layer_caches"][0][0])]
+            expected_fp8 = paged_attention_reference(q, *first, tables, lens, cu, 1, scale).float()
         row = dict(case=case.name, num_rows=case.num_rows, group_size=case.group_size, prompt_len=case.prompt_len,
                    tail_range=list(case.tail_range), plan_host_ms=plan_ms, results={})
         runnable = {}
@@ -276,8 +292,9 @@ def main() -> int:
                 print(f"{case.name} {name}: {row['results'][name]['error']}", flush=True)
                 continue
             first_call.setdefault(name, time.perf_counter() - t0)
-            err = (got.float() - expected).abs().max().item()
-            correct = err <= tol * max(1.0, expected.abs().max().item())
+            want = expected_fp8 if name.endswith(" fp8") else expected
+            err = (got.float() - want).abs().max().item()
+            correct = err <= tol * max(1.0, want.abs().max().item())
             ok &= correct
             row["results"][name] = dict(max_abs_err=err, correct=correct, ms_rounds=[])
             runnable[name] = fn
@@ -298,7 +315,7 @@ def main() -> int:
                   flush=True)
         rows_out.append(row)
         print_row(row, flush=True)
-        batch = kv = fns = runnable = expected = out = plan = None
+        batch = kv = fns = runnable = expected = out = plan = fp8_of = expected_fp8 = None
         torch.cuda.empty_cache()
     data = receipt("grpo_decode_attention", args, rows_out)
     data.update(shape=shape, dtype=str(dtype), all_correct=ok, first_call_s=first_call,

@@ -147,6 +147,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--compile-layers", action="store_true", help="thaw: engine_compile_layers=True")
     p.add_argument("--cascade", choices=("auto", "on", "off"), default="auto",
                    help="thaw: engine_cascade_attention (auto: the engine's default)")
+    p.add_argument("--kv-cache-dtype", choices=("auto", "fp8"), default="auto",
+                   help="thaw: kv_cache_dtype (fp8: float8_e4m3fn rollout KV cache; rounds K/V)")
     p.add_argument("--profile", type=Path, default=None,
                    help="directory: profile each trainer's last step with torch.profiler (profile_<trainer>.txt)")
     p.add_argument("--vllm-gpu-memory-utilization", type=float, default=0.3,
@@ -449,7 +451,7 @@ def run(kind: str, args, out_dir: str) -> dict:
             fields.update(release_kv_cache=False, kv_cache_memory=args.kv_cache_memory or 8e9)
         if kind == "thaw-defaults-pytorch":
             fields.update(kv_cache_vmm=False)
-        fields.update(engine_cascade_attention=args.cascade)
+        fields.update(engine_cascade_attention=args.cascade, kv_cache_dtype=args.kv_cache_dtype)
         if on_gpu:
             fields.update(engine_compile_layers=args.compile_layers)
         if kind in POOL_TRAINERS:  # the engine fields above go to the worker's engine

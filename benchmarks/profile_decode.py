@@ -227,6 +227,8 @@ def main():
     ap.add_argument("--cascade", choices=("auto", "on", "off"), default="auto",
                     help="the engine's cascade (shared-prefix) attention (auto: its default; it runs in the async "
                          "loop's graph steps only, so bf16 rounding can make the two loops' draws differ)")
+    ap.add_argument("--kv-cache-dtype", choices=("auto", "fp8"), default="auto",
+                    help="auto: the model's dtype; fp8: float8_e4m3fn KV cache (half the bytes; rounds K/V)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -236,7 +238,8 @@ def main():
     kv = 0.4 if device.type == "cuda" else 1 << 30
     engine = ThawEngine(model, tok, kv_cache_memory=kv, compile_layers=args.compile_layers,
                         max_num_seqs=max(256, *batches),
-                        fuse_qkv={"auto": None, "on": True, "off": False}[args.fuse_qkv], cascade_attention=args.cascade)
+                        fuse_qkv={"auto": None, "on": True, "off": False}[args.fuse_qkv], cascade_attention=args.cascade,
+                        kv_cache_dtype=args.kv_cache_dtype)
     fused_layers = engine.runner.fused_qkv.num_layers if engine.runner.fused_qkv is not None else 0
     print(f"fused q/k/v projections in {fused_layers} of {model.config.num_hidden_layers} layers")
     vocab = model.config.vocab_size

@@ -76,6 +76,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch threads on CPU")
     p.add_argument("--compile-layers", action="store_true",
                    help="regional torch.compile of the decoder layers (the engine option a GPU user turns on)")
+    p.add_argument("--kv-cache-dtype", choices=("auto", "fp8"), default="auto",
+                   help="auto: the model's dtype; fp8: float8_e4m3fn KV cache (half the bytes; rounds K/V)")
     p.add_argument("--out", type=Path, default=None, help="where to write the JSON receipt")
     args = p.parse_args()
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -214,7 +216,8 @@ def main() -> None:
     model, tokenizer, model_name = load_model(args)
     kv = args.kv_cache_memory
     kv = None if kv is None else (kv if kv < 1 else int(kv))
-    backend = NativeBackend(model, tokenizer, kv_cache_memory=kv, compile_layers=args.compile_layers)
+    backend = NativeBackend(model, tokenizer, kv_cache_memory=kv, compile_layers=args.compile_layers,
+                            kv_cache_dtype=args.kv_cache_dtype)
     spec = TreeSpec.segments(args.branching, segment_tokens=args.segment_tokens)
     params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, ignore_eos=not args.eos,
                             seed=args.seed)

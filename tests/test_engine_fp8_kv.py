@@ -140,3 +140,32 @@ def test_unknown_kv_cache_dtype_is_named_with_the_choices(tiny):
     model, tok = tiny
     with pytest.raises(ValueError, match=r"kv_cache_dtype='int8' must be one of \('auto', 'fp8', 'fp8_e4m3'\)"):
         ThawEngine(model, tok, kv_cache_memory=8 << 20, kv_cache_dtype="int8")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("cascade", ["off", "on"])
+def test_fp8_engine_on_cuda_graphs_decodes_as_the_model_over_fp8_rounded_kv(cascade):
+    """fp32 on CUDA with graphs (and cascade): the Triton write, plain and cascade kernels over the FP8 cache give
+    the FP8-KV reference forward's greedy tokens and logprobs."""
+    model, tok = tiny_model_and_tokenizer("qwen2")
+    model = model.cuda()
+    engine = ThawEngine(model, tok, kv_cache_memory=64 << 20, kv_cache_dtype="fp8", cascade_attention=cascade)
+    prompt = random_prompts([37], model.config.vocab_size, seed=9)[0]
+    parent = engine.prefill(prompt)
+    outs = engine.generate(engine.fork(parent, 8), GREEDY)  # 8 rows sharing 2 full blocks: a cascade group
+    if cascade == "on":
+        assert engine.stats.num_cascade_steps > 0
+    tokens = torch.tensor([prompt + outs[0].token_ids], device="cuda")
+    previous = model.config._attn_implementation
+    model.config._attn_implementation = FP8_SDPA
+    try:
+        with torch.no_grad():
+            logits = model(tokens).logits[0].float().cpu()
+    finally:
+        model.config._attn_implementation = previous
+    ref_tokens = logits[len(prompt) - 1:-1].argmax(-1).tolist()
+    ref_lp = torch.log_softmax(logits, -1)[len(prompt) - 1:-1].gather(-1, tokens[0, len(prompt):, None].cpu())[:, 0]
+    for o in outs:
+        assert o.token_ids == ref_tokens == outs[0].token_ids
+        torch.testing.assert_close(torch.tensor(o.logprobs), ref_lp, atol=1e-3, rtol=0)
