@@ -64,10 +64,9 @@ def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 @triton.jit
 def _widen(kv, dtype: tl.constexpr):
-    """A K or V tile in the query's dtype: an FP8 cache's tile converted (exactly), any other passed through."""
-    if kv.dtype != dtype:
-        return kv.to(dtype)
-    return kv
+    """A K or V tile in the query's dtype: an FP8 cache's tile converted (exactly); in the query's dtype already,
+    ``.to`` is a no-op (one return: the compiler types both branches of a non-constexpr ``if``)."""
+    return kv.to(dtype)
 
 
 @triton.jit(do_not_specialize=["num_seqs"])  # S == 1 must stay a tensor: the binary search reassigns it
