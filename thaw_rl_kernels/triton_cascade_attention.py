@@ -314,7 +314,7 @@ def cascade_attention_triton(
     tail_config = tail_config or choose_config(
         num_tokens=num_seqs, num_seqs=num_seqs, num_kv_heads=num_kv_heads, group=group, max_seqlen_q=1,
         max_context=block_tables.shape[1] * block_size - plan.max_shared_blocks * block_size * (plan.num_groups > 0),
-        dtype=query.dtype, device=query.device,
+        dtype=query.dtype, device=query.device, kv_dtype=key_cache.dtype,
     )  # fmt: skip
     tail = dict(kv_start=plan.tail_start)
     if merge == "fused":  # the shared pass's split states go straight to the tail pass, which merges them
