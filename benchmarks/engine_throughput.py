@@ -231,7 +231,8 @@ def main():
         model=args.model, dtype=str(dtype), prompts=args.prompts, group=args.group, prompt_len=args.prompt_len,
         completion_len=args.completion_len, compile_layers=args.compile_layers, cascade=args.cascade,
         kv_cache_dtype=args.kv_cache_dtype,
-        cascade_steps=engine.stats.num_cascade_steps, correctness=correctness, thaw=thaw, generate=base,
+        cascade_steps=engine.stats.num_cascade_steps, preemptions=engine.stats.num_preemptions,
+        kv_pool_blocks=engine.stats.num_blocks, correctness=correctness, thaw=thaw, generate=base,
         decode=decode,
     )
     if base:
@@ -252,6 +253,7 @@ def main():
     if base:
         print(f"speedup (tokens/s, steady state): {receipt['speedup_tokens_per_s']:.2f}x; "
               f"first call: {receipt['speedup_first_call']:.2f}x")
+    print(f"KV pool {engine.stats.num_blocks} blocks ({engine.spec.dtype}), preemptions {engine.stats.num_preemptions}")
     for b, row in decode.items():
         print(f"decode batch {b}: " + ", ".join(f"{k}={v:.1f}" for k, v in row.items()))
 
