@@ -122,30 +122,6 @@ def test_a_pool_too_small_for_all_rows_preempts_as_before(one_torch_thread):
     assert seen["stats"]["num_preemptions"] > 0
 
 
-def test_rows_needing_three_pools_run_in_waves_in_the_async_loop_not_one_preemption_a_step(one_torch_thread):
-    """64 GRPO rows (8 prompts x 8) whose tails need ~3x the pool: the engine preempts in bulk (enough for the rest
-    to reach max_tokens) and holds the victims back until those are done, so the call runs in ~3 waves of async
-    steps. Before (one victim per exhaustion, re-admitted at once): 250 forward steps of which 38 async, here
-    <= 4 x max_tokens of which >= 85% async. Tokens equal an engine with room for every row."""
-    model, tok = tiny_model_and_tokenizer("qwen2")
-    prompts = _prompts([16] * 8, model.config.vocab_size, seed=3)
-    params = SamplingParams(temperature=1.0, max_tokens=40, ignore_eos=True, seed=7)
-
-    def run(usable_blocks):
-        bytes_per_block = ThawEngine(model, tok, block_size=4, kv_cache_memory=1 << 20).spec.bytes_per_block
-        engine = ThawEngine(model, tok, block_size=4, kv_cache_memory=(usable_blocks + 1) * bytes_per_block)
-        engine.decode_profile = DecodeProfile()
-        rows = [kid for s in engine.prefill_many(prompts) for kid in engine.fork(s, 8)]
-        return [o.token_ids for o in engine.generate(rows, params)], engine
-
-    expected, roomy = run(8 * 4 + 64 * 11)
-    assert roomy.stats.num_preemptions == 0
-    tokens, tight = run(8 * 4 + int(0.35 * 64 * 10))  # the prompts + 35% of the tails' blocks
-    assert tokens == expected
-    steps, async_steps = tight.stats.num_forward_steps, tight.decode_profile.steps
-    assert tight.stats.num_preemptions > 0 and steps <= 4 * params.max_tokens and async_steps >= 0.85 * steps
-
-
 def test_a_repetition_penalty_keeps_the_synchronous_path(one_torch_thread):
     model, tok = tiny_model_and_tokenizer("qwen2")
     params = SamplingParams(temperature=1.0, max_tokens=6, seed=1, repetition_penalty=1.3)

@@ -87,26 +87,6 @@ def test_make_room_never_preempts_the_head_and_says_who_holds_the_pool():
         sched.make_room([head2], [head2], generating=False)
 
 
-def test_preempt_to_finish_frees_enough_for_the_rest_to_reach_max_tokens_in_one_go():
-    """Blocks ran out with four rows of 2 blocks each, every one of which needs 2 more to reach its final length:
-    the finished session goes first, then the newest rows, until the rest fit; the head never goes."""
-    bm = BlockManager(11, BS)  # 10 usable blocks
-    sched = Scheduler(bm, max_num_batched_tokens=100, max_num_seqs=8)
-    done = session(8, 900)
-    rows = [session(8, 100 * i) for i in range(4)]
-    step(sched, [done, *rows])
-    assert bm.num_free_blocks == 0 and [len(r.block_table) for r in rows] == [2, 2, 2, 2]
-    final = [16] * 4  # 4 blocks each at the end: 2 more each
-    victims = sched.preempt_to_finish([done, *rows], rows, final)
-    # done frees 2 (need still 8 > 2); rows[3] frees 2 and drops its need of 2 (6 > 4); rows[2]: 4 <= 6
-    assert victims == [done, rows[3], rows[2]]
-    assert bm.num_free_blocks == 6 and all(v.block_table == [] and v.num_computed == 0 for v in victims)
-    assert [len(r.block_table) for r in rows[:2]] == [2, 2]
-    assert sched.preempt_to_finish([done, *rows], rows[:2], final[:2]) == []  # they fit now: nobody else goes
-    # the head alone is never preempted, even when it cannot fit
-    assert sched.preempt_to_finish([rows[0]], rows[:1], [400]) == []
-
-
 def test_allocate_decode_gives_a_block_only_to_rows_starting_one_and_is_all_or_nothing():
     """The async decode loop's step: one token per row at known positions, blocks taken before the tokens are."""
     bm = BlockManager(num_blocks=6, block_size=BS)

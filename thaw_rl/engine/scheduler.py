@@ -4,10 +4,8 @@ One step packs prefill chunks and decode tokens of many sessions into one forwar
 budget (``max_num_batched_tokens``) and a row budget (``max_num_seqs``). Sessions are taken in queue
 order; each gets as many of its uncomputed tokens as the budget and the free blocks allow (a prompt
 that does not fit is chunked). When not even the head of the queue can get a block, ``make_room``
-preempts one session: its blocks are released and its tokens recomputed later. A generate call
-preempts in bulk instead (``preempt_to_finish``): enough sessions that the rest can run to max_tokens.
-Because sampling noise is a function of (seed, position), a preempted session continues exactly as it
-would have.
+preempts one session: its blocks are released and its tokens recomputed later. Because sampling noise
+is a function of (seed, position), a preempted session continues exactly as it would have.
 
 The scheduler decides; the ``BlockManager`` is what it asks and what it tells to allocate or preempt.
 Neither touches the model, so both are tested step by step without one (tests/test_scheduler.py).
@@ -98,35 +96,6 @@ class Scheduler:
             raise self._exhausted(pending[0], sessions)
         self.block_manager.preempt(victims[0])
         return victims[0]
-
-    def preempt_to_finish(self, sessions: Sequence[Session], active: Sequence[Session],
-                          final_lengths: Sequence[int]) -> list[Session]:
-        """Blocks ran out in a generate call: preempt until the ``active`` sessions can all reach their
-        ``final_lengths`` (tokens computed at max_tokens) with the free blocks; return the victims.
-
-        Why in bulk: preempting one session at a time frees a few blocks that the next step uses up, so a
-        call whose rows need several times the pool preempted about once a step, each time leaving the
-        async loop for synchronous steps (H200, 1,024 GRPO rows in a 6 GB pool: 2,122 preemptions, 77 s
-        against 6 s unconstrained). Victims, in ``make_room``'s order: the call's finished sessions, then
-        the most recently admitted active ones; never the head of the queue. The caller holds the victims
-        back until every active session is done (vLLM's running-before-waiting), so they are not
-        recomputed into the blocks just reserved. May return none (only the head is left, or it
-        already fits); the caller then steps through ``schedule`` / ``make_room``, which raise when the
-        head alone cannot fit.
-        """
-        bm = self.block_manager
-        need = {id(s): max(0, bm.blocks_for(n) - len(s.block_table)) for s, n in zip(active, final_lengths)}
-        total = sum(need.values())
-        running = {id(s) for s in active}
-        finished = [s for s in reversed(sessions) if id(s) not in running and s.block_table]
-        victims = []
-        for v in finished + [s for s in reversed(active[1:]) if s.block_table]:
-            if total <= bm.num_free_blocks:
-                break
-            bm.preempt(v)
-            total -= need.pop(id(v), 0)
-            victims.append(v)
-        return victims
 
     def _exhausted(self, head: Session, sessions: Sequence[Session]) -> KVCacheExhaustedError:
         bm = self.block_manager
