@@ -48,16 +48,20 @@ def _run(model, tok, async_decode: bool, params, lengths=(3, 7, 12, 5), n_fork=3
     return seen, engine.decode_profile
 
 
-def _check_same(model, tok, params, later_joins=False, **kwargs):
+def _check_same(model, tok, params, later_joins=False, preempts=False, **kwargs):
     """Same tokens, finish reasons, sessions, stats and refcounts both ways; returns the sync run's record.
 
     ``later_joins``: rows wait for a place in the step (max_num_seqs); a row that stops frees its place one
     step late, so the waiting row behind it starts a step later and the call may take more forwards.
+    ``preempts``: the pool runs out. The async loop stops when the free blocks cannot cover a whole step, the
+    synchronous steps when no single row fits, so they preempt (in bulk) after different steps and the call's
+    forward count may differ either way; tokens, preemptions and the rest are the same.
     """
     sync, sync_prof = _run(model, tok, False, params, **kwargs)
     asyn, prof = _run(model, tok, True, params, **kwargs)
     if later_joins:
         assert asyn["stats"]["num_forward_steps"] >= sync["stats"]["num_forward_steps"]
+    if later_joins or preempts:
         asyn["stats"]["num_forward_steps"] = sync["stats"]["num_forward_steps"]
     assert sync_prof.steps == 0 and prof.steps > 0  # the two paths really differ
     for (t, lp, ent, why), (t2, lp2, ent2, why2) in zip(asyn["completions"], sync["completions"]):
@@ -113,13 +117,40 @@ def test_greedy_filtered_and_plain_rows_in_one_call(one_torch_thread):
 
 
 def test_a_pool_too_small_for_all_rows_preempts_as_before(one_torch_thread):
-    """The async loop stops when free blocks cannot cover a step; the scheduler preempts, the loop resumes."""
+    """The async loop stops when free blocks cannot cover a step; the engine preempts, the loop resumes."""
     model, tok = tiny_model_and_tokenizer("qwen3")
     engine = ThawEngine(model, tok, block_size=4)
     params = SamplingParams(temperature=1.0, max_tokens=24, seed=5, ignore_eos=True)
     kv = 26 * engine.spec.bytes_per_block
-    seen, _ = _check_same(model, tok, params, lengths=(6, 9, 12), n_fork=4, kv_cache_memory=kv)
+    seen, _ = _check_same(model, tok, params, preempts=True, lengths=(6, 9, 12), n_fork=4, kv_cache_memory=kv)
     assert seen["stats"]["num_preemptions"] > 0
+
+
+def test_rows_needing_three_pools_run_in_waves_in_the_async_loop_not_one_preemption_a_step(one_torch_thread):
+    """64 GRPO rows (8 prompts of 32 tokens x 8) whose tails need ~3x the pool left beside the prompts: the engine
+    preempts in bulk (enough for the rest to reach max_tokens) and holds the victims back until those are done,
+    so the call runs in ~3 waves of async steps, and a re-admitted row takes its group's prompt from the cache
+    instead of recomputing it. Before (one victim per exhaustion, recomputed at once): 258 forward steps, mostly
+    synchronous, and 288 prompt tokens recomputed; here <= 4 x max_tokens, >= 85% async, none. Tokens equal an
+    engine with room for every row."""
+    model, tok = tiny_model_and_tokenizer("qwen2")
+    prompts = _prompts([32] * 8, model.config.vocab_size, seed=3)
+    params = SamplingParams(temperature=1.0, max_tokens=40, ignore_eos=True, seed=7)
+
+    def run(usable_blocks):
+        bytes_per_block = ThawEngine(model, tok, block_size=4, kv_cache_memory=1 << 20).spec.bytes_per_block
+        engine = ThawEngine(model, tok, block_size=4, kv_cache_memory=(usable_blocks + 1) * bytes_per_block)
+        engine.decode_profile = DecodeProfile()
+        rows = [kid for s in engine.prefill_many(prompts) for kid in engine.fork(s, 8)]
+        return [o.token_ids for o in engine.generate(rows, params)], engine
+
+    expected, roomy = run(8 * 8 + 64 * 11)
+    assert roomy.stats.num_preemptions == 0 and roomy.stats.prompt_tokens_computed == 8 * 32
+    tokens, tight = run(8 * 8 + int(0.35 * 64 * 10))  # the prompts + 35% of the tails' blocks
+    assert tokens == expected
+    steps, async_steps = tight.stats.num_forward_steps, tight.decode_profile.steps
+    assert tight.stats.num_preemptions > 0 and steps <= 4 * params.max_tokens and async_steps >= 0.85 * steps
+    assert tight.stats.prompt_tokens_computed == 8 * 32  # the prefill's; no prompt computed again
 
 
 def test_a_repetition_penalty_keeps_the_synchronous_path(one_torch_thread):

@@ -87,6 +87,46 @@ def test_make_room_never_preempts_the_head_and_says_who_holds_the_pool():
         sched.make_room([head2], [head2], generating=False)
 
 
+def test_preempt_to_finish_frees_enough_for_the_rest_to_reach_max_tokens_in_one_go():
+    """Blocks ran out with four rows of 2 blocks each, every one of which needs 2 more to reach its final length:
+    the finished session goes first, then the newest rows, until the rest fit; the head never goes."""
+    bm = BlockManager(11, BS)  # 10 usable blocks
+    sched = Scheduler(bm, max_num_batched_tokens=100, max_num_seqs=8)
+    done = session(8, 900)
+    rows = [session(8, 100 * i) for i in range(4)]
+    step(sched, [done, *rows])
+    assert bm.num_free_blocks == 0 and [len(r.block_table) for r in rows] == [2, 2, 2, 2]
+    final = [16] * 4  # 4 blocks each at the end: 2 more each
+    victims = sched.preempt_to_finish([done, *rows], rows, final)
+    # done frees 2 (need still 8 > 2); rows[3] frees 2 and drops its need of 2 (6 > 4); rows[2]: 4 <= 6
+    assert victims == [done, rows[3], rows[2]]
+    assert bm.num_free_blocks == 6 and all(v.block_table == [] and v.num_computed == 0 for v in victims)
+    assert [len(r.block_table) for r in rows[:2]] == [2, 2]
+    assert sched.preempt_to_finish([done, *rows], rows[:2], final[:2]) == []  # they fit now: nobody else goes
+    # the head alone is never preempted, even when it cannot fit
+    assert sched.preempt_to_finish([rows[0]], rows[:1], [400]) == []
+
+
+def test_rows_recomputing_one_prefix_compute_it_once_then_share_it_from_the_cache():
+    """Three preempted rows of one group (same 9-token prompt, different tails) and an unrelated row: the first
+    of the group computes the shared blocks, the other two wait one step and then match them (the
+    unrelated row runs alongside); a row whose blocks are still cached takes them without computing."""
+    bm = BlockManager(32, BS)
+    sched = Scheduler(bm, max_num_batched_tokens=100, max_num_seqs=8)
+    prompt = list(range(9))
+    rows = [Session(engine_id=0, token_ids=prompt + [50 + i, 60 + i], num_prompt_tokens=9) for i in range(3)]
+    other = session(6, 300)
+    assert step(sched, [*rows, other]) == [(rows[0].session_id, 0, 11), (other.session_id, 0, 6)]
+    bm.register_full(rows[0])  # the engine registers full blocks after each step
+    assert rows[1].block_table == [] and rows[2].block_table == []
+    assert step(sched, rows[1:]) == [(rows[1].session_id, 8, 3), (rows[2].session_id, 8, 3)]
+    assert rows[1].block_table[:2] == rows[0].block_table[:2] == rows[2].block_table[:2]  # shared, not recomputed
+    assert bm.ref_count(rows[0].block_table[0]) == 3
+    bm.register_full(rows[1])
+    bm.preempt(rows[1])  # its blocks are freed but stay cached...
+    assert step(sched, [rows[1]]) == [(rows[1].session_id, 8, 3)]  # ...so it matches its full blocks back
+
+
 def test_allocate_decode_gives_a_block_only_to_rows_starting_one_and_is_all_or_nothing():
     """The async decode loop's step: one token per row at known positions, blocks taken before the tokens are."""
     bm = BlockManager(num_blocks=6, block_size=BS)

@@ -743,6 +743,7 @@ class ThawEngine:
         live = list(sessions)
         total = sum(r.params.max_tokens for r in requests) if requests else sum(s.num_uncomputed for s in sessions)
         bar = tqdm(total=total, desc=desc, disable=not progress, leave=False)
+        deferred: set[int] = set()  # sessions preempted to let the others finish: back when those are done
         while True:
             # 1) sessions whose next-token logits are already known sample without a forward pass
             if requests is not None:
@@ -755,18 +756,26 @@ class ThawEngine:
             pending = [s for s in live if s.num_uncomputed > 0]
             if not pending:
                 break
-            # 2) every pending session decodes one token: the async loop runs until they finish (or blocks run out)
-            if requests is not None and self._decodes_async(pending, by_session):
-                if self._decode_steps(pending, by_session, requests, bar):
+            active = [s for s in pending if id(s) not in deferred]
+            if not active:  # the sessions kept running are done: the preempted ones are recomputed and go on
+                deferred.clear()
+                active = pending
+            # 2) every active session decodes one token: the async loop runs until they finish (or blocks run out)
+            if requests is not None and self._decodes_async(active, by_session):
+                if self._decode_steps(active, by_session, requests, bar):
+                    continue
+                if self._preempt_to_finish(sessions, active, by_session, deferred):  # no step could start: blocks
                     continue
             # 3) one packed forward over prefill chunks and decode tokens
-            chunks = self.scheduler.schedule(pending)
+            chunks = self.scheduler.schedule(active)
             if not chunks and self.block_manager.num_blocks < self._max_num_blocks:
                 self._reserve(self.block_manager.num_free_blocks + 1)  # a growable pool grows before any preemption
                 continue
             if not chunks:
-                self.scheduler.make_room(sessions, pending, generating=requests is not None)
-                self._stats.num_preemptions += 1
+                if requests is None or not self._preempt_to_finish(sessions, active, by_session, deferred):
+                    victim = self.scheduler.make_room(sessions, active, generating=requests is not None)
+                    deferred.add(id(victim))
+                    self._stats.num_preemptions += 1
                 continue
             logits = self.runner.forward(chunks)  # (S, V) float32
             self._stats.num_forward_steps += 1
@@ -786,6 +795,20 @@ class ThawEngine:
                 self._sample([by_session[id(s)] for s in finished], logits.index_select(0, rows))
                 _advance_bar(bar, requests)
         bar.close()
+
+    def _preempt_to_finish(self, sessions: list[Session], active: list[Session], by_session: dict[int, _Request],
+                           deferred: set[int]) -> bool:
+        """Preempt enough of a generate call's sessions that the active ones can run to max_tokens
+        (``Scheduler.preempt_to_finish``); the victims wait in ``deferred``. False when none was preempted.
+        A growable (CPU) pool grows first, as before any preemption."""
+        if self.block_manager.num_blocks < self._max_num_blocks:
+            return False  # step 3 grows it
+        final = [s.num_tokens + max(0, by_session[id(s)].params.max_tokens - len(by_session[id(s)].token_ids) - 1)
+                 for s in active]
+        victims = self.scheduler.preempt_to_finish(sessions, active, final)
+        deferred.update(id(v) for v in victims)
+        self._stats.num_preemptions += len(victims)
+        return bool(victims)
 
     def _mark_computed(self, s: Session, start: int, end: int) -> None:
         """Positions ``[start, end)`` of ``s`` went through a forward (a prefill chunk or one decode token):
