@@ -417,3 +417,20 @@ def test_cascade_attention_runs_in_the_workers_and_is_counted():
         batch = TreeSampler(pool, spec).rollout(PROMPTS, PARAMS)
         assert pool.counters()["cascade_steps"] == batch.stats.cascade_steps > 0
     assert_same_leaves(batch, ref)
+
+
+def test_an_fp8_trunk_moves_between_workers_and_continues_exactly():
+    """kv_cache_dtype="fp8" in the workers' engines: a trunk's FP8 blocks go to the other worker through shared
+    memory (half the bytes of the fp32 pool's) and its child there samples the tokens and logprobs of the child
+    forked in place."""
+    kwargs = dict(ENGINE_KWARGS, kv_cache_dtype="fp8")
+    with ForkPool(FACTORY, num_workers=2, engine_kwargs=kwargs, placement="spread", timeout_s=60) as pool:
+        assert pool.kv_bytes_per_token * 4 == NativeBackend(*FACTORY(), **ENGINE_KWARGS).kv_bytes_per_token
+        (trunk,) = pool.prefill(random_prompts([37], seed=40), worker=0)
+        before = pool.stats()
+        kids = pool.fork(trunk, 2)
+        assert [k.worker for k in kids] == [0, 1]
+        home, away = pool.generate(kids, [SamplingParams(temperature=1.0, max_tokens=10, ignore_eos=True, seed=3)] * 2)
+        after = pool.stats()
+        assert away.token_ids == home.token_ids and away.logprobs == home.logprobs
+        assert worker_delta(before, after, "trunk_bytes_host")[1] == 3 * pool.block_size * pool.kv_bytes_per_token + 400

@@ -241,6 +241,19 @@ def test_cascade_setting_reaches_the_engine_and_keeps_the_rollouts(tmp_path):
         make_trainer(tmp_path, engine_cascade_attention="always")
 
 
+def test_fp8_kv_cache_setting_reaches_the_engine(tmp_path):
+    """kv_cache_dtype="fp8" reaches the trainer's engine (its pool holds float8_e4m3fn) and a generation runs on it;
+    the default keeps the model's dtype; a bad name is refused when the config is built."""
+    fp8 = make_trainer(tmp_path, kv_cache_dtype="fp8")
+    completions, _ = fp8._generate_single_turn(rows(fp8), None, {}, 4)
+    assert fp8._backend.engine.spec.dtype == torch.float8_e4m3fn and len(completions) == 16
+    exact = make_trainer(tmp_path)
+    exact._generate_single_turn(rows(exact), None, {}, 4)
+    assert exact._backend.engine.spec.dtype == torch.float32
+    with pytest.raises(ValueError, match="kv_cache_dtype='int8'"):
+        make_trainer(tmp_path, kv_cache_dtype="int8")
+
+
 def test_entropy_tree_groups_are_completed(tmp_path):
     """No token is uncertain enough to fork at, so each prompt has 1 leaf; 3 more are sampled from the prompt."""
     trainer = make_trainer(tmp_path, tree_spec="entropy", entropy_threshold=1e9)

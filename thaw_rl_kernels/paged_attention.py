@@ -20,11 +20,13 @@ import torch
 import torch.nn.functional as F
 
 
-def _gather_context(cache: torch.Tensor, block_row: torch.Tensor, num_blocks: int, dtype: torch.dtype) -> torch.Tensor:
-    """One sequence's first num_blocks blocks as a dense (num_blocks*BS, KVH, D) tensor in ``dtype`` (an FP8
-    cache widened to the query's dtype, exactly)."""
+def _gather_context(cache: torch.Tensor, block_row: torch.Tensor, num_blocks: int,
+                    dtype: torch.dtype | None = None) -> torch.Tensor:
+    """One sequence's first num_blocks blocks as a dense (num_blocks*BS, KVH, D) tensor, in ``dtype`` when given
+    (an FP8 cache widened to the query's dtype, exactly)."""
     _, bs, kvh, d = cache.shape
-    return cache[block_row[:num_blocks].long()].reshape(num_blocks * bs, kvh, d).to(dtype)
+    dense = cache[block_row[:num_blocks].long()].reshape(num_blocks * bs, kvh, d)
+    return dense if dtype is None else dense.to(dtype)
 
 
 def paged_attention_reference(

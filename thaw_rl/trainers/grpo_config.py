@@ -130,12 +130,8 @@ class ThawGRPOConfig(GRPOConfig):
                           "because the weights changed."})
     kv_cache_dtype: str = field(
         default="auto",
-        metadata={"help": "What the rollout KV cache stores: 'auto' (the model's dtype; greedy output equals "
-                          "model.generate) or 'fp8' (float8_e4m3fn, unscaled, saturated to +-448, as vLLM's "
-                          "kv_cache_dtype='fp8'): twice the tokens in kv_cache_memory and half the bytes for decode "
-                          "attention to read, with every cached key and value rounded, so sampling logprobs move "
-                          "(the importance-sampling correction sees it). The native engine, the pool workers' engines "
-                          "and vLLM (rollout_backend='vllm') all take it."})
+        metadata={"help": "Rollout KV cache: 'auto' (the model's dtype) or 'fp8' (float8_e4m3fn as vLLM's: twice the "
+                          "tokens per byte, K/V rounded so logprobs move). Native, pool and vLLM backends."})
     kv_cache_vmm: bool | None = field(
         default=None,
         metadata={"help": "Map the engine's KV pool on demand through the CUDA driver's virtual memory API: its "
