@@ -170,8 +170,9 @@ class ThawEngine:
     """Paged-KV generation with copy-on-write fork over an unmodified HF causal LM.
 
     ``kv_cache_dtype="fp8"`` stores the cache as float8_e4m3fn (``engine/kv_cache.py``): twice the tokens in
-    ``kv_cache_memory`` and half the bytes for decode attention, with keys and values rounded; the default
-    "auto" keeps the model's dtype, so greedy output equals ``model.generate``.
+    ``kv_cache_memory``, with keys and values rounded (attention reads half the bytes but, widening them in
+    registers, ran 0.75-1.02x as fast as bf16 on an H200: a capacity option). The default "auto" keeps the
+    model's dtype, so greedy output equals ``model.generate``.
     """
 
     def __init__(
