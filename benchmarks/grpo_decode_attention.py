@@ -232,7 +232,7 @@ def main() -> int:
 
     from paged_attention import CascadeCase
     from thaw_rl_kernels.cascade_plan import plan_cascade
-    from thaw_rl_kernels.kv_write import to_cache_dtype
+    from thaw_rl_kernels.kv_write import FP8_DTYPE, to_cache_dtype
     from thaw_rl_kernels.paged_attention import paged_attention_reference
     from thaw_rl_kernels.triton_cascade_attention import cascade_attention_triton
     from thaw_rl_kernels.triton_paged_attention import paged_attention_triton
@@ -261,7 +261,7 @@ def main() -> int:
         fp8_of = {}  # id of a layer's bf16 K cache -> that layer's (K, V) in FP8
         if args.fp8:
             for k, v in batch["layer_caches"]:
-                fp8_of[id(k)] = (to_cache_dtype(k, torch.float8_e4m3fn), to_cache_dtype(v, torch.float8_e4m3fn))
+                fp8_of[id(k)] = (to_cache_dtype(k, FP8_DTYPE), to_cache_dtype(v, FP8_DTYPE))
             fns["thaw plain fp8"] = lambda kv: paged_attention_triton(q, *fp8_of[id(kv[0])], tables, lens, cu, 1,
                                                                       scale, out=out)  # fmt: skip
             fns["thaw cascade fp8"] = lambda kv: cascade_attention_triton(q, *fp8_of[id(kv[0])], tables, lens, plan,

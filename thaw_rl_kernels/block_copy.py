@@ -34,8 +34,10 @@ try:
 except ImportError:  # Triton ships for Linux only; elsewhere the torch references still work.
     triton = None
 
+from thaw_rl_kernels.kv_write import FP8_DTYPE
+
 # The kernels move elements without arithmetic: an FP8 cache (kv_cache_dtype="fp8") copies bit for bit.
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn)
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, FP8_DTYPE)
 HOST_PATHS = ("stage", "direct")
 # Which way host transfers go when the caller does not say; benchmarks/kv_transfer.py measures both.
 DEFAULT_HOST_PATH = "stage"
@@ -472,7 +474,7 @@ def copy_blocks_reference(
 def _bits(t: torch.Tensor) -> torch.Tensor:
     """``t``'s memory as a dtype torch's index ops implement: an FP8 cache as uint8 (no float8 index_copy_
     kernel on CPU); the references move bits, so this changes nothing they write."""
-    return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
+    return t.view(torch.uint8) if t.dtype == FP8_DTYPE else t
 
 
 def copy_blocks(src_kv, dst_kv, src_ids, dst_ids, num_tokens=None, *, check_ids=True) -> torch.Tensor:

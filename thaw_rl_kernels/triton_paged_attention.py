@@ -30,8 +30,9 @@ import torch
 import triton
 import triton.language as tl
 
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-FP8_CACHE_DTYPE = torch.float8_e4m3fn  # a cache in this dtype serves a query of any supported dtype
+from thaw_rl_kernels.kv_write import FP8_DTYPE
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # of the query; the cache may also be FP8_DTYPE
 LOG2E = 1.4426950408889634
 
 
@@ -340,7 +341,7 @@ def choose_config(
         # splitting only until the grid holds ~1.5 programs per SM won at batch 1, 16 and 128.
         block_m = max(16, triton.next_power_of_2(group))
         tile_n = 32 if dtype == torch.float32 else 64
-        if kv_dtype == FP8_CACHE_DTYPE and dtype != torch.float32:
+        if kv_dtype == FP8_DTYPE and dtype != torch.float32:
             # An FP8 cache's tiles are widened in registers before the dots, so Triton (3.6, H200) cannot feed them
             # straight from its pipelined loads: 128-key tiles won all three GRPO decode shapes of session 11's
             # sweep (1,024 rows x 512 / 2,048 prompts, 128 x 2,048: 0.80 / 0.75 / 0.94x of the bf16 kernel, against
@@ -515,10 +516,10 @@ def _check_attention_shapes(query, key_cache, value_cache) -> None:
         raise ValueError(f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads} (GQA: H = KVH * G).")
     if query.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"query dtype {query.dtype} is not supported; use one of {SUPPORTED_DTYPES}.")
-    if key_cache.dtype != value_cache.dtype or key_cache.dtype not in (query.dtype, FP8_CACHE_DTYPE):
+    if key_cache.dtype != value_cache.dtype or key_cache.dtype not in (query.dtype, FP8_DTYPE):
         raise ValueError(
             f"cache dtype {key_cache.dtype}/{value_cache.dtype} does not serve query dtype {query.dtype}: the cache "
-            f"must hold the query's dtype or {FP8_CACHE_DTYPE} (kv_cache_dtype='fp8'), the same for K and V."
+            f"must hold the query's dtype or {FP8_DTYPE} (kv_cache_dtype='fp8'), the same for K and V."
         )
 
 

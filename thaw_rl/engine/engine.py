@@ -804,8 +804,8 @@ class ThawEngine:
         A growable (CPU) pool grows first, as before any preemption."""
         if self.block_manager.num_blocks < self._max_num_blocks:
             return False  # step 3 grows it
-        final = [s.num_tokens + max(0, by_session[id(s)].params.max_tokens - len(by_session[id(s)].token_ids) - 1)
-                 for s in active]
+        requests = [by_session[id(s)] for s in active]
+        final = [s.num_tokens + max(0, r.params.max_tokens - len(r.token_ids) - 1) for s, r in zip(active, requests)]
         victims = self.scheduler.preempt_to_finish(sessions, active, final)
         deferred.update(id(v) for v in victims)
         self._stats.num_preemptions += len(victims)

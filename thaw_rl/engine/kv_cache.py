@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from thaw_rl.engine.vmm_pool import VmmRange, vmm_unavailable_reason
+from thaw_rl_kernels.kv_write import FP8_DTYPE
 
 logger = logging.getLogger(__name__)
 
@@ -68,8 +69,8 @@ def resolve_kv_cache_dtype(name: str, compute_dtype: torch.dtype) -> torch.dtype
     """The torch dtype a cache named ``name`` stores for a model computing in ``compute_dtype``."""
     if name == "auto":
         return compute_dtype
-    if name in ("fp8", "fp8_e4m3"):
-        return torch.float8_e4m3fn
+    if name in KV_CACHE_DTYPES[1:]:  # "fp8" and its alias
+        return FP8_DTYPE
     raise ValueError(f"kv_cache_dtype={name!r} must be one of {KV_CACHE_DTYPES}: 'auto' (the model's dtype) or "
                      f"'fp8' (float8_e4m3fn, half the memory and attention reads; rounds the cached K/V).")
 

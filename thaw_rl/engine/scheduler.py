@@ -115,13 +115,19 @@ class Scheduler:
         The head of the queue is never preempted, so every round makes progress. A prefill call never
         drops a finished prompt (its KV is the result), so it raises when the prompts cannot fit.
         """
-        waiting = {id(s) for s in pending}
-        finished = [s for s in reversed(sessions) if id(s) not in waiting and s.block_table] if generating else []
-        victims = finished + [s for s in reversed(pending[1:]) if s.block_table]
+        victims = self._victims(sessions, pending, generating)
         if not victims:
             raise self._exhausted(pending[0], sessions)
         self.block_manager.preempt(victims[0])
         return victims[0]
+
+    @staticmethod
+    def _victims(sessions: Sequence[Session], pending: Sequence[Session], generating: bool) -> list[Session]:
+        """Sessions that may give their KV back, in the order they should: the call's finished sessions (generate
+        calls only), then the pending ones newest first; never the head of the queue, nor a session without KV."""
+        waiting = {id(s) for s in pending}
+        finished = [s for s in reversed(sessions) if id(s) not in waiting and s.block_table] if generating else []
+        return finished + [s for s in reversed(pending[1:]) if s.block_table]
 
     def preempt_to_finish(self, sessions: Sequence[Session], active: Sequence[Session],
                           final_lengths: Sequence[int]) -> list[Session]:
@@ -141,10 +147,8 @@ class Scheduler:
         bm = self.block_manager
         need = {id(s): max(0, bm.blocks_for(n) - len(s.block_table)) for s, n in zip(active, final_lengths)}
         total = sum(need.values())
-        running = {id(s) for s in active}
-        finished = [s for s in reversed(sessions) if id(s) not in running and s.block_table]
         victims = []
-        for v in finished + [s for s in reversed(active[1:]) if s.block_table]:
+        for v in self._victims(sessions, active, generating=True):
             if total <= bm.num_free_blocks:
                 break
             bm.preempt(v)

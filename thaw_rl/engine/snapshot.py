@@ -39,14 +39,16 @@ from dataclasses import dataclass, field
 
 import torch
 
+from thaw_rl_kernels.kv_write import FP8_DTYPE
+
 MAGIC = b"\x89THAWKV\n"  # high bit catches 7-bit transfers, the newline catches text-mode rewrites
 FORMAT_VERSION = 2  # 2: the weight version and the weights digest (snapshots of format 1 carry neither)
 _FIXED = struct.Struct("<8sIQQ")  # magic, version, json length, payload length
 _HEADER_DIGEST_SIZE = 16
 _HEADER_SIZE = _FIXED.size + _HEADER_DIGEST_SIZE  # 44
 _DIGEST_SIZE = 32
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-           "float8_e4m3fn": torch.float8_e4m3fn}
+FP8_NAME = str(FP8_DTYPE).removeprefix("torch.")  # "float8_e4m3fn": a fingerprint's dtype of an FP8 cache
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, FP8_NAME: FP8_DTYPE}
 
 # What a restore's advice says for each fingerprint field that differs.
 _FIXES = {
@@ -55,7 +57,6 @@ _FIXES = {
     "kv_fp8": "restore into an engine whose KV cache holds {snapshot}: ThawEngine(..., kv_cache_dtype={wanted})",
     "block_size": "build the target engine with ThawEngine(..., block_size={snapshot})",
 }
-FP8_NAME = "float8_e4m3fn"
 _OTHER_MODEL_FIX = "the snapshot comes from another model; restore into an engine built on the same model"
 
 
