@@ -154,12 +154,25 @@ def kernel_kind(name: str) -> str:
     return "other"
 
 
-def kernel_breakdown(engine, prompts, group: int = 1, steps: int = 8) -> dict:
+def kernel_breakdown(engine, prompts, group: int = 1, steps: int = 8, context: int = 0) -> dict:
     """One torch.profiler pass over ``steps`` decode steps: device time and launches per step, by kind and
-    for the top kernels (kernels replayed inside CUDA graphs are traced one by one)."""
+    for the top kernels (kernels replayed inside CUDA graphs are traced one by one).
+
+    ``context``: tokens each row decodes first, unprofiled, so the profiled steps attend over tails of that
+    length (a rollout's middle rather than its first steps); the wall time per step of ``4 * steps`` more
+    tokens is timed then too, without the profiler (``step_ms``)."""
     from torch.autograd import DeviceType
 
+    engine.reset_prefix_cache()
     sessions = make_sessions(engine, prompts, group)
+    step_ms = None
+    if context:
+        engine.generate(sessions, SamplingParams(temperature=1.0, max_tokens=context, ignore_eos=True, seed=1))
+        torch.cuda.synchronize()
+        steps0, t0 = engine.stats.num_forward_steps, time.perf_counter()
+        engine.generate(sessions, SamplingParams(temperature=1.0, max_tokens=4 * steps, ignore_eos=True, seed=2))
+        torch.cuda.synchronize()
+        step_ms = (time.perf_counter() - t0) * 1e3 / max(engine.stats.num_forward_steps - steps0, 1)
     torch.cuda.synchronize()
     steps0 = engine.stats.num_forward_steps
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
@@ -175,11 +188,12 @@ def kernel_breakdown(engine, prompts, group: int = 1, steps: int = 8) -> dict:
         kind[0] += e.self_device_time_total / 1e3 / n
         kind[1] += e.count / n
     top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:20]
-    out = dict(steps=n, total_ms=sum(v[0] for v in by_kind.values()),
+    out = dict(steps=n, context=context, step_ms=step_ms, total_ms=sum(v[0] for v in by_kind.values()),
                launches=sum(v[1] for v in by_kind.values()),
                by_kind={k: dict(ms=v[0], launches=v[1]) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1][0])},
                top=[dict(name=e.key[:90], ms=e.self_device_time_total / 1e3 / n, launches=e.count / n) for e in top])
-    print(f"  kernels: {out['total_ms']:.2f} ms and {out['launches']:.0f} launches per step ({n} steps profiled)")
+    print(f"  kernels: {out['total_ms']:.2f} ms and {out['launches']:.0f} launches per step ({n} steps profiled"
+          + (f" after {context} tokens a row; wall {step_ms:.2f} ms a step there)" if context else ")"))
     for kind, v in out["by_kind"].items():
         print(f"    {kind:30s} {v['ms']:7.3f} ms {v['launches']:6.0f} launches")
     for t in out["top"]:
@@ -222,6 +236,8 @@ def main():
     ap.add_argument("--group", type=int, default=1,
                     help="rows per prompt: each prompt prefilled once and forked (16: a GRPO step's decode batch)")
     ap.add_argument("--kernels", action="store_true", help="also print a torch.profiler table of top CUDA kernels")
+    ap.add_argument("--kernel-context", type=int, default=0,
+                    help="with --kernels: tokens each row decodes before the profiled steps (their tails' length)")
     ap.add_argument("--fuse-qkv", choices=("auto", "on", "off"), default="auto",
                     help="the engine's fused q/k/v projections (auto: its default, on for CUDA)")
     ap.add_argument("--cascade", choices=("auto", "on", "off"), default="auto",
@@ -329,7 +345,7 @@ def main():
         rows += [sync_row, async_row]
 
         if args.kernels and device.type == "cuda":
-            async_row["kernels"] = kernel_breakdown(engine, prompts, args.group)
+            async_row["kernels"] = kernel_breakdown(engine, prompts, args.group, context=args.kernel_context)
 
     write_receipt(args.out, receipt("profile_decode", args, rows))
     print(f"\ndevice={device} model={args.model} prompt={args.prompt_len} group={args.group} steps={args.steps} "
