@@ -321,3 +321,124 @@ def test_triton_cascade_at_model_head_shapes(num_heads, num_kv_heads):
     assert sorted(plan.group_num_blocks.tolist()) == [1, 2] and plan.max_group_rows == 16
     expected = batch.plain_reference()
     assert_matches(run_triton(batch, plan), expected, torch.bfloat16)
+
+
+def make_tree_batch(prompt_len, branching, segment_len, tail_lens, *, num_heads, num_kv_heads, head_dim, block_size,
+                    dtype, seed=0) -> DecodeBatch:
+    """The decode batch of a segment tree's leaves: a prompt, then ``len(branching)`` levels of trunk segments
+    (node i of level l has ``branching[l]`` children of ``segment_len`` tokens), then each leaf's own tail. A
+    block is shared by the rows whose paths agree up to the node holding its last position (the engine's forks
+    copy a partial block per child, which its descendants then share once it is full); other blocks are the
+    row's own. Rows are shuffled, blocks placed at random, every slot outside a context is NaN."""
+    gen = torch.Generator().manual_seed(seed)
+    shape = (num_kv_heads, head_dim)
+    paths = [[]]
+    for fan in branching:
+        paths = [p + [i] for p in paths for i in range(fan)]
+    assert len(tail_lens) == len(paths)
+    nodes = {}  # node (a path prefix) -> its (K, V) tokens
+
+    def kv(node, n):
+        if node not in nodes:
+            nodes[node] = (torch.randn(n, *shape, generator=gen), torch.randn(n, *shape, generator=gen))
+        return nodes[node]
+
+    rows = []  # (keys, values, block keys)
+    for leaf, (path, tail) in enumerate(zip(paths, tail_lens)):
+        chain = [((), prompt_len)] + [(tuple(path[: l + 1]), segment_len) for l in range(len(path))]
+        chain.append((("leaf", leaf), tail))
+        ks, vs, owner = [], [], []  # owner[p]: the node holding position p
+        for node, n in chain:
+            k, v = kv(node, n)
+            ks.append(k)
+            vs.append(v)
+            owner += [node] * n
+        keys = []
+        for b in range(-(-len(owner) // block_size)):
+            last = min((b + 1) * block_size, len(owner)) - 1
+            full = (b + 1) * block_size <= len(owner)
+            keys.append((owner[last], b) if full else ("own", leaf, b))
+        rows.append((torch.cat(ks), torch.cat(vs), keys))
+    order = torch.randperm(len(rows), generator=gen).tolist()
+    rows = [rows[i] for i in order]
+    distinct = sorted({key for _, _, keys in rows for key in keys}, key=repr)
+    perm = torch.randperm(len(distinct) + 1, generator=gen).tolist()
+    physical = {key: perm[i] for i, key in enumerate(distinct)}
+    pad_block = perm[-1]
+    storage = torch.full((2, len(distinct) + 1, block_size, *shape), float("nan"), dtype=dtype, device=DEVICE)
+    key_cache, value_cache = storage[0], storage[1]
+    width = max(len(keys) for _, _, keys in rows) + 1
+    tables = torch.full((len(rows), width), pad_block, dtype=torch.int32)
+    for s, (k, v, keys) in enumerate(rows):
+        blocks = [physical[key] for key in keys]
+        tables[s, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+        pos = torch.arange(len(k))
+        where = torch.tensor(blocks)[pos // block_size].to(DEVICE)
+        key_cache[where, (pos % block_size).to(DEVICE)] = k.to(dtype).to(DEVICE)
+        value_cache[where, (pos % block_size).to(DEVICE)] = v.to(dtype).to(DEVICE)
+    return DecodeBatch(
+        query=torch.randn(len(rows), num_heads, head_dim, generator=gen).to(dtype).to(DEVICE),  # (S, H, D)
+        key_cache=key_cache,
+        value_cache=value_cache,
+        block_tables=tables.to(DEVICE),
+        seq_lens=torch.tensor([len(k) for k, _, _ in rows], dtype=torch.int32, device=DEVICE),
+        scale=head_dim**-0.5,
+    )
+
+
+# A [2, 2, 2] tree of 8 leaves: a 40-token prompt (positions 0-39), trunk segments of 24 tokens at positions 40-63
+# (shared by 4 leaves), 64-87 (by 2) and 88-111 (each leaf's own), then the leaves' own tails of 3-20 tokens.
+TREE = dict(prompt_len=40, branching=[2, 2, 2], segment_len=24, tail_lens=[3, 20, 9, 14, 5, 17, 1, 11])
+
+
+def test_nested_plan_reads_a_trees_prompt_and_trunks_once():
+    """max_levels > 1: the prompt's blocks in one group of all leaves, each trunk's own blocks in a group of the
+    leaves below it (a level deeper); max_levels=1 keeps the single best cut; select keeps the nest exact."""
+    batch = make_tree_batch(**TREE, num_heads=4, num_kv_heads=2, head_dim=16, block_size=16, dtype=torch.float32)
+    plan = plan_cascade(batch.block_tables, batch.seq_lens, block_size=16, max_levels=4)
+    cu, rows = plan.cu_group_rows.tolist(), plan.group_rows.tolist()
+    groups = sorted((len(rows[cu[g]:cu[g + 1]]), f, n, lv) for g, (f, n, lv) in enumerate(zip(
+        plan.group_first_block.tolist(), plan.group_num_blocks.tolist(), plan.group_level.tolist())))  # fmt: skip
+    # (rows, first block, blocks, level): blocks 0-1 end in the prompt (8 leaves), blocks 2-3 in the first trunks
+    # (4 leaves each), block 4 (positions 64-79) in the second (2 leaves); block 5 ends in a leaf's own segment
+    assert groups == [(2, 4, 1, 2)] * 4 + [(4, 2, 2, 1)] * 2 + [(8, 0, 2, 0)]
+    assert plan.max_levels == 3 and plan.row_levels.tolist() == [3] * 8 and plan.tail_start.tolist() == [80] * 8
+    single = plan_cascade(batch.block_tables, batch.seq_lens, block_size=16)
+    assert single.max_levels == 1 and single.row_levels.tolist() == [1] * 8
+    kept = plan.select([3, 1], block_size=16)  # two leaves: a group of 2 at every level they still share
+    fresh = plan_cascade(batch.block_tables[[3, 1]], batch.seq_lens[[3, 1]], block_size=16, max_levels=4)
+    for name in ("group_rows", "cu_group_rows", "group_first_block", "group_num_blocks", "group_level", "row_levels",
+                 "tail_start"):
+        assert getattr(kept, name).tolist() == getattr(fresh, name).tolist(), name
+    capped = plan_cascade(batch.block_tables, batch.seq_lens, block_size=16, max_levels=2)
+    assert capped.max_levels == 2 and capped.tail_start.tolist() == [64] * 8  # the third level goes to the tails
+
+
+@pytest.mark.parametrize(("dtype", "num_heads", "num_kv_heads", "head_dim"), [
+    pytest.param(torch.float32, 4, 2, 16, id="fp32-G2"), pytest.param(torch.bfloat16, 6, 2, 32, id="bf16-G3")])
+def test_nested_cascade_equals_plain_attention_over_a_tree(dtype, num_heads, num_kv_heads, head_dim):
+    """A tree's leaves with their prompt and trunks in nested groups: the torch reference and the Triton passes
+    (default tilings; then both passes split, the shared one into 4 splits of 16-key tiles over 1-2 block groups
+    so some splits are empty) equal plain attention; so does the plan padded to static sizes (a graph's)."""
+    batch = make_tree_batch(**TREE, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, block_size=16,
+                            dtype=dtype, seed=head_dim)  # fmt: skip
+    plan = plan_cascade(batch.block_tables, batch.seq_lens, block_size=16, max_levels=4)
+    assert plan.max_levels == 3
+    expected = batch.plain_reference()
+    args = (batch.query, batch.key_cache, batch.value_cache, batch.block_tables, batch.seq_lens)
+    if dtype == torch.float32:
+        torch.testing.assert_close(cascade_attention_reference(*args, plan.to(DEVICE), batch.scale), expected,
+                                   atol=1e-5, rtol=1e-5)  # fmt: skip
+    assert_matches(run_triton(batch, plan.to(DEVICE)), expected, dtype)
+    split = dict(shared_config=dict(block_r=2, block_m=16, tile_n=16, num_splits=4),
+                 tail_config=dict(block_q=1, block_m=16, tile_n=16, num_splits=2))  # fmt: skip
+    assert_matches(run_triton(batch, plan.to(DEVICE), **split), expected, dtype)
+    padded = plan.padded(num_rows=plan.num_rows + 3, num_groups=plan.num_groups + 2)
+    assert padded.group_rows.shape == ((plan.num_rows + 3) * 3,) and padded.row_levels.tolist()[-3:] == [0] * 3
+    padded_batch = replace(batch, query=torch.cat([batch.query, batch.query[:3]]),
+                           block_tables=torch.cat([batch.block_tables, batch.block_tables[:3]]),
+                           seq_lens=torch.cat([batch.seq_lens, batch.seq_lens[:3]]))  # padding rows: plain attention
+    out = run_triton(padded_batch, padded.to(DEVICE))
+    assert_matches(out[: plan.num_rows], expected, dtype)
+    with pytest.raises(ValueError, match="merge='fused'"):
+        run_triton(batch, plan.to(DEVICE), merge="torch")
