@@ -78,11 +78,6 @@ def parse_args() -> argparse.Namespace:
                    help="regional torch.compile of the decoder layers (the engine option a GPU user turns on)")
     p.add_argument("--kv-cache-dtype", choices=("auto", "fp8"), default="auto",
                    help="auto: the model's dtype; fp8: float8_e4m3fn KV cache (half the bytes; rounds K/V)")
-    p.add_argument("--cascade", choices=("auto", "on", "off"), default="auto",
-                   help="the engine's cascade (shared-prefix) decode attention (auto: its default)")
-    p.add_argument("--cascade-levels", type=int, default=None,
-                   help="nested cascade levels a row may have (the engine's MAX_CASCADE_LEVELS; 1: the prompt or "
-                        "one trunk only, as before nested plans)")
     p.add_argument("--out", type=Path, default=None, help="where to write the JSON receipt")
     args = p.parse_args()
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -135,7 +130,6 @@ def run_tree(backend: NativeBackend, spec: TreeSpec, prompts, params, device: st
         "completion_tokens": st.completion_tokens, "wall_seconds": wall,
         "tokens_per_second": st.completion_tokens / wall,
         "forks": st.num_forks, "fork_seconds": st.fork_seconds, "kv_bytes_shared": st.kv_bytes_shared,
-        "cascade_steps": st.cascade_steps,
         "predicted_flat_prefill_tokens": st.flat_prefill_tokens, "predicted_flat_decode_tokens": st.flat_decode_tokens,
         "summary": st.summary(),
     }
@@ -222,12 +216,8 @@ def main() -> None:
     model, tokenizer, model_name = load_model(args)
     kv = args.kv_cache_memory
     kv = None if kv is None else (kv if kv < 1 else int(kv))
-    if args.cascade_levels is not None:
-        from thaw_rl.engine import cascade as cascade_mod
-
-        cascade_mod.MAX_CASCADE_LEVELS = args.cascade_levels  # read by the planner at each plan
     backend = NativeBackend(model, tokenizer, kv_cache_memory=kv, compile_layers=args.compile_layers,
-                            kv_cache_dtype=args.kv_cache_dtype, cascade_attention=args.cascade)
+                            kv_cache_dtype=args.kv_cache_dtype)
     spec = TreeSpec.segments(args.branching, segment_tokens=args.segment_tokens)
     params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, ignore_eos=not args.eos,
                             seed=args.seed)

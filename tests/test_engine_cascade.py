@@ -86,32 +86,22 @@ def test_a_plan_copied_into_static_graph_buffers_is_the_padded_plan():
     tables = [[1, 2, 3, 10], [1, 2, 3, 11], [1, 2, 3, 12], [5, 6, 20], [5, 6, 21], [8, 30]]
     plan = plan_cascade(tables, [60, 60, 60, 40, 40, 20], block_size=16)  # 3 rows x 3 blocks, 2 rows x 2 blocks
     key = cascade_graph_key(plan, bs=8, width=8)
-    assert key == (8, 2, 4, 4, 1)  # bounds rounded up to powers of two: 2 groups, 3 -> 4 rows, 3 -> 4 blocks, 1 level
+    assert key == (8, 2, 4, 4)  # bounds rounded up to powers of two: 2 groups, 3 -> 4 rows, 3 -> 4 blocks
     assert cascade_graph_key(plan, bs=8, width=3)[3] == 3  # never more shared blocks than table columns
     stale = lambda n: torch.full((n,), -7, dtype=torch.int32)  # noqa: E731
-    buffers = CascadePlan(stale(32), stale(10), stale(9), stale(16), max_group_rows=0, max_shared_blocks=0,
-                          group_first_block=stale(9), group_level=stale(9), row_levels=stale(16), max_levels=4)
-    # a tree: rows 0-3 share blocks 1-2, rows 0-1 also block 3, rows 2-3 block 4 (two levels); then rows left
-    tree = plan_cascade([[1, 2, 3, 10], [1, 2, 3, 11], [1, 2, 4, 12], [1, 2, 4, 13], [8, 30]], [60] * 4 + [20],
-                        block_size=16, max_levels=4)  # fmt: skip
-    assert tree.max_levels == 2 and cascade_graph_key(tree, bs=8, width=8) == (8, 4, 4, 2, 2)
-    for current in (plan, plan.select([0, 1, 3, 4, 5], block_size=16), tree, tree.select([0, 2, 3, 4], 16)):
+    buffers = CascadePlan(stale(16), stale(10), stale(9), stale(16), max_group_rows=0, max_shared_blocks=0)
+    for current in (plan, plan.select([0, 1, 3, 4, 5], block_size=16)):  # then row 2 left: two groups of 2
         key = cascade_graph_key(current, bs=8, width=8)
         view = pad_plan_into(buffers, current, key)
         ref = current.padded(8, key[1])
         grouped = current.group_rows.shape[0]
         assert torch.equal(view.group_rows[:grouped], ref.group_rows[:grouped])
-        for name in ("cu_group_rows", "group_num_blocks", "tail_start", "group_first_block", "group_level",
-                     "row_levels"):
+        for name in ("cu_group_rows", "group_num_blocks", "tail_start"):
             assert torch.equal(getattr(view, name), getattr(ref, name)), name
-        assert (view.max_group_rows, view.max_shared_blocks, view.max_levels) == key[2:]
-        if current is plan:
-            assert key == (8, 2, 4, 4, 1)
-    assert key == (8, 2, 4, 2, 2)  # row 1 left: its trunk group is gone, rows 2-3 keep theirs
+        assert (view.max_group_rows, view.max_shared_blocks) == key[2:]
+    assert key == (8, 2, 2, 4)
     with pytest.raises(ValueError, match="does not fit"):
-        pad_plan_into(buffers, plan, (4, 1, 4, 4, 1))
-    with pytest.raises(ValueError, match="2 levels"):
-        pad_plan_into(buffers, tree, (8, 4, 4, 2, 1))
+        pad_plan_into(buffers, plan, (4, 1, 4, 4))
 
 
 def test_auto_rule_wants_many_rows_sharing_long_prefixes():
@@ -172,40 +162,3 @@ def test_cuda_graph_steps_with_cascade_equal_plain_graph_steps(mode, prompt_lens
     for (tokens_off, lp_off), (tokens_on, lp_on) in zip(off, on):
         assert tokens_on == tokens_off
         torch.testing.assert_close(torch.tensor(lp_on), torch.tensor(lp_off), rtol=0, atol=1e-4)
-
-
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a CUDA device")])])
-def test_a_segment_trees_leaves_decode_the_same_with_nested_cascade(device, one_torch_thread, monkeypatch):
-    """TreeSampler's [2, 2, 2] segment tree on the engine: the leaves' last segments run with their prompt and
-    two trunk levels in nested cascade groups (planned with 3 levels), and every leaf's tokens equal the plain
-    kernel's exactly, logprobs and entropies to float32 noise. Sampled trunks (seeded) make siblings' trunks
-    differ, so a level reading another branch's blocks would change the tokens. On CUDA the async loop's steps
-    replay cascade captures, the nested plan in static buffers."""
-    from thaw_rl.backends.native import NativeBackend
-    from thaw_rl.engine import cascade as cascade_mod
-    from thaw_rl.rollout.tree_sampler import TreeSampler
-    from thaw_rl.rollout.tree_spec import TreeSpec
-
-    model, tok = tiny_model_and_tokenizer("qwen2")
-    model = model.to(device)
-    levels = []
-    real_plan = cascade_mod.plan_cascade
-    monkeypatch.setattr(cascade_mod, "plan_cascade",
-                        lambda *a, **k: (lambda p: levels.append(p.max_levels) or p)(real_plan(*a, **k)))
-    spec = TreeSpec.segments(branching=[2, 2, 2], segment_tokens=6)
-    params = SamplingParams(temperature=1.0, max_tokens=24, ignore_eos=True, seed=5)
-    prompts = _prompts([13, 9], model.config.vocab_size)
-    leaves = {}
-    for mode in ("off", "on"):
-        backend = NativeBackend(model, tok, block_size=4, cascade_attention=mode)
-        leaves[mode] = TreeSampler(backend, spec).rollout(prompts, params).leaves
-        assert (backend.engine.stats.num_cascade_steps > 0) == (mode == "on")
-    assert max(levels) == 3  # the last segment: prompt, first and second trunks
-    assert len({tuple(leaf.completion_ids[6:12]) for leaf in leaves["on"]}) == 8  # siblings' trunks differ
-    atol = 1e-5 if device == "cpu" else 1e-4
-    for on, off in zip(leaves["on"], leaves["off"]):
-        assert (on.prompt_index, on.node_ids, on.completion_ids) == (off.prompt_index, off.node_ids, off.completion_ids)
-        for name in ("logprobs", "entropies"):
-            torch.testing.assert_close(torch.tensor(getattr(on, name)), torch.tensor(getattr(off, name)), atol=atol,
-                                       rtol=0)  # fmt: skip

@@ -5,8 +5,7 @@ A decode batch whose rows share leading KV blocks (a GRPO group's prompt, a tree
 
 (a) shared pass: per group, the queries of all its rows (rows x query heads, a small multi-query batch,
     so the shared blocks are read once and multiplied on tensor cores) over the group's shared blocks,
-    returning each row's output and log-sum-exp (a row in nested groups, a tree's leaf under its prompt and
-    trunks, gets one state per group; they cover disjoint keys and merge like (c));
+    returning each row's output and log-sum-exp;
 (b) tail pass: each row over its own blocks from ``plan.tail_start`` on (the paged kernel with a start
     position), also returning its log-sum-exp;
 (c) merge: ``o = (o_a e^{lse_a} + o_b e^{lse_b}) / (e^{lse_a} + e^{lse_b})``, computed around the max.
@@ -44,24 +43,22 @@ def shared_prefix_attention_reference(
     plan: CascadePlan,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pass (a): (S, H, D) fp32 output and (S, H) fp32 LSE of each grouped row over all its groups' shared
-    blocks (the levels of a nested plan merged); rows in no group get output 0 and LSE -inf."""
+    """Pass (a): (S, H, D) fp32 output and (S, H) fp32 LSE of each grouped row over its group's shared
+    blocks; rows in no group get output 0 and LSE -inf."""
     S, H, D = query.shape
     bs = key_cache.shape[1]
     out = torch.zeros(S, H, D, dtype=torch.float32, device=query.device)
     lse = torch.full((S, H), float("-inf"), dtype=torch.float32, device=query.device)
     cu = plan.cu_group_rows.tolist()
-    firsts = plan.group_first_block.tolist()
     for g, n in enumerate(plan.group_num_blocks.tolist()):
         if n == 0 or cu[g + 1] == cu[g]:  # an empty group of a padded plan
             continue
         rows = plan.group_rows[cu[g] : cu[g + 1]].long().to(query.device)  # (r,)
-        blocks = block_tables[rows[0], firsts[g] : firsts[g] + n].long()  # the first row's ids: all rows have them
+        blocks = block_tables[rows[0], :n].long()  # the first row's ids: every row of the group has them
         k = key_cache[blocks].reshape(1, n * bs, *key_cache.shape[2:]).expand(len(rows), -1, -1, -1)  # (r, L, KVH, D)
         v = value_cache[blocks].reshape(1, n * bs, *value_cache.shape[2:]).expand(len(rows), -1, -1, -1)
         valid = torch.ones(len(rows), n * bs, dtype=torch.bool, device=query.device)
-        group_out, group_lse = _scores_softmax(query[rows], k, v, valid, scale)
-        out[rows], lse[rows] = merge_attention_states(out[rows], lse[rows], group_out, group_lse)  # disjoint keys
+        out[rows], lse[rows] = _scores_softmax(query[rows], k, v, valid, scale)
     return out, lse
 
 

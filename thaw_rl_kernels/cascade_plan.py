@@ -9,16 +9,11 @@ while rows only grow (new blocks are never shared) and while rows only leave (``
 A group is a set of rows whose block tables start with the same ``num_shared`` physical block ids. Only
 blocks strictly before each row's last position are shared (``num_shared <= (seq_len - 1) // block_size``),
 so every row keeps at least its own token in its tail and the tail's log-sum-exp is finite; a prefix that
-ends mid-block leaves that block to the tail. Rows are grouped by a compressed trie over block ids.
-
-- One level (``max_levels=1``, a GRPO batch): each row is in at most one group, and the trie chooses at each
-  node the better of "one group here" or "the best of the children", scored by the block reads saved,
-  ``(num_rows - 1) * num_shared``: 8 prompts of 16 rows that share a 2-block system prompt become 8 groups over
-  their whole prompts, not one group over the system prompt.
-- Several levels (``max_levels > 1``, a segment tree): every trie edge shared by >= 2 rows is a group over its
-  own blocks, nested: a leaf of a [4, 2, 2] tree is in the group of its prompt (16 rows), of its first trunk
-  segment (4 rows) and of its second (2 rows), each read once per step for its rows. A group's level is its
-  depth in that nest (0 outermost); edges deeper than ``max_levels`` go to the rows' tails.
+ends mid-block leaves that block to the tail. Rows are partitioned into groups by a compressed trie over
+block ids, choosing at each node the better of "one group here" or "the best of the children", scored by
+the block reads saved, ``(num_rows - 1) * num_shared``: 8 prompts of 16 rows that share a 2-block system
+prompt become 8 groups over their whole prompts, not one group over the system prompt. One level only: a
+tree's trunk shared by a subset of a prompt's rows goes to those rows' tails.
 """
 
 from __future__ import annotations
@@ -34,39 +29,17 @@ class CascadePlan:
     """Groups of decode rows sharing leading blocks, as flat int32 tensors (CSR over groups).
 
     Group g owns rows ``group_rows[cu_group_rows[g] : cu_group_rows[g + 1]]`` (row indices of the batch,
-    ascending) and shares their blocks ``group_first_block[g]`` to ``group_first_block[g] + group_num_blocks[g]``
-    (exclusive); the shared pass reads the block ids from the table of the group's first row and writes its
-    state into slot ``group_level[g]`` of each of its rows. Row s is in ``row_levels[s]`` groups, at levels 0 to
-    ``row_levels[s] - 1``, which cover its positions before ``tail_start[s]``; it attends to positions
-    ``tail_start[s]`` onwards in the tail pass (0 for rows in no group). A row appears in ``group_rows`` once
-    per level, so R <= S * max_levels.
-
-    The last three tensors may be left out for a one-level plan: they are then derived (every group from
-    block 0 at level 0; a row is in one group when its tail starts after 0).
+    ascending) and shares their first ``group_num_blocks[g]`` blocks; the shared pass reads the block ids
+    from the table of the group's first row. Row s attends to positions ``tail_start[s]`` onwards in the tail
+    pass (0 for rows in no group).
     """
 
     group_rows: torch.Tensor  # (R,) int32, rows in groups, group by group
     cu_group_rows: torch.Tensor  # (num_groups + 1,) int32
-    group_num_blocks: torch.Tensor  # (num_groups,) int32, blocks each group shares (from its first block)
-    tail_start: torch.Tensor  # (S,) int32, shared tokens of each row (all levels)
+    group_num_blocks: torch.Tensor  # (num_groups,) int32
+    tail_start: torch.Tensor  # (S,) int32, shared tokens of each row
     max_group_rows: int  # host-side upper bound of a group's row count (picks the tiling only)
     max_shared_blocks: int  # host-side max of group_num_blocks
-    group_first_block: torch.Tensor | None = None  # (num_groups,) int32, each group's first shared block
-    group_level: torch.Tensor | None = None  # (num_groups,) int32, 0 = outermost
-    row_levels: torch.Tensor | None = None  # (S,) int32, groups each row is in
-    max_levels: int = 1  # host-side upper bound of row_levels (sizes the partial states; >= 1)
-
-    def __post_init__(self) -> None:
-        def zeros(n: int) -> torch.Tensor:
-            return torch.zeros(n, dtype=torch.int32, device=self.group_num_blocks.device)
-
-        if self.group_first_block is None:
-            self.group_first_block = zeros(self.group_num_blocks.shape[0])
-        if self.group_level is None:
-            self.group_level = zeros(self.group_num_blocks.shape[0])
-        if self.row_levels is None:
-            self.row_levels = (self.tail_start > 0).to(torch.int32)
-        self.max_levels = max(1, int(self.max_levels))
 
     @property
     def num_groups(self) -> int:
@@ -93,34 +66,22 @@ class CascadePlan:
             raise ValueError(f"padded({num_rows}, {num_groups}) is smaller than the plan ({self.num_rows} rows, "
                              f"{self.num_groups} groups); pass sizes >= those.")
         num_grouped = self.group_rows.shape[0]
-        group_rows = torch.zeros(num_rows * self.max_levels, dtype=torch.int32)  # R used, the rest never read
+        group_rows = torch.zeros(num_rows, dtype=torch.int32)  # (num_rows,): R used, the rest never read
         group_rows[:num_grouped] = self.group_rows
         cu = torch.full((num_groups + 1,), num_grouped, dtype=torch.int32)  # empty groups past the real ones
         cu[: self.num_groups + 1] = self.cu_group_rows
-
-        def per_group(t: torch.Tensor) -> torch.Tensor:
-            out = torch.zeros(num_groups, dtype=torch.int32)
-            out[: self.num_groups] = t
-            return out
-
-        def per_row(t: torch.Tensor) -> torch.Tensor:
-            out = torch.zeros(num_rows, dtype=torch.int32)
-            out[: self.num_rows] = t
-            return out
-
-        return CascadePlan(group_rows, cu, per_group(self.group_num_blocks), per_row(self.tail_start),
-                           self.max_group_rows, self.max_shared_blocks, per_group(self.group_first_block),
-                           per_group(self.group_level), per_row(self.row_levels), self.max_levels)
+        blocks = torch.zeros(num_groups, dtype=torch.int32)
+        blocks[: self.num_groups] = self.group_num_blocks
+        tail = torch.zeros(num_rows, dtype=torch.int32)
+        tail[: self.num_rows] = self.tail_start
+        return CascadePlan(group_rows, cu, blocks, tail, self.max_group_rows, self.max_shared_blocks)
 
     def select(self, keep: list[int], block_size: int) -> CascadePlan:
         """The plan of the batch made of rows ``keep`` (in that order) of this one: still exact, since the
         remaining rows of a group still share its blocks; groups left with fewer than 2 rows are dropped.
-        Vectorised (a GRPO batch loses a few rows at most steps; ~0.2 ms at 1,024 rows). Groups are nested, so
-        a group that drops leaves its rows' deeper groups with at most one row too: levels stay contiguous."""
+        Vectorised (a GRPO batch loses a few rows at most steps; ~0.2 ms at 1,024 rows)."""
         if self.num_groups == 0:
             return _plan_from_groups([], len(keep), block_size)
-        if self.max_levels > 1:
-            return self._select_nested(keep, block_size)
         keep = np.asarray(keep, dtype=np.int64)
         sizes = np.diff(self.cu_group_rows.numpy())
         group_of = np.full(self.num_rows, -1, dtype=np.int64)  # (S_old,)
@@ -143,31 +104,12 @@ class CascadePlan:
             max_shared_blocks=int(num_blocks[present].max(initial=0)),
         )
 
-    def _select_nested(self, keep: list[int], block_size: int) -> CascadePlan:
-        """``select`` of a plan with several levels, over its (group, row) memberships."""
-        keep = np.asarray(keep, dtype=np.int64)
-        new_of_old = np.full(self.num_rows, -1, dtype=np.int64)  # (S_old,)
-        new_of_old[keep] = np.arange(len(keep))
-        sizes = np.diff(self.cu_group_rows.numpy())
-        member_group = np.repeat(np.arange(self.num_groups), sizes)  # (R,)
-        member_row = new_of_old[self.group_rows.numpy().astype(np.int64)]
-        alive = member_row >= 0
-        member_group, member_row = member_group[alive], member_row[alive]
-        order = np.lexsort((member_row, member_group))  # group by group, ascending rows within each
-        member_group, member_row = member_group[order], member_row[order]
-        counts = np.bincount(member_group, minlength=self.num_groups)
-        rows_of = np.split(member_row, np.cumsum(counts)[:-1])
-        first, num, level = (t.numpy() for t in (self.group_first_block, self.group_num_blocks, self.group_level))
-        groups = [(rows_of[g].tolist(), int(first[g]), int(num[g]), int(level[g])) for g in np.flatnonzero(counts >= 2)]
-        return _plan_from_groups(groups, len(keep), block_size, max_levels=self.max_levels)
-
 
 def plan_cascade(
     block_tables: torch.Tensor | np.ndarray | list[list[int]],
     seq_lens: torch.Tensor | np.ndarray | list[int],
     block_size: int,
     min_group_rows: int = 2,
-    max_levels: int = 1,
 ) -> CascadePlan:
     """Group the rows of a decode batch by shared leading blocks (host work; see the module docstring).
 
@@ -176,13 +118,9 @@ def plan_cascade(
         seq_lens: (S,) context length of each row, its new token included.
         block_size: tokens per block.
         min_group_rows: a group needs at least this many rows (>= 2; a one-row group saves nothing).
-        max_levels: 1: each row in at most one group (the trie's best single cut); > 1: nested groups, one per
-            shared trie edge, up to this many a row (a segment tree's prompt and trunks).
     """
     if min_group_rows < 2:
         raise ValueError(f"min_group_rows={min_group_rows} must be >= 2: a group of one row reads nothing less.")
-    if max_levels < 1:
-        raise ValueError(f"max_levels={max_levels} must be >= 1 (1: one group a row, the GRPO case).")
     lens = np.asarray(seq_lens.cpu() if isinstance(seq_lens, torch.Tensor) else seq_lens, dtype=np.int64)
     tables = _as_table(block_tables, lens, block_size)
     if tables.shape[0] != lens.shape[0]:
@@ -190,14 +128,10 @@ def plan_cascade(
     if (lens < 1).any():
         raise ValueError("every decode row needs seq_len >= 1 (its own new token); drop idle rows first.")
     caps = (lens - 1) // block_size  # blocks strictly before each row's last position
+    groups: list[tuple[list[int], int]] = []
     rows = np.flatnonzero(caps > 0)
-    if max_levels == 1:
-        best: list[tuple[list[int], int]] = []
-        _best(tables, caps, rows, 0, min_group_rows, best)
-        return _plan_from_groups([(r, 0, n, 0) for r, n in sorted(best)], len(lens), block_size)
-    nested: list[tuple[list[int], int, int, int]] = []
-    _nest(tables, caps, rows, 0, 0, 0, min_group_rows, max_levels, nested)
-    return _plan_from_groups(sorted(nested), len(lens), block_size, max_levels=max_levels)
+    _best(tables, caps, rows, 0, min_group_rows, groups)
+    return _plan_from_groups(sorted(groups), len(lens), block_size)
 
 
 def _as_table(block_tables, lens: np.ndarray, block_size: int) -> np.ndarray:
@@ -238,49 +172,19 @@ def _best(tables: np.ndarray, caps: np.ndarray, rows: np.ndarray, depth: int, mi
     return saved
 
 
-def _nest(tables: np.ndarray, caps: np.ndarray, rows: np.ndarray, start: int, known: int, level: int,
-          min_rows: int, max_levels: int, out: list[tuple[list[int], int, int, int]]) -> None:
-    """Nested groups over ``rows``, which share their first ``known`` blocks, of which the enclosing groups
-    cover the first ``start``: one group over this trie edge's blocks (from ``start``) at ``level``, then the
-    children's groups, one level deeper. Appends (rows, first block, blocks, level) to out."""
-    if len(rows) < min_rows or level >= max_levels:
-        return
-    limit = int(caps[rows].min())
-    cols = tables[rows, known:limit]  # (n, limit - known)
-    agree = (cols == cols[:1]).all(axis=0)
-    common = known + (int(np.argmin(agree)) if not agree.all() else limit - known)
-    if common > start:
-        out.append((rows.tolist(), start, common - start, level))
-        level, start = level + 1, common
-    deeper = rows[caps[rows] > common]
-    if len(deeper) >= min_rows:
-        ids = tables[deeper, common]
-        for block in np.unique(ids):
-            _nest(tables, caps, deeper[ids == block], start, common + 1, level, min_rows, max_levels, out)
-
-
-def _plan_from_groups(groups: list[tuple[list[int], int, int, int]], num_rows: int, block_size: int,
-                      max_levels: int = 1) -> CascadePlan:
-    """The plan of ``groups`` = (rows, first block, blocks, level), nested where a row is in several."""
-    tail = np.zeros(num_rows, dtype=np.int32)  # (S,)
-    levels = np.zeros(num_rows, dtype=np.int32)
+def _plan_from_groups(groups: list[tuple[list[int], int]], num_rows: int, block_size: int) -> CascadePlan:
+    tail = torch.zeros(num_rows, dtype=torch.int32)  # (S,)
     flat: list[int] = []
     cu = [0]
-    for rows, first, n, _ in groups:
+    for rows, n in groups:
         flat.extend(rows)
         cu.append(len(flat))
-        np.maximum.at(tail, rows, (first + n) * block_size)
-        np.add.at(levels, rows, 1)
-    as_int32 = lambda values: torch.tensor(values, dtype=torch.int32)  # noqa: E731
+        tail[rows] = n * block_size
     return CascadePlan(
-        group_rows=as_int32(flat),  # (R,)
-        cu_group_rows=as_int32(cu),  # (G + 1,)
-        group_num_blocks=as_int32([n for _, _, n, _ in groups]),  # (G,)
-        tail_start=torch.from_numpy(tail),
-        max_group_rows=max((len(r) for r, _, _, _ in groups), default=0),
-        max_shared_blocks=max((n for _, _, n, _ in groups), default=0),
-        group_first_block=as_int32([f for _, f, _, _ in groups]),
-        group_level=as_int32([lv for _, _, _, lv in groups]),
-        row_levels=torch.from_numpy(levels),
-        max_levels=max(1, min(max_levels, int(levels.max(initial=0)))),
+        group_rows=torch.tensor(flat, dtype=torch.int32),  # (R,)
+        cu_group_rows=torch.tensor(cu, dtype=torch.int32),  # (G + 1,)
+        group_num_blocks=torch.tensor([n for _, n in groups], dtype=torch.int32),  # (G,)
+        tail_start=tail,
+        max_group_rows=max((len(r) for r, _ in groups), default=0),
+        max_shared_blocks=max((n for _, n in groups), default=0),
     )

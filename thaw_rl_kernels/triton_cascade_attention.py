@@ -48,9 +48,9 @@ from thaw_rl_kernels.triton_paged_attention import (
 def _shared_prefix_kernel(
     out_ptr,  # (T, H, HEAD_DIM) fp32 contiguous, used when NUM_SPLITS == 1
     lse_ptr,  # (T, H) fp32 natural-log LSE, used when NUM_SPLITS == 1
-    part_acc_ptr,  # (T, H, LEVELS * NUM_SPLITS, HEAD_DIM_PAD) fp32 unnormalised partial outputs
-    part_max_ptr,  # (T, H, LEVELS * NUM_SPLITS) fp32 running max (log2 units)
-    part_sum_ptr,  # (T, H, LEVELS * NUM_SPLITS) fp32 running sum of exp2
+    part_acc_ptr,  # (T, H, NUM_SPLITS, HEAD_DIM_PAD) fp32 unnormalised partial outputs
+    part_max_ptr,  # (T, H, NUM_SPLITS) fp32 running max (log2 units)
+    part_sum_ptr,  # (T, H, NUM_SPLITS) fp32 running sum of exp2
     q_ptr,  # (T, H, D), one decode row per sequence
     k_cache_ptr,  # (NB, BS, KVH, D)
     v_cache_ptr,  # (NB, BS, KVH, D), same strides as k_cache
@@ -58,8 +58,6 @@ def _shared_prefix_kernel(
     group_rows_ptr,  # (R,) int32 rows of all groups, group by group
     cu_group_rows_ptr,  # (num_groups + 1,) int32
     group_num_blocks_ptr,  # (num_groups,) int32
-    group_first_block_ptr,  # (num_groups,) int32
-    group_level_ptr,  # (num_groups,) int32
     num_groups,
     qk_scale,  # softmax scale * log2(e)
     stride_q_token,
@@ -80,7 +78,6 @@ def _shared_prefix_kernel(
     DOT_PRECISION: tl.constexpr,
     DOT_UPCAST: tl.constexpr,
     WRITE_PARTS: tl.constexpr = False,  # partial states even with one split (the fused tail pass merges them)
-    LEVELS: tl.constexpr = 1,  # nested groups a row can be in: each writes its own NUM_SPLITS slots
 ):
     tile_idx = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -109,7 +106,6 @@ def _shared_prefix_kernel(
 
     # The shared blocks, read from the group's first row (every row of the group has the same ids there).
     kv_len = tl.load(group_num_blocks_ptr + group_id) * BLOCK_SIZE
-    kv_first = tl.load(group_first_block_ptr + group_id) * BLOCK_SIZE  # keys from here (0 at level 0)
     leader = tl.load(group_rows_ptr + r_begin).to(tl.int64)
     block_table_row = block_tables_ptr + leader * stride_block_table
     num_tiles = tl.cdiv(kv_len, TILE_N)
@@ -126,9 +122,8 @@ def _shared_prefix_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
     offs_n = tl.arange(0, TILE_N)
     for tile in range(tile_lo, tile_hi):
-        key_idx = tile * TILE_N + offs_n
-        key_valid = key_idx < kv_len
-        key_pos = kv_first + key_idx
+        key_pos = tile * TILE_N + offs_n
+        key_valid = key_pos < kv_len
         block = tl.load(block_table_row + key_pos // BLOCK_SIZE, mask=key_valid, other=0).to(tl.int64)
         kv_offs = (
             block[:, None] * stride_kv_block
@@ -155,8 +150,7 @@ def _shared_prefix_kernel(
         tl.store(out_ptr + state[:, None] * HEAD_DIM + offs_d[None, :], out, mask=row_valid[:, None] & d_valid[None, :])
         tl.store(lse_ptr + state, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=row_valid)
     else:
-        slot = tl.load(group_level_ptr + group_id) * NUM_SPLITS + split
-        part = state * (LEVELS * NUM_SPLITS) + slot  # (BLOCK_M,)
+        part = state * NUM_SPLITS + split  # (BLOCK_M,)
         tl.store(part_max_ptr + part, m_i, mask=row_valid)
         tl.store(part_sum_ptr + part, l_i, mask=row_valid)
         tl.store(part_acc_ptr + part[:, None] * HEAD_DIM_PAD + offs_d[None, :], acc, mask=row_valid[:, None])
@@ -217,11 +211,9 @@ def launch_shared_prefix(
 ) -> None:
     """Pass (a) with an explicit tiling: writes out and lse of every grouped row (other rows untouched).
 
-    With ``parts`` = (acc (T, H, L, P, D_PAD), max (T, H, L, P), sum (T, H, L, P)) fp32, L = plan.max_levels,
-    P = num_splits (``shared_parts``) it writes each split's unnormalised state there instead, even unsplit, a
-    group at level l into level l's slots, and runs no merge: the tail pass merges them
-    (``launch_paged_attention(prefix_parts=..., prefix_levels=plan.row_levels)``); out and lse are not touched.
-    A nested plan (max_levels > 1) needs ``parts``."""
+    With ``parts`` = (acc (T, H, num_splits, D_PAD), max (T, H, num_splits), sum (T, H, num_splits)) fp32
+    (``shared_parts``) it writes each split's unnormalised state there instead, even unsplit, and runs no merge:
+    the tail pass merges them (``launch_paged_attention(prefix_parts=...)``); out and lse are not touched."""
     num_tokens, num_heads, head_dim = query.shape
     num_kv_heads = key_cache.shape[2]
     group = num_heads // num_kv_heads
@@ -229,19 +221,16 @@ def launch_shared_prefix(
         raise ValueError(f"Bad tiling block_r={block_r} block_m={block_m} tile_n={tile_n} for group={group}.")
     if num_splits < 1 or num_splits & (num_splits - 1):
         raise ValueError(f"num_splits={num_splits} must be a power of two >= 1.")
-    num_groups, num_rows, levels = plan.num_groups, plan.group_rows.shape[0], plan.max_levels
-    if levels > 1 and parts is None:
-        raise ValueError(f"a plan of {levels} nested levels needs parts (shared_parts(query, num_splits, "
-                         f"{levels})): out and lse hold one state a row.")
+    num_groups, num_rows = plan.num_groups, plan.group_rows.shape[0]
     if num_groups == 0:
         return
     head_dim_pad = max(16, triton.next_power_of_2(head_dim))
     num_tiles = num_rows if block_r == 1 else num_rows // block_r + num_groups
     if parts is not None:
         part_acc, part_max, part_sum = parts
-        if part_max.shape != (num_tokens, num_heads, levels, num_splits) or part_acc.shape[-1] != head_dim_pad:
-            raise ValueError(f"parts {tuple(part_acc.shape)}/{tuple(part_max.shape)} do not fit {num_splits} splits x "
-                             f"{levels} levels; allocate them with shared_parts.")
+        if part_max.shape != (num_tokens, num_heads, num_splits) or part_acc.shape[-1] != head_dim_pad:
+            raise ValueError(f"parts {tuple(part_acc.shape)}/{tuple(part_max.shape)} do not fit {num_splits} splits; "
+                             "allocate them with shared_parts.")
         out = lse = part_max  # unused
     elif num_splits > 1:
         part_acc = torch.empty(  # (T, H, NUM_SPLITS, D_PAD)
@@ -252,15 +241,14 @@ def launch_shared_prefix(
         part_acc = part_max = part_sum = out  # unused
     _shared_prefix_kernel[(num_tiles, num_kv_heads, num_splits)](
         out, lse, part_acc, part_max, part_sum, query, key_cache, value_cache, block_tables,
-        plan.group_rows, plan.cu_group_rows, plan.group_num_blocks, plan.group_first_block, plan.group_level,
-        num_groups, float(scale) * LOG2E,
+        plan.group_rows, plan.cu_group_rows, plan.group_num_blocks, num_groups, float(scale) * LOG2E,
         query.stride(0), query.stride(1), key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         block_tables.stride(0),
         NUM_HEADS=num_heads, GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, BLOCK_SIZE=key_cache.shape[1],
         BLOCK_R=block_r, BLOCK_M=block_m, TILE_N=tile_n, NUM_SPLITS=num_splits,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         DOT_UPCAST=query.device.type != "cuda",  # the interpreter's bf16 tl.dot is broken (see the paged kernel)
-        WRITE_PARTS=parts is not None, LEVELS=levels, num_warps=num_warps, num_stages=num_stages,
+        WRITE_PARTS=parts is not None, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     if num_splits > 1 and parts is None:  # every row of the batch is merged; only grouped rows are read afterwards
         cu_all = torch.arange(num_tokens + 1, dtype=torch.int32, device=query.device)
@@ -271,16 +259,13 @@ def launch_shared_prefix(
         )  # fmt: skip
 
 
-def shared_parts(query: torch.Tensor, num_splits: int,
-                 levels: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Buffers for the shared pass's per-split states, ``levels`` x ``num_splits`` slots a row and head: acc (T, H,
-    levels, num_splits, D_PAD), max and sum (T, H, levels, num_splits), fp32. Slots of levels a row is not in are
-    never written (the tail pass reads a row's first ``row_levels`` levels only)."""
+def shared_parts(query: torch.Tensor, num_splits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Buffers for the shared pass's per-split states: acc (T, H, num_splits, D_PAD), max and sum (T, H, num_splits),
+    fp32. Rows outside groups are never written (the tail pass does not read them)."""
     num_tokens, num_heads, head_dim = query.shape
     head_dim_pad = max(16, triton.next_power_of_2(head_dim))
-    acc = torch.empty(num_tokens, num_heads, levels, num_splits, head_dim_pad, dtype=torch.float32,
-                      device=query.device)
-    part_max = torch.empty(num_tokens, num_heads, levels, num_splits, dtype=torch.float32, device=query.device)
+    acc = torch.empty(num_tokens, num_heads, num_splits, head_dim_pad, dtype=torch.float32, device=query.device)
+    part_max = torch.empty(num_tokens, num_heads, num_splits, dtype=torch.float32, device=query.device)
     return acc, part_max, torch.empty_like(part_max)
 
 
@@ -313,16 +298,12 @@ def cascade_attention_triton(
     cu_seqlens_q = torch.arange(num_seqs + 1, dtype=torch.int32, device=query.device)
     _check_inputs(query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, 1, out)
     _check_plan(query, block_tables, seq_lens, plan, key_cache.shape[1])
-    for name in ("group_rows", "cu_group_rows", "group_num_blocks", "tail_start", "group_first_block", "group_level",
-                 "row_levels"):
+    for name in ("group_rows", "cu_group_rows", "group_num_blocks", "tail_start"):
         t = getattr(plan, name)
         if t.device != query.device or t.dtype != torch.int32:
             raise ValueError(f"plan.{name} is {t.dtype} on {t.device}; move the plan with plan.to(query.device).")
     if merge not in ("fused", "torch"):
         raise ValueError(f"merge={merge!r} must be 'fused' or 'torch'.")
-    if merge == "torch" and plan.max_levels > 1:
-        raise ValueError(f"merge='torch' merges one shared state a row; this plan nests {plan.max_levels} levels: "
-                         "use merge='fused'.")
     if out is None:
         out = torch.empty_like(query)
     num_heads, num_kv_heads = query.shape[1], key_cache.shape[2]
@@ -337,11 +318,11 @@ def cascade_attention_triton(
     )  # fmt: skip
     tail = dict(kv_start=plan.tail_start)
     if merge == "fused":  # the shared pass's split states go straight to the tail pass, which merges them
-        parts = shared_parts(query, shared_config.get("num_splits", 1), plan.max_levels)
+        parts = shared_parts(query, shared_config.get("num_splits", 1))
         launch_shared_prefix(query, key_cache, value_cache, block_tables, plan, scale, None, None, parts=parts,
                              **shared_config)  # fmt: skip
         return launch_paged_attention(query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_q, scale, out,
-                                      prefix_parts=parts, prefix_levels=plan.row_levels, **tail, **tail_config)
+                                      prefix_parts=parts, **tail, **tail_config)
     shared_out = torch.empty(num_seqs, num_heads, query.shape[2], dtype=torch.float32, device=query.device)
     shared_lse = torch.empty(num_seqs, num_heads, dtype=torch.float32, device=query.device)
     launch_shared_prefix(query, key_cache, value_cache, block_tables, plan, scale, shared_out, shared_lse,

@@ -106,15 +106,12 @@ def _paged_attention_kernel(
     SLIDING_WINDOW: tl.constexpr = 0,  # 0: full causal; w: a row at p sees keys in (p - w, p]
     kv_start_ptr=None,  # (S,) int32 first key position of each sequence (cascade tail pass), if HAS_KV_START
     lse_ptr=None,  # (T, H) fp32 natural-log LSE of each row, written if STORE_LSE (and NUM_SPLITS == 1)
-    prefix_acc_ptr=None,  # (T, H, PREFIX_LEVELS, PREFIX_SPLITS, HEAD_DIM_PAD) fp32 the shared pass's unnormalised
-    #                        partial outputs
-    prefix_max_ptr=None,  # (T, H, PREFIX_LEVELS, PREFIX_SPLITS) fp32 their running max (log2 units)
-    prefix_sum_ptr=None,  # (T, H, PREFIX_LEVELS, PREFIX_SPLITS) fp32 their running sum of exp2
-    prefix_levels_ptr=None,  # (S,) int32 levels of shared state each sequence has (its first ones are written)
+    prefix_acc_ptr=None,  # (T, H, PREFIX_SPLITS, HEAD_DIM_PAD) fp32 the shared pass's unnormalised partial outputs
+    prefix_max_ptr=None,  # (T, H, PREFIX_SPLITS) fp32 their running max (log2 units)
+    prefix_sum_ptr=None,  # (T, H, PREFIX_SPLITS) fp32 their running sum of exp2
     HAS_KV_START: tl.constexpr = False,
     STORE_LSE: tl.constexpr = False,
     PREFIX_SPLITS: tl.constexpr = 0,  # > 0: start the online softmax from the shared pass's split states (fused merge)
-    PREFIX_LEVELS: tl.constexpr = 1,  # nested shared groups a row can be in (a tree's prompt and trunks)
 ):
     tile_idx = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -167,14 +164,13 @@ def _paged_attention_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
     if PREFIX_SPLITS > 0:  # the shared pass's per-split (m, l, acc) states, merged into this row's starting state
-        row_levels = tl.where(split == 0, tl.load(prefix_levels_ptr + seq), 0)  # only split 0 takes the shared state
-        state = (row_token * NUM_HEADS + row_head) * (PREFIX_LEVELS * PREFIX_SPLITS)  # (BLOCK_M,)
-        for shared_slot in tl.static_range(PREFIX_LEVELS * PREFIX_SPLITS):
-            # block-shaped: the interpreter rejects bool scalars
-            use = row_valid & (offs_m * 0 + row_levels > shared_slot // PREFIX_SPLITS)
-            m_s = tl.load(prefix_max_ptr + state + shared_slot, mask=use, other=float("-inf"))
-            l_s = tl.load(prefix_sum_ptr + state + shared_slot, mask=use, other=0.0)
-            acc_s = tl.load(prefix_acc_ptr + (state + shared_slot)[:, None] * HEAD_DIM_PAD + offs_d[None, :],
+        first_split_start = tl.where(split == 0, kv_start, 0)  # only split 0 takes the shared state
+        use = row_valid & (offs_m * 0 + first_split_start > 0)  # block-shaped: the interpreter rejects bool scalars
+        state = (row_token * NUM_HEADS + row_head) * PREFIX_SPLITS  # (BLOCK_M,)
+        for shared_split in tl.static_range(PREFIX_SPLITS):
+            m_s = tl.load(prefix_max_ptr + state + shared_split, mask=use, other=float("-inf"))
+            l_s = tl.load(prefix_sum_ptr + state + shared_split, mask=use, other=0.0)
+            acc_s = tl.load(prefix_acc_ptr + (state + shared_split)[:, None] * HEAD_DIM_PAD + offs_d[None, :],
                             mask=use[:, None], other=0.0)
             m_new = tl.maximum(m_i, m_s)
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # an empty split (m = -inf) weighs 0
@@ -398,16 +394,15 @@ def launch_paged_attention(
     kv_start: torch.Tensor | None = None,
     lse: torch.Tensor | None = None,
     prefix_parts: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-    prefix_levels: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Launch with an explicit tiling (inputs already checked); tests and benchmarks sweep it here.
 
     The cascade tail pass (``triton_cascade_attention.py``) adds: ``kv_start`` (S,) int32, keys before it are
-    skipped; ``lse`` (T, H) fp32, written with each row's natural-log LSE; ``prefix_parts`` = (acc (T, H, L, P,
-    D_PAD), max (T, H, L, P), sum (T, H, L, P)) fp32 contiguous, the shared pass's unnormalised state for each of
-    its P KV splits at each of L nested levels, and ``prefix_levels`` (S,) int32, how many levels each row has:
-    a row merges those and starts its softmax from them (the cascade's merge and the shared pass's split merge,
-    fused: no merge kernel, no normalised round trip). Without them the kernel compiles exactly as before.
+    skipped; ``lse`` (T, H) fp32, written with each row's natural-log LSE; ``prefix_parts`` = (acc (T, H, P,
+    D_PAD), max (T, H, P), sum (T, H, P)) fp32 contiguous, the shared pass's unnormalised state for each of its
+    P KV splits, which rows with ``kv_start > 0`` merge and start their softmax from (the cascade's merge and
+    the shared pass's split merge, fused: no merge kernel, no normalised round trip). Without them the kernel
+    compiles exactly as before.
     """
     num_tokens, num_heads, head_dim = query.shape
     num_kv_heads = key_cache.shape[2]
@@ -417,12 +412,9 @@ def launch_paged_attention(
         raise ValueError(f"Bad tiling block_q={block_q} block_m={block_m} tile_n={tile_n} for group={group}.")
     if num_splits < 1 or num_splits & (num_splits - 1):
         raise ValueError(f"num_splits={num_splits} must be a power of two >= 1.")
-    if prefix_parts is not None and (kv_start is None or prefix_levels is None):
-        raise ValueError("prefix_parts needs kv_start and prefix_levels (a row's tail starts after its shared levels).")
+    if prefix_parts is not None and kv_start is None:
+        raise ValueError("prefix_parts needs kv_start (rows with kv_start > 0 start from them).")
     prefix_acc, prefix_max, prefix_sum = prefix_parts if prefix_parts is not None else (None, None, None)
-    if prefix_max is not None and prefix_max.dim() != 4:
-        raise ValueError(f"prefix_parts' max has shape {tuple(prefix_max.shape)}, expected (T, H, levels, splits); "
-                         "allocate them with triton_cascade_attention.shared_parts.")
     if num_tokens == 0 or num_seqs == 0:
         return out
     head_dim_pad = max(16, triton.next_power_of_2(head_dim))
@@ -473,11 +465,9 @@ def launch_paged_attention(
         prefix_acc_ptr=prefix_acc,
         prefix_max_ptr=prefix_max,
         prefix_sum_ptr=prefix_sum,
-        prefix_levels_ptr=prefix_levels,
         HAS_KV_START=kv_start is not None,
         STORE_LSE=lse is not None,
-        PREFIX_SPLITS=0 if prefix_max is None else prefix_max.shape[3],
-        PREFIX_LEVELS=1 if prefix_max is None else prefix_max.shape[2],
+        PREFIX_SPLITS=0 if prefix_max is None else prefix_max.shape[-1],
         num_warps=num_warps,
         num_stages=num_stages,
     )

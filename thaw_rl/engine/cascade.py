@@ -1,8 +1,7 @@
 """When decode steps use cascade (shared-prefix) attention, and the plan they use, kept across steps.
 
 ``thaw_rl_kernels.cascade_plan`` finds the rows of a decode batch that share leading KV blocks (a GRPO
-group's prompt; a segment tree's prompt and trunks, as nested groups of up to ``MAX_CASCADE_LEVELS`` levels,
-each read once per step for the leaves below it). Building that plan is host work (~1 ms at 128 rows, ~10 ms at 1,024), so it is built
+group's prompt). Building that plan is host work (~1 ms at 128 rows, ~10 ms at 1,024), so it is built
 when rows join the batch and carried otherwise: a plan stays exact while rows only grow (new blocks are
 never shared) and while rows only leave (``CascadePlan.select``).
 
@@ -35,7 +34,6 @@ from thaw_rl_kernels.cascade_plan import CascadePlan, plan_cascade
 CASCADE_MODES = ("auto", "on", "off")
 AUTO_MIN_ROWS = 64  # "auto": decode rows in the step, at least (none fewer were measured)
 AUTO_MIN_SHARED_READS = 1 << 17  # "auto": shared tokens the step's rows read, summed over its rows, at least
-MAX_CASCADE_LEVELS = 4  # nested groups a row can be in: a segment tree's prompt and up to 3 trunk levels
 
 
 def worth_cascade(plan: CascadePlan) -> bool:
@@ -73,7 +71,7 @@ class CascadePlanner:
         if not self.wanted(graph_step=False):
             return None
         self.reset()
-        self._host = plan_cascade(tables, seq_lens, self.block_size, max_levels=MAX_CASCADE_LEVELS)
+        self._host = plan_cascade(tables, seq_lens, self.block_size)
         return self._publish()
 
     def advance(self, keep: list[int], num_prev: int, tables: list[list[int]], seq_lens: list[int],
@@ -89,7 +87,7 @@ class CascadePlanner:
             return None
         joined = len(tables) > len(keep)
         if self._host is None or joined or self._host.num_rows != num_prev:
-            self._host = plan_cascade(tables, seq_lens, self.block_size, max_levels=MAX_CASCADE_LEVELS)
+            self._host = plan_cascade(tables, seq_lens, self.block_size)
             self._device = None
         elif len(keep) != num_prev:
             self._host = self._host.select(keep, self.block_size)
@@ -108,7 +106,6 @@ class CascadePlanner:
 def _plan_to_device(plan: CascadePlan, device: torch.device) -> CascadePlan:
     """The plan's tensors on ``device`` through pinned non-blocking copies (no host wait on the step in flight)."""
     moved = CascadePlan(**vars(plan))
-    for name in ("group_rows", "cu_group_rows", "group_num_blocks", "tail_start", "group_first_block", "group_level",
-                 "row_levels"):
+    for name in ("group_rows", "cu_group_rows", "group_num_blocks", "tail_start"):
         setattr(moved, name, to_device(getattr(plan, name), device))
     return moved

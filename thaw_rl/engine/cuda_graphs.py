@@ -12,9 +12,8 @@ The graphs read the KV cache and the weights in place: a weight update that keep
 
 Steps with cascade attention (``engine/cascade.py``) replay graphs of their own: the plan's tensors are copied
 into static buffers, padded to a capture's sizes (``cascade_graph_key``), and the kernels read them on the
-device. Only the plan's host-side bounds (group count, rows of the largest group, shared blocks, nested levels),
-rounded up to powers of two, pick a capture, so a GRPO call whose groups shrink as rows finish replays a handful
-of them.
+device. Only the plan's host-side bounds (group count, rows of the largest group, shared blocks), rounded up to
+powers of two, pick a capture, so a GRPO call whose groups shrink as rows finish replays a handful of them.
 """
 
 from __future__ import annotations
@@ -23,7 +22,6 @@ import torch
 import triton
 
 from thaw_rl.engine.attention import AttentionMetadata
-from thaw_rl.engine.cascade import MAX_CASCADE_LEVELS
 from thaw_rl_kernels.cascade_plan import CascadePlan
 
 
@@ -44,45 +42,38 @@ def _batch_sizes(max_num_seqs: int) -> list[int]:
     return sorted({s for s in sizes if s <= max_num_seqs} | {max_num_seqs})
 
 
-def cascade_graph_key(plan: CascadePlan, bs: int, width: int) -> tuple[int, int, int, int, int]:
+def cascade_graph_key(plan: CascadePlan, bs: int, width: int) -> tuple[int, int, int, int]:
     """The capture a (device) plan of a ``bs``-row padded step replays: (bs, groups, rows of a group, shared
-    blocks, levels), the last four the plan's bounds rounded up to powers of two and capped by what the step can
-    hold (a group has >= 2 rows, so one level holds <= bs / 2 groups and a nest <= bs - 1; ``width`` block-table
-    columns). They size the grids and the shared states and pick the tilings only."""
+    blocks), the last three the plan's bounds rounded up to powers of two and capped by what the step can hold
+    (a group has >= 2 rows; ``width`` block-table columns). They size the grids and pick the tilings only."""
     pow2 = triton.next_power_of_2  # a published plan has >= 1 group of >= 2 rows sharing >= 1 block
-    levels = pow2(plan.max_levels)
-    groups = min(pow2(plan.num_groups), max(1, bs // 2 if levels == 1 else bs))
-    return bs, groups, min(pow2(plan.max_group_rows), bs), min(pow2(plan.max_shared_blocks), width), levels
+    groups = min(pow2(plan.num_groups), max(1, bs // 2))
+    return bs, groups, min(pow2(plan.max_group_rows), bs), min(pow2(plan.max_shared_blocks), width)
 
 
-def pad_plan_into(buffers: CascadePlan, plan: CascadePlan, key: tuple[int, int, int, int, int]) -> CascadePlan:
+def pad_plan_into(buffers: CascadePlan, plan: CascadePlan, key: tuple[int, int, int, int]) -> CascadePlan:
     """Copy ``plan`` into the static ``buffers`` (sized for the largest step) padded to ``key``'s sizes, as
-    ``CascadePlan.padded`` lays it out: rows past the plan's are in no group (tail from 0, no level), groups
-    past its are empty. Returns the views of ``buffers`` a capture under ``key`` reads (entries of ``group_rows``
-    past the plan's grouped rows are never read)."""
-    bs, groups, _, _, levels = key
+    ``CascadePlan.padded`` lays it out: rows past the plan's are in no group (tail from 0), groups past its
+    are empty. Returns the views of ``buffers`` a capture under ``key`` reads (entries of ``group_rows`` past
+    the plan's grouped rows are never read)."""
+    bs, groups, group_rows, shared_blocks = key
     n, r, g = plan.num_rows, plan.group_rows.shape[0], plan.num_groups
-    if n > bs or g > groups or plan.max_levels > levels:
-        raise ValueError(f"a plan of {n} rows, {g} groups and {plan.max_levels} levels does not fit the capture {key}.")
+    if n > bs or g > groups:
+        raise ValueError(f"a plan of {n} rows and {g} groups does not fit the capture {key}.")
     buffers.group_rows[:r].copy_(plan.group_rows)
     buffers.cu_group_rows[: g + 1].copy_(plan.cu_group_rows)
     buffers.cu_group_rows[g + 1 : groups + 1].fill_(r)
-    for name in ("group_num_blocks", "group_first_block", "group_level"):
-        getattr(buffers, name)[:g].copy_(getattr(plan, name))
-        getattr(buffers, name)[g:groups].zero_()
-    for name in ("tail_start", "row_levels"):
-        getattr(buffers, name)[:n].copy_(getattr(plan, name))
-        getattr(buffers, name)[n:bs].zero_()
+    buffers.group_num_blocks[:g].copy_(plan.group_num_blocks)
+    buffers.group_num_blocks[g:groups].zero_()
+    buffers.tail_start[:n].copy_(plan.tail_start)
+    buffers.tail_start[n:bs].zero_()
     return cascade_view(buffers, key)
 
 
-def cascade_view(buffers: CascadePlan, key: tuple[int, int, int, int, int]) -> CascadePlan:
-    bs, groups, group_rows, shared_blocks, levels = key
-    return CascadePlan(buffers.group_rows[: bs * levels], buffers.cu_group_rows[: groups + 1],
-                       buffers.group_num_blocks[:groups], buffers.tail_start[:bs], max_group_rows=group_rows,
-                       max_shared_blocks=shared_blocks, group_first_block=buffers.group_first_block[:groups],
-                       group_level=buffers.group_level[:groups], row_levels=buffers.row_levels[:bs],
-                       max_levels=levels)
+def cascade_view(buffers: CascadePlan, key: tuple[int, int, int, int]) -> CascadePlan:
+    bs, groups, group_rows, shared_blocks = key
+    return CascadePlan(buffers.group_rows[:bs], buffers.cu_group_rows[: groups + 1], buffers.group_num_blocks[:groups],
+                       buffers.tail_start[:bs], max_group_rows=group_rows, max_shared_blocks=shared_blocks)
 
 
 class DecodeGraphs:
@@ -231,11 +222,9 @@ class DecodeGraphs:
             return key
         if self.cascade_buffers is None:
             zeros = lambda n: torch.zeros(n, dtype=torch.int32, device=self.runner.device)  # noqa: E731
-            rows, groups = self.max_bs, self.max_bs  # a nest of groups of >= 2 rows has < rows groups
-            self.cascade_buffers = CascadePlan(
-                zeros(rows * MAX_CASCADE_LEVELS), zeros(groups + 1), zeros(groups), zeros(rows), max_group_rows=0,
-                max_shared_blocks=0, group_first_block=zeros(groups), group_level=zeros(groups), row_levels=zeros(rows),
-                max_levels=MAX_CASCADE_LEVELS)
+            half = self.max_bs // 2 + 1
+            self.cascade_buffers = CascadePlan(zeros(self.max_bs), zeros(half + 1), zeros(half), zeros(self.max_bs),
+                                               max_group_rows=0, max_shared_blocks=0)
         pad_plan_into(self.cascade_buffers, plan, key)
         self._cascade_filled = (plan, key)
         return key
