@@ -39,8 +39,9 @@ LAYOUTS = ("block_major", "layer_major")
 # What the cache stores (``ThawEngine(kv_cache_dtype=...)``, vLLM's names): "auto" is the model's compute dtype;
 # "fp8" (alias "fp8_e4m3") is float8_e4m3fn, unscaled and saturated to +-448 (vLLM's fp8 KV with its default
 # scale of 1.0): twice the tokens in the same memory, at the price of rounding every cached key and value to 3
-# mantissa bits (logprobs move; greedy text may). Not faster: the kernels widen the tiles before their dots
-# (README, "FP8 KV cache").
+# mantissa bits: logprobs move (H200, SmolLM2 in bf16: 40% of sampled tokens off the training forward by > 0.1
+# nats against 12% with the bf16 cache, sequence importance ratios' median 0.35 against 0.90) and greedy text may.
+# Not faster: the kernels widen the tiles before their dots (README, "FP8 KV cache").
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 _vmm_fallback_logged = False
 
