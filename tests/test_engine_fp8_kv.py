@@ -9,6 +9,8 @@ the model the FP8 cache actually computes.
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from transformers import AttentionInterface
@@ -33,29 +35,35 @@ def _sdpa_over_fp8_kv(module, query, key, value, attention_mask, **kwargs):
 AttentionInterface.register(FP8_SDPA, _sdpa_over_fp8_kv)
 
 
-def fp8_reference_logprobs(model, tokens: list[int], start: int, temperature: float = 1.0) -> torch.Tensor:
-    """log_softmax(logits / T) of tokens[start:] from one forward whose attention reads FP8-rounded K/V."""
+@contextlib.contextmanager
+def fp8_attention(model):
+    """The model's attention reads FP8-rounded K/V (``_sdpa_over_fp8_kv``) inside the block, its own after."""
     previous = model.config._attn_implementation
     model.config._attn_implementation = FP8_SDPA
     try:
         with torch.no_grad():
-            logits = model(torch.tensor([tokens])).logits[0].float()  # (L, V)
+            yield
     finally:
         model.config._attn_implementation = previous
-    lp = torch.log_softmax(logits / temperature, dim=-1)[start - 1:-1]
+
+
+def fp8_reference_logits(model, tokens: list[int]) -> torch.Tensor:
+    """(L, V) float32 logits on the CPU of one forward over ``tokens`` whose attention reads FP8-rounded K/V."""
+    with fp8_attention(model):
+        return model(torch.tensor([tokens], device=model.device)).logits[0].float().cpu()
+
+
+def fp8_reference_logprobs(model, tokens: list[int], start: int, temperature: float = 1.0) -> torch.Tensor:
+    """log_softmax(logits / T) of tokens[start:] from one forward whose attention reads FP8-rounded K/V."""
+    lp = torch.log_softmax(fp8_reference_logits(model, tokens) / temperature, dim=-1)[start - 1:-1]
     return lp.gather(-1, torch.tensor(tokens[start:])[:, None])[:, 0]
 
 
 def fp8_reference_greedy(model, prompt: list[int], n: int) -> list[int]:
     tokens = list(prompt)
-    previous = model.config._attn_implementation
-    model.config._attn_implementation = FP8_SDPA
-    try:
-        with torch.no_grad():
-            for _ in range(n):
-                tokens.append(int(model(torch.tensor([tokens])).logits[0, -1].argmax()))
-    finally:
-        model.config._attn_implementation = previous
+    with fp8_attention(model):
+        for _ in range(n):
+            tokens.append(int(model(torch.tensor([tokens], device=model.device)).logits[0, -1].argmax()))
     return tokens[len(prompt):]
 
 
@@ -156,16 +164,9 @@ def test_fp8_engine_on_cuda_graphs_decodes_as_the_model_over_fp8_rounded_kv(casc
     outs = engine.generate(engine.fork(parent, 8), GREEDY)  # 8 rows sharing 2 full blocks: a cascade group
     if cascade == "on":
         assert engine.stats.num_cascade_steps > 0
-    tokens = torch.tensor([prompt + outs[0].token_ids], device="cuda")
-    previous = model.config._attn_implementation
-    model.config._attn_implementation = FP8_SDPA
-    try:
-        with torch.no_grad():
-            logits = model(tokens).logits[0].float().cpu()
-    finally:
-        model.config._attn_implementation = previous
-    ref_tokens = logits[len(prompt) - 1:-1].argmax(-1).tolist()
-    ref_lp = torch.log_softmax(logits, -1)[len(prompt) - 1:-1].gather(-1, tokens[0, len(prompt):, None].cpu())[:, 0]
+    tokens = prompt + outs[0].token_ids
+    ref_tokens = fp8_reference_logits(model, tokens)[len(prompt) - 1:-1].argmax(-1).tolist()
+    ref_lp = fp8_reference_logprobs(model, tokens, len(prompt))
     for o in outs:
         assert o.token_ids == ref_tokens == outs[0].token_ids
         torch.testing.assert_close(torch.tensor(o.logprobs), ref_lp, atol=1e-3, rtol=0)

@@ -250,9 +250,9 @@ def check_fingerprint(snapshot_fp: dict, engine_fp: dict) -> None:
     for name in list(engine_fp) + [k for k in snapshot_fp if k not in engine_fp]:
         theirs, ours = snapshot_fp.get(name), engine_fp.get(name)
         if theirs != ours:
-            fp8 = name == "dtype" and FP8_NAME in (theirs, ours)
-            fix = _FIXES["kv_fp8" if fp8 else name] if name in _FIXES else _OTHER_MODEL_FIX
-            fix = fix.format(snapshot=theirs, engine=ours, wanted="'fp8'" if theirs == FP8_NAME else "'auto'")
+            advice = "kv_fp8" if name == "dtype" and FP8_NAME in (theirs, ours) else name
+            fix = _FIXES.get(advice, _OTHER_MODEL_FIX).format(
+                snapshot=theirs, engine=ours, wanted="'fp8'" if theirs == FP8_NAME else "'auto'")
             raise SnapshotMismatchError(
                 f"snapshot {name} {theirs} != engine {name} {ours}: {fix}.", name, theirs, ours
             )
